@@ -1,0 +1,92 @@
+"""Composition: validate the config once, then bind the deployments.
+
+``ray_configs/*.yaml`` point at ``cluster.builder:build_app`` with the config as ``args``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from cluster.config import EmberConfig, ModelConfig
+from cluster.stores import hash_key
+from deployments.ingress import Ingress
+from deployments.model_pool import ModelPool
+
+log = logging.getLogger("ember.builder")
+
+# vLLM in a Serve replica: an in-process engine core (DESIGN.md §5: separate processes pin cores
+# and cost 40% throughput here) and never a model hub.
+_ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class ServedModelPool(ModelPool):
+    async def __init__(self, model: ModelConfig):  # type: ignore[misc]  # Serve awaits async inits
+        ModelPool.__init__(self, model)
+        await self.start()
+
+    async def __del__(self):
+        await self.shutdown()
+
+
+def _scaling(num_replicas: int | None, autoscaling) -> dict[str, Any]:
+    if autoscaling is not None:
+        return {"autoscaling_config": autoscaling.to_serve()}
+    return {"num_replicas": num_replicas or 1}
+
+
+def _logging(config: EmberConfig) -> dict[str, Any]:
+    return {"enable_access_log": config.ingress.access_log}
+
+
+def pool_deployment(model: ModelConfig, config: EmberConfig):
+    env = dict(_ENGINE_ENV)
+    if model.engine.kind == "vllm":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(model.engine.cpu_kvcache_space_gib)
+    return serve.deployment(ServedModelPool).options(
+        name=model.deployment_name,
+        max_ongoing_requests=model.max_ongoing_requests,
+        ray_actor_options={**model.resources.to_serve(), "runtime_env": {"env_vars": env}},
+        health_check_period_s=10,
+        graceful_shutdown_timeout_s=30,
+        logging_config=_logging(config),
+        **_scaling(model.num_replicas, model.autoscaling),
+    ).bind(model)
+
+
+def ensure_models(config: EmberConfig) -> None:
+    """Build the demo model for any model that uses it and lacks it. Other paths must exist."""
+    for m in config.models:
+        if m.path is None and not (m.model_dir / "tokenizer.json").exists():
+            from cluster.demo_model import build_demo_model
+
+            log.warning("building the demo model in %s", m.model_dir)
+            build_demo_model(m.model_dir)
+        elif not m.model_dir.exists():
+            raise FileNotFoundError(f"model {m.id}: directory {m.model_dir} does not exist")
+
+
+def build_app(args: dict | EmberConfig) -> Application:
+    config = args if isinstance(args, EmberConfig) else EmberConfig.model_validate(args)
+    ensure_models(config)
+    demo_key = os.environ.get(config.auth.demo_key_env)
+    demo_hash = hash_key(demo_key) if demo_key else None
+    pools = {m.id: pool_deployment(m, config) for m in config.models}
+    ing = config.ingress
+    return serve.deployment(Ingress).options(
+        name="ingress",
+        max_ongoing_requests=ing.max_ongoing_requests,
+        ray_actor_options={"num_cpus": ing.num_cpus, "runtime_env": {"env_vars": {
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}},
+        logging_config=_logging(config),
+        **_scaling(ing.num_replicas, ing.autoscaling),
+    ).bind(config, pools, demo_hash)

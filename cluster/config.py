@@ -1,0 +1,201 @@
+"""The one root config. It is validated once, in ``build_app``, before anything is built.
+
+Validators do no network or disk I/O: a missing model directory is reported when the engine
+starts, not here, so a config can be checked on a machine that does not hold the weights.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MODEL_ID_RE = re.compile(r"^accounts/[a-z0-9][a-z0-9-]*/(models|routers)/[a-z0-9][a-z0-9._-]*$")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DEMO_MODEL_DIR = REPO_ROOT / "models" / "ember-demo"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SimLatencyConfig(_Strict):
+    """SimEngine's latency model, in seconds.
+
+    One scheduler step costs ``step_base_s + decode_s_per_seq * running`` plus, for each request
+    admitted in that step, ``prefill_base_s + prefill_s_per_token * uncached_prompt_tokens``.
+    Zeros give an engine that only yields to the event loop, which is what gateway benchmarks want.
+    """
+
+    step_base_s: float = Field(0.0, ge=0)
+    decode_s_per_seq: float = Field(0.0, ge=0)
+    prefill_base_s: float = Field(0.0, ge=0)
+    prefill_s_per_token: float = Field(0.0, ge=0)
+
+
+class EngineConfig(_Strict):
+    kind: Literal["vllm", "sim"] = "sim"
+    block_size: int = Field(32, ge=1, le=1024)
+    max_num_seqs: int = Field(16, ge=1, le=4096)
+    # SimEngine: prefix-cache capacity in tokens. vLLM sizes its cache from memory instead.
+    cache_capacity_tokens: int = Field(1 << 16, ge=1)
+    latency: SimLatencyConfig = SimLatencyConfig()
+    # vLLM only.
+    enforce_eager: bool = True
+    dtype: str = "auto"
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    cpu_kvcache_space_gib: float = Field(1.0, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _vllm_cpu_block_size(self) -> "EngineConfig":
+        if self.kind == "vllm" and self.block_size % 16:
+            raise ValueError("vllm block_size must be a multiple of 16 (32 on CPU)")
+        return self
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(8, gt=0)
+    upscale_delay_s: float = Field(10, ge=0)
+    downscale_delay_s: float = Field(300, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must lie within [min_replicas, max_replicas]")
+        return self
+
+    def to_serve(self) -> dict:
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "initial_replicas": self.initial_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+        }
+
+
+class ReplicaResources(_Strict):
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+
+    def to_serve(self) -> dict:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+
+class ModelConfig(_Strict):
+    id: str
+    # A model directory (config.json, weights, tokenizer). None means the locally built demo model.
+    path: str | None = None
+    context_length: int = Field(2048, ge=16)
+    engine: EngineConfig = EngineConfig()
+    # Either a fixed replica count or autoscaling bounds.
+    num_replicas: int | None = Field(None, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    resources: ReplicaResources = ReplicaResources()
+    max_ongoing_requests: int = Field(256, ge=1)
+    owned_by: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, v: str) -> str:
+        if not MODEL_ID_RE.match(v):
+            raise ValueError(
+                f"model id {v!r} must look like accounts/<owner>/models/<slug> "
+                "or accounts/<owner>/routers/<slug>-fast"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _scaling(self) -> "ModelConfig":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set num_replicas or autoscaling, not both")
+        return self
+
+    @property
+    def owner(self) -> str:
+        return self.owned_by or self.id.split("/")[1]
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.path).expanduser() if self.path else demo_model_dir()
+
+    @property
+    def deployment_name(self) -> str:
+        # Serve deployment names may not hold '/'.
+        return "pool-" + self.id.split("/", 1)[1].replace("/", "-")
+
+
+class IngressConfig(_Strict):
+    num_replicas: int | None = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    max_ongoing_requests: int = Field(512, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    # Upper bound on max_tokens a caller may ask for, whatever the context allows.
+    max_completion_tokens: int = Field(4096, ge=1)
+    max_n: int = Field(8, ge=1)
+    request_timeout_s: float = Field(600, gt=0)
+    access_log: bool = True  # Serve's per-request log lines; benchmarks turn them off
+
+    @model_validator(mode="after")
+    def _scaling(self) -> "IngressConfig":
+        if self.autoscaling is not None:
+            return self.model_copy(update={"num_replicas": None})
+        return self
+
+
+class AuthConfig(_Strict):
+    demo_account: str = "demo"
+    # The demo key is read from this environment variable when the app is built; only its hash is
+    # kept. If the variable is unset, no demo key exists.
+    demo_key_env: str = "EMBER_DEMO_KEY"
+
+
+class StoreConfig(_Strict):
+    url: str = "memory://"
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not (v == "memory://" or v.startswith(("redis://", "rediss://", "unix://"))):
+            raise ValueError("store url must be memory:// or redis://host:port/db")
+        return v
+
+
+class EmberConfig(_Strict):
+    models: list[ModelConfig] = Field(min_length=1)
+    ingress: IngressConfig = IngressConfig()
+    auth: AuthConfig = AuthConfig()
+    store: StoreConfig = StoreConfig()
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> "EmberConfig":
+        seen: set[str] = set()
+        for m in self.models:
+            if m.id in seen:
+                raise ValueError(f"model id {m.id!r} appears twice")
+            seen.add(m.id)
+        return self
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        for m in self.models:
+            if m.id == model_id:
+                return m
+        return None
+
+
+def demo_model_dir() -> Path:
+    return Path(os.environ.get("EMBER_DEMO_MODEL_DIR", DEFAULT_DEMO_MODEL_DIR))

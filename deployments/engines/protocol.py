@@ -1,0 +1,149 @@
+"""The engine seam: what a model-pool replica needs from an inference engine.
+
+Streaming convention (written down once, every engine follows it):
+
+- ``generate(request)`` is an async iterator of ``EngineOutput``.
+- Each output carries *deltas*: the tokens and text produced since the previous output, per choice
+  (``ChoiceDelta.index`` in ``range(request.sampling.n)``). An engine may put several tokens in one
+  delta; callers must not assume one token per output.
+- A choice is finished when its delta has ``finish_reason`` set ("stop" or "length"); after that no
+  more deltas come for that index.
+- The last output of the stream has ``final`` set and carries ``usage`` and ``metrics``. Nothing
+  follows it. Usage counts the prompt once, however many choices there are.
+- ``abort(request_id)`` stops a running request; its stream then ends without a final output.
+- Errors in the request itself (for example a prompt longer than the model) raise
+  ``EngineRequestError``; everything else is an engine fault.
+
+Example: a request with ``max_tokens=3`` and ``n=1`` may stream
+``[ChoiceDelta(0, [5], "a")]``, ``[ChoiceDelta(0, [9, 2], " bc", finish_reason="length")]`` and then
+a final output with ``usage=Usage(prompt_tokens=7, completion_tokens=3, cached_tokens=0)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol, runtime_checkable
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    n: int = 1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: no logprobs; k: the sampled token plus top-k alternatives
+    ignore_eos: bool = False
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    # Isolates prefix caches between accounts; None disables caching for this request only when
+    # ``use_cache`` is False (see below), otherwise the engine's shared cache is used.
+    cache_salt: str | None = None
+    use_cache: bool = True
+    priority: int = 0  # lower is served first (vLLM's convention)
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class EngineMetrics:
+    # Seconds, measured by the engine from the moment it received the request.
+    time_to_first_token_s: float
+    processing_time_s: float
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    deltas: list[ChoiceDelta]
+    final: bool = False
+    usage: Usage | None = None
+    metrics: EngineMetrics | None = None
+
+
+class EngineRequestError(ValueError):
+    """The request cannot run on this engine (bad parameters, too long a prompt)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@runtime_checkable
+class Engine(Protocol):
+    async def start(self) -> None:
+        """Load weights / warm up. Called once before the first request."""
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Stream outputs for one request, following the convention above."""
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a running request and free its resources."""
+
+    async def shutdown(self) -> None:
+        """Release the engine; no call may follow."""
+
+
+def merge_outputs(outputs: list[EngineOutput]) -> EngineOutput:
+    """Coalesce consecutive outputs into one, concatenating each choice's deltas.
+
+    Example: ``[ChoiceDelta(0, [1], "a")]`` then ``[ChoiceDelta(0, [2], "b", "stop")]`` merge into
+    ``[ChoiceDelta(0, [1, 2], "ab", "stop")]``; the final flag, usage and metrics of the last output
+    that has them win.
+    """
+    if len(outputs) == 1:
+        return outputs[0]
+    by_index: dict[int, ChoiceDelta] = {}
+    merged = EngineOutput(deltas=[])
+    for out in outputs:
+        for d in out.deltas:
+            cur = by_index.get(d.index)
+            if cur is None:
+                cur = ChoiceDelta(d.index, list(d.token_ids), d.text, d.finish_reason,
+                                  list(d.logprobs) if d.logprobs is not None else None)
+                by_index[d.index] = cur
+                merged.deltas.append(cur)
+            else:
+                cur.token_ids.extend(d.token_ids)
+                cur.text += d.text
+                cur.finish_reason = d.finish_reason or cur.finish_reason
+                if d.logprobs is not None:
+                    cur.logprobs = (cur.logprobs or []) + d.logprobs
+        if out.final:
+            merged.final = True
+        if out.usage is not None:
+            merged.usage = out.usage
+        if out.metrics is not None:
+            merged.metrics = out.metrics
+    return merged

@@ -1,0 +1,108 @@
+"""The one place where exceptions become OpenAI-shaped errors, with its twin for streams.
+
+Every error body is ``{"error": {"message", "type", "param", "code"}}``. Handlers raise
+``ApiError`` (or let library exceptions escape); ``to_error`` decides the status, and
+``error_response`` / ``error_sse_event`` render it for plain and streaming responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+from deployments.engines.protocol import EngineRequestError
+
+log = logging.getLogger("ember.errors")
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, type="authentication_error", code="invalid_api_key")
+
+
+def not_found(message: str, param: str | None = None, code: str = "not_found") -> ApiError:
+    return ApiError(404, message, param=param, code=code)
+
+
+def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    err = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "tagged-union"))]
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid value")
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more > 0 else ""
+    return (f"{param}: {msg}{suffix}" if param else f"{msg}{suffix}"), param
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    # Ray wraps a replica's exception in RayTaskError; the original sits in `.cause`.
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def to_error(exc: BaseException) -> ApiError:
+    """Map any exception to the ApiError the caller should see."""
+    if isinstance(exc, ApiError):
+        return exc
+    exc = _unwrap(exc)
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ValidationError):
+        msg, param = _validation_message(exc)
+        return bad_request(msg, param=param, code="invalid_parameter")
+    if isinstance(exc, EngineRequestError):
+        return bad_request(str(exc), param=exc.param, code="invalid_prompt")
+    if isinstance(exc, json.JSONDecodeError):
+        return bad_request(f"request body is not valid JSON: {exc.msg} at position {exc.pos}",
+                           code="invalid_json")
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return ApiError(504, "the model did not answer in time", type="timeout_error", code="timeout")
+    name = type(exc).__name__
+    # Overload and replica loss from Ray Serve: the platform's fault, not the caller's.
+    if name in {"BackPressureError", "DeploymentUnavailableError", "ActorDiedError",
+                "ActorUnavailableError", "RayActorError", "RequestCancelledError"}:
+        return ApiError(503, "the model is overloaded or restarting; retry shortly",
+                        type="service_unavailable", code="overloaded")
+    log.exception("unhandled error", exc_info=exc)
+    return ApiError(500, "internal error", type="server_error", code="internal_error")
+
+
+def error_response(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
+    err = to_error(exc)
+    return JSONResponse(err.body(), status_code=err.status, headers={**err.headers, **(headers or {})})
+
+
+def error_sse_event(exc: BaseException) -> bytes:
+    """The stream twin: once a stream has started, an error is sent as an SSE event."""
+    err = to_error(exc)
+    return b"data: " + json.dumps(err.body()).encode() + b"\n\n"

@@ -1,0 +1,342 @@
+"""The OpenAI-compatible ingress: auth → validate → tokenize → dispatch to a model pool → respond.
+
+The data path is proxy → ingress → pool replica and nothing more: the ingress holds one
+``DeploymentHandle`` per model pool and calls it directly. Errors leave through
+``deployments.errors`` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from cluster.config import EmberConfig, ModelConfig
+from cluster.stores import KeyStore, hash_key, key_store
+from deployments.engines.protocol import EngineMetrics, EngineOutput, EngineRequest, Usage
+from deployments.errors import ApiError, bad_request, error_response, error_sse_event, not_found, unauthorized
+from deployments.openai_api import (
+    ChatCompletionRequest,
+    ChoiceAccumulator,
+    CompletionRequest,
+    chat_chunk,
+    chat_delta,
+    chat_response,
+    completion_chunk,
+    completion_delta,
+    completion_response,
+    perf_headers,
+    perf_metrics,
+    usage_dict,
+)
+from deployments.prompts import PromptBuilder
+
+log = logging.getLogger("ember.ingress")
+
+API_PREFIXES = ("/v1/", "/inference/v1/")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + _dumps(obj) + b"\n\n"
+
+
+@dataclass
+class _Call:
+    """What one API call carries between the steps of its handler."""
+
+    request_id: str
+    account: str
+    started: float
+    model: ModelConfig
+    engine_request: EngineRequest
+    created: int
+    stream: bool
+    include_usage: bool
+    perf_in_body: bool
+    tier: str | None
+
+
+class Ingress:
+    def __init__(self, config: EmberConfig | dict, pools: dict[str, Any], demo_key_hash: str | None = None):
+        self.config = config if isinstance(config, EmberConfig) else EmberConfig.model_validate(config)
+        self.pools = pools
+        self.keys: KeyStore = key_store(self.config.store.url)
+        self._demo_key_hash = demo_key_hash
+        self._seeded = False
+        self._prompts = {m.id: PromptBuilder(m.model_dir) for m in self.config.models}
+        self._created = int(time.time())
+        self._routes: dict[tuple[str, str], Callable[[Request, str], Awaitable[Response]]] = {
+            ("POST", "chat/completions"): self.chat_completions,
+            ("POST", "completions"): self.completions,
+            ("GET", "models"): self.list_models,
+        }
+
+    # -- entry point --------------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Response:
+        # Serve's proxy sets `x-request-id` on every response (the caller's own, if it sent one);
+        # `rid` names the completion and the engine request, and must be unique.
+        rid = uuid.uuid4().hex
+        try:
+            handler = self._route(request)
+            return await handler(request, rid)
+        except Exception as exc:  # the one conversion point
+            return error_response(exc)
+
+    def _route(self, request: Request) -> Callable[[Request, str], Awaitable[Response]]:
+        # Under a Serve route prefix other than "/", the scope's root_path holds that prefix.
+        path = request.scope["path"]
+        root = request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        for prefix in API_PREFIXES:
+            if path.startswith(prefix):
+                tail = path[len(prefix):].rstrip("/")
+                handler = self._routes.get((request.method, tail))
+                if handler is not None:
+                    return handler
+                if any(t == tail for _, t in self._routes):
+                    raise ApiError(405, f"method {request.method} is not allowed on {path}",
+                                   code="method_not_allowed")
+                break
+        raise not_found(f"no route for {request.method} {path}", code="unknown_url")
+
+    # -- shared steps -------------------------------------------------------------------
+
+    async def _authenticate(self, request: Request) -> str:
+        if not self._seeded:
+            if self._demo_key_hash:
+                await self.keys.put(self._demo_key_hash, self.config.auth.demo_account)
+            self._seeded = True
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        account = await self.keys.account_for(hash_key(key.strip()))
+        if account is None:
+            raise unauthorized("invalid API key")
+        return account
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.ingress.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}",
+                           code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _model(self, model_id: str) -> ModelConfig:
+        model = self.config.model(model_id)
+        if model is None:
+            raise not_found(f"the model `{model_id}` does not exist or you do not have access to it",
+                            param="model", code="model_not_found")
+        return model
+
+    def _max_tokens(self, model: ModelConfig, n_prompt: int, requested: int | None, param: str) -> int:
+        ctx = model.context_length
+        if n_prompt >= ctx:
+            raise bad_request(
+                f"this model's maximum context length is {ctx} tokens, but the prompt is "
+                f"{n_prompt} tokens; shorten it", param="messages" if param != "max_tokens" else "prompt",
+                code="context_length_exceeded")
+        cap = self.config.ingress.max_completion_tokens
+        if requested is None:
+            return min(cap, ctx - n_prompt)
+        if requested > cap:
+            raise bad_request(f"{param} is {requested}; the most this server allows is {cap}", param=param)
+        if n_prompt + requested > ctx:
+            raise bad_request(
+                f"this model's maximum context length is {ctx} tokens; you requested "
+                f"{n_prompt + requested} ({n_prompt} in the prompt, {requested} for the completion)",
+                param=param, code="context_length_exceeded")
+        return requested
+
+    def _call(self, rid: str, account: str, started: float, model: ModelConfig, req, prompt_ids: list[int],
+              max_tokens: int, tier: str | None) -> _Call:
+        if req.n > self.config.ingress.max_n:
+            raise bad_request(f"n is {req.n}; at most {self.config.ingress.max_n} choices per request",
+                              param="n")
+        return _Call(
+            request_id=rid,
+            account=account,
+            started=started,
+            model=model,
+            engine_request=EngineRequest(
+                request_id=rid,
+                prompt_token_ids=prompt_ids,
+                sampling=req.sampling_params(max_tokens),
+                cache_salt=account,  # one prefix cache per account: no cross-account timing leaks
+                use_cache=req.use_cache,
+            ),
+            created=int(time.time()),
+            stream=req.stream,
+            include_usage=req.include_usage,
+            perf_in_body=req.perf_metrics_in_response,
+            tier=tier,
+        )
+
+    def _server_metrics(self, call: _Call, out: EngineOutput, dispatched: float) -> EngineMetrics:
+        # Server time counts from the ingress receiving the request: time spent here before
+        # dispatch plus what the engine measured.
+        m = out.metrics or EngineMetrics(0.0, 0.0)
+        before = dispatched - call.started
+        return EngineMetrics(before + m.time_to_first_token_s, time.perf_counter() - call.started)
+
+    # -- endpoints ----------------------------------------------------------------------
+
+    async def list_models(self, request: Request, rid: str) -> Response:
+        await self._authenticate(request)
+        data = [
+            {
+                "id": m.id,
+                "object": "model",
+                "created": self._created,
+                "owned_by": m.owner,
+                "context_length": m.context_length,
+                "status": "active",
+                "kind": "fast" if "/routers/" in m.id else "base",
+            }
+            for m in self.config.models
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat_completions(self, request: Request, rid: str) -> Response:
+        started = time.perf_counter()
+        account = await self._authenticate(request)
+        req = ChatCompletionRequest.model_validate_json(await self._body(request))
+        model = self._model(req.model)
+        tier = self._tier(req.service_tier)
+        try:
+            prompt_ids = self._prompts[model.id].chat(req.messages)
+        except ValueError as exc:  # the template rejected the conversation
+            raise bad_request(str(exc), param="messages") from exc
+        max_tokens = self._max_tokens(model, len(prompt_ids), req.requested_max_tokens,
+                                      "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+        call = self._call("chatcmpl-" + rid, account, started, model, req, prompt_ids, max_tokens, tier)
+        return await self._respond(call, rid, chat=True)
+
+    async def completions(self, request: Request, rid: str) -> Response:
+        started = time.perf_counter()
+        account = await self._authenticate(request)
+        req = CompletionRequest.model_validate_json(await self._body(request))
+        model = self._model(req.model)
+        builder = self._prompts[model.id]
+        if isinstance(req.prompt, str):
+            prompt_ids = builder.text(req.prompt)
+        else:
+            vocab = builder.vocab_size()
+            if any(t >= vocab for t in req.prompt):
+                raise bad_request(f"prompt holds token ids outside the vocabulary (size {vocab})",
+                                  param="prompt")
+            prompt_ids = list(req.prompt)
+        if not prompt_ids:
+            raise bad_request("prompt must not be empty", param="prompt")
+        max_tokens = self._max_tokens(model, len(prompt_ids), req.requested_max_tokens, "max_tokens")
+        call = self._call("cmpl-" + rid, account, started, model, req, prompt_ids, max_tokens, None)
+        return await self._respond(call, rid, chat=False)
+
+    def _tier(self, service_tier: str | None) -> str | None:
+        if service_tier in (None, "auto", "default"):
+            return "default" if service_tier else None
+        raise bad_request(f"service_tier '{service_tier}' is not available for this model",
+                          param="service_tier", code="unsupported_service_tier")
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    async def _respond(self, call: _Call, rid: str, chat: bool) -> Response:
+        pool = self.pools[call.model.id]
+        timeout = self.config.ingress.request_timeout_s
+        headers: dict[str, str] = {}
+        if not call.stream:
+            dispatched = time.perf_counter()
+            out: EngineOutput = await asyncio.wait_for(pool.generate.remote(call.engine_request), timeout)
+            assert out.usage is not None, "engine ended without usage"
+            metrics = self._server_metrics(call, out, dispatched)
+            choices = [ChoiceAccumulator() for _ in range(call.engine_request.sampling.n)]
+            for d in out.deltas:
+                choices[d.index].add(d)
+            if chat:
+                body = chat_response(call.request_id, call.created, call.model.id, choices, out.usage, call.tier)
+            else:
+                body = completion_response(call.request_id, call.created, call.model.id, choices, out.usage)
+            if call.perf_in_body:
+                body["perf_metrics"] = perf_metrics(out.usage, metrics)
+            headers.update(perf_headers(out.usage, metrics))
+            return Response(_dumps(body), media_type="application/json", headers=headers)
+
+        dispatched = time.perf_counter()
+        gen = pool.options(stream=True).generate_stream.remote(call.engine_request)
+        try:
+            # Wait for the first output before answering, so that a failure to start (overload,
+            # a rejected prompt) still gets its proper status code instead of a broken stream.
+            first = await asyncio.wait_for(gen.__anext__(), timeout)
+        except BaseException:
+            gen.cancel()
+            raise
+        return StreamingResponse(self._sse(call, first, gen, dispatched, chat),
+                                 media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
+
+    async def _sse(self, call: _Call, first: EngineOutput, gen, dispatched: float,
+                   chat: bool) -> AsyncIterator[bytes]:
+        rid, created, model_id = call.request_id, call.created, call.model.id
+        started_choices: set[int] = set()
+        offsets: dict[int, int] = {}
+        usage: Usage | None = None
+        out: EngineOutput | None = first
+        try:
+            while out is not None:
+                if out.deltas:
+                    if chat:
+                        deltas = []
+                        for d in out.deltas:
+                            deltas.append(chat_delta(d, d.index not in started_choices))
+                            started_choices.add(d.index)
+                        yield _sse(chat_chunk(rid, created, model_id, deltas, call.tier))
+                    else:
+                        choices = []
+                        for d in out.deltas:
+                            off = offsets.get(d.index, 0)
+                            choices.append(completion_delta(d, off))
+                            offsets[d.index] = off + len(d.text)
+                        yield _sse(completion_chunk(rid, created, model_id, choices))
+                if out.final:
+                    usage = out.usage
+                    final_out = out
+                    break
+                out = await gen.__anext__()
+            if usage is not None and (call.include_usage or call.perf_in_body):
+                tail: dict = (chat_chunk(rid, created, model_id, [], call.tier) if chat
+                              else completion_chunk(rid, created, model_id, []))
+                if call.include_usage:
+                    tail["usage"] = usage_dict(usage)
+                if call.perf_in_body:
+                    tail["perf_metrics"] = perf_metrics(usage, self._server_metrics(call, final_out, dispatched))
+                yield _sse(tail)
+            yield b"data: [DONE]\n\n"
+        except StopAsyncIteration:
+            yield error_sse_event(ApiError(503, "the model stream ended early; retry the request",
+                                           type="service_unavailable", code="stream_interrupted"))
+        except Exception as exc:
+            yield error_sse_event(exc)
+        finally:
+            if usage is None:
+                gen.cancel()  # the client went away or the stream failed: stop generating

@@ -1,0 +1,69 @@
+"""A model-pool replica: one engine, two ways to call it.
+
+``generate`` returns the whole result in one message (non-streamed requests). ``generate_stream``
+yields coalesced outputs: whatever the engine produced while the previous message was in flight
+goes out as one message, so a busy replica sends fewer, larger messages and an idle one still
+sends the first token at once. Each Serve message costs far more than a token (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from cluster.config import ModelConfig
+from deployments.engines import make_engine
+from deployments.engines.protocol import EngineOutput, EngineRequest, merge_outputs
+
+_DONE = object()
+
+
+class ModelPool:
+    def __init__(self, model: ModelConfig):
+        self.model = model
+        self.engine = make_engine(model)
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def generate(self, request: EngineRequest) -> EngineOutput:
+        outs = [out async for out in self.engine.generate(request)]
+        return merge_outputs(outs)
+
+    async def generate_stream(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for out in self.engine.generate(request):
+                    queue.put_nowait(out)
+                queue.put_nowait(_DONE)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                queue.put_nowait(exc)
+
+        task = asyncio.get_running_loop().create_task(pump())
+        try:
+            while True:
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                outs = [b for b in batch if isinstance(b, EngineOutput)]
+                if outs:
+                    yield merge_outputs(outs)
+                tail = batch[-1]
+                if tail is _DONE:
+                    return
+                if isinstance(tail, BaseException):
+                    raise tail
+        finally:
+            if not task.done():
+                task.cancel()  # the engine's generator sees the cancel and aborts the request
+
+    async def check_health(self) -> None:
+        # Serve calls this periodically; an exception marks the replica unhealthy.
+        health = getattr(self.engine, "check_health", None)
+        if health is not None:
+            await health()
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()

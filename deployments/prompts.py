@@ -1,0 +1,76 @@
+"""Turns OpenAI messages and prompts into token ids, at the ingress.
+
+The ingress tokenizes (not the replica) because it needs the count before dispatch: to reject a
+prompt longer than the context with a 400, to reserve rate-limit budget, and to derive an
+affinity key from the leading blocks. It uses the fast ``tokenizers`` library and renders the
+model's jinja chat template itself, the way ``transformers`` does, without importing
+``transformers`` into every ingress replica.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from deployments.openai_api import Message
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class PromptBuilder:
+    def __init__(self, model_dir: str | Path):
+        from tokenizers import Tokenizer
+
+        model_dir = Path(model_dir)
+        tok_file = model_dir / "tokenizer.json"
+        if not tok_file.exists():
+            raise FileNotFoundError(
+                f"{tok_file} not found: build the demo model with `python -m cluster.demo_model` "
+                "or point the model's `path` at a model directory"
+            )
+        self._tok = Tokenizer.from_file(str(tok_file))
+        cfg_file = model_dir / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        template = cfg.get("chat_template")
+        jinja_file = model_dir / "chat_template.jinja"
+        if template is None and jinja_file.exists():
+            template = jinja_file.read_text()
+        self._specials = {
+            "bos_token": _token_text(cfg.get("bos_token")) or "",
+            "eos_token": _token_text(cfg.get("eos_token")) or "",
+        }
+        self._template = None
+        if template:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise
+            self._template = env.from_string(template)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def chat(self, messages: list[Message]) -> list[int]:
+        if self._template is None:
+            raise ValueError("this model has no chat template; use /v1/completions")
+        text = self._template.render(
+            messages=[{"role": m.role, "content": m.text} for m in messages],
+            add_generation_prompt=True,
+            **self._specials,
+        )
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def text(self, prompt: str) -> list[int]:
+        return self._tok.encode(prompt, add_special_tokens=False).ids
+
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+
+def _raise(message: str):
+    raise ValueError(message)
