@@ -59,7 +59,9 @@ class PromptBuilder:
         if self._template is None:
             raise ValueError("this model has no chat template; use /v1/completions")
         text = self._template.render(
-            messages=[{"role": m.role, "content": m.text} for m in messages],
+            # OpenAI's "developer" role is the newer name for "system".
+            messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.text}
+                      for m in messages],
             add_generation_prompt=True,
             **self._specials,
         )

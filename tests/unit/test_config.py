@@ -1,0 +1,59 @@
+"""Config is validated once, with clear errors; every YAML under ray_configs/ validates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.config import EmberConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "ray_configs").glob("*.yaml"))
+MODEL = {"id": "accounts/acme/models/tiny"}
+
+
+def test_there_are_serve_configs():
+    assert {p.name for p in CONFIGS} >= {"local.yaml", "sim.yaml", "gpu.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_ray_config_validates(path):
+    doc = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(doc)
+    for app in doc["applications"]:
+        assert app["import_path"] == "cluster.builder:build_app"
+        EmberConfig.model_validate(app["args"])
+    if path.name != "gpu.yaml":
+        assert doc["http_options"]["host"] == "127.0.0.1"  # local runs stay on loopback
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ({"models": []}, "at least 1"),
+        ({"models": [{"id": "llama"}]}, "accounts/<owner>/models/<slug>"),
+        ({"models": [MODEL, MODEL]}, "appears twice"),
+        ({"models": [{**MODEL, "engine": {"kind": "vllm", "block_size": 20}}]}, "multiple of 16"),
+        ({"models": [{**MODEL, "num_replicas": 2, "autoscaling": {}}]}, "not both"),
+        ({"models": [{**MODEL, "autoscaling": {"min_replicas": 3, "max_replicas": 2}}]}, "min_replicas"),
+        ({"models": [{**MODEL, "engine": {"kind": "tpu"}}]}, "kind"),
+        ({"models": [MODEL], "store": {"url": "mysql://x"}}, "memory://"),
+        ({"models": [MODEL], "ingress": {"max_body_bytes": 10}}, "max_body_bytes"),
+        ({"models": [{**MODEL, "typo_field": 1}]}, "typo_field"),
+    ],
+)
+def test_bad_configs_are_rejected_with_a_reason(bad, fragment):
+    with pytest.raises(ValidationError) as e:
+        EmberConfig.model_validate(bad)
+    assert fragment in str(e.value)
+
+
+def test_defaults_and_derived_names():
+    cfg = EmberConfig.model_validate({"models": [MODEL, {"id": "accounts/acme/routers/tiny-fast"}]})
+    assert cfg.model("accounts/acme/models/tiny").deployment_name == "pool-acme-models-tiny"
+    assert cfg.model("accounts/acme/routers/tiny-fast").owner == "acme"
+    assert cfg.model("accounts/acme/models/other") is None
+    assert cfg.store.url == "memory://"
