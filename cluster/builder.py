@@ -11,8 +11,9 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
-from cluster.config import EmberConfig, ModelConfig
+from cluster.config import EmberConfig, ModelConfig, RoutingConfig
 from cluster.stores import hash_key
 from deployments.ingress import Ingress
 from deployments.model_pool import ModelPool
@@ -48,6 +49,25 @@ def _logging(config: EmberConfig) -> dict[str, Any]:
     return {"enable_access_log": config.ingress.access_log}
 
 
+_ROUTERS = {
+    "affinity": "deployments.affinity_router.AffinityRouter",
+    "round_robin": "deployments.affinity_router.RoundRobinRouter",
+    "ray_consistent_hash": "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
+}
+
+
+def _router(routing: RoutingConfig) -> dict[str, Any]:
+    if routing.policy == "power_of_two":
+        return {}  # Serve's default
+    kwargs: dict[str, Any] = {"vnodes": routing.vnodes, "load_factor": routing.load_factor}
+    if routing.policy == "ray_consistent_hash":
+        kwargs = {"num_virtual_nodes": routing.vnodes}
+    elif routing.policy == "round_robin":
+        kwargs = {}
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class=_ROUTERS[routing.policy], request_router_kwargs=kwargs)}
+
+
 def pool_deployment(model: ModelConfig, config: EmberConfig):
     env = dict(_ENGINE_ENV)
     if model.engine.kind == "vllm":
@@ -59,6 +79,7 @@ def pool_deployment(model: ModelConfig, config: EmberConfig):
         health_check_period_s=10,
         graceful_shutdown_timeout_s=30,
         logging_config=_logging(config),
+        **_router(model.routing),
         **_scaling(model.num_replicas, model.autoscaling),
     ).bind(model)
 

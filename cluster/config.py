@@ -87,6 +87,19 @@ class AutoscalingConfig(_Strict):
         }
 
 
+class RoutingConfig(_Strict):
+    """How the ingress picks a replica of a model pool.
+
+    ``affinity`` is Ember's consistent hashing with bounded loads on the session key. The others
+    are baselines for benchmarks: Serve's default ``power_of_two``, Ray's experimental
+    ``ray_consistent_hash`` (no load bound) and ``round_robin``.
+    """
+
+    policy: Literal["affinity", "power_of_two", "ray_consistent_hash", "round_robin"] = "affinity"
+    load_factor: float = Field(1.25, ge=1, le=10)
+    vnodes: int = Field(100, ge=1, le=1000)
+
+
 class ReplicaResources(_Strict):
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
@@ -105,6 +118,7 @@ class ModelConfig(_Strict):
     num_replicas: int | None = Field(None, ge=1)
     autoscaling: AutoscalingConfig | None = None
     resources: ReplicaResources = ReplicaResources()
+    routing: RoutingConfig = RoutingConfig()
     max_ongoing_requests: int = Field(256, ge=1)
     owned_by: str | None = None
 

@@ -37,10 +37,12 @@ from deployments.openai_api import (
     usage_dict,
 )
 from deployments.prompts import PromptBuilder
+from policies.affinity import session_key
 
 log = logging.getLogger("ember.ingress")
 
 API_PREFIXES = ("/v1/", "/inference/v1/")
+AFFINITY_HEADER = "x-session-affinity"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -66,6 +68,7 @@ class _Call:
     include_usage: bool
     perf_in_body: bool
     tier: str | None
+    session: str
 
 
 class Ingress:
@@ -171,7 +174,7 @@ class Ingress:
         return requested
 
     def _call(self, rid: str, account: str, started: float, model: ModelConfig, req, prompt_ids: list[int],
-              max_tokens: int, tier: str | None) -> _Call:
+              max_tokens: int, tier: str | None, session: str) -> _Call:
         if req.n > self.config.ingress.max_n:
             raise bad_request(f"n is {req.n}; at most {self.config.ingress.max_n} choices per request",
                               param="n")
@@ -192,6 +195,7 @@ class Ingress:
             include_usage=req.include_usage,
             perf_in_body=req.perf_metrics_in_response,
             tier=tier,
+            session=session,
         )
 
     def _server_metrics(self, call: _Call, out: EngineOutput, dispatched: float) -> EngineMetrics:
@@ -231,7 +235,10 @@ class Ingress:
             raise bad_request(str(exc), param="messages") from exc
         max_tokens = self._max_tokens(model, len(prompt_ids), req.requested_max_tokens,
                                       "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
-        call = self._call("chatcmpl-" + rid, account, started, model, req, prompt_ids, max_tokens, tier)
+        session = session_key(account, header=request.headers.get(AFFINITY_HEADER),
+                              prompt_cache_key=req.prompt_cache_key, user=req.user,
+                              messages=((m.role, m.text) for m in req.messages))
+        call = self._call("chatcmpl-" + rid, account, started, model, req, prompt_ids, max_tokens, tier, session)
         return await self._respond(call, rid, chat=True)
 
     async def completions(self, request: Request, rid: str) -> Response:
@@ -251,7 +258,9 @@ class Ingress:
         if not prompt_ids:
             raise bad_request("prompt must not be empty", param="prompt")
         max_tokens = self._max_tokens(model, len(prompt_ids), req.requested_max_tokens, "max_tokens")
-        call = self._call("cmpl-" + rid, account, started, model, req, prompt_ids, max_tokens, None)
+        session = session_key(account, header=request.headers.get(AFFINITY_HEADER),
+                              prompt_cache_key=req.prompt_cache_key, user=req.user, prompt_ids=prompt_ids)
+        call = self._call("cmpl-" + rid, account, started, model, req, prompt_ids, max_tokens, None, session)
         return await self._respond(call, rid, chat=False)
 
     def _tier(self, service_tier: str | None) -> str | None:
@@ -263,7 +272,8 @@ class Ingress:
     # -- dispatch -----------------------------------------------------------------------
 
     async def _respond(self, call: _Call, rid: str, chat: bool) -> Response:
-        pool = self.pools[call.model.id]
+        # The proxy attaches a session id only on its own hop; this hop needs it set again.
+        pool = self.pools[call.model.id].options(session_id=call.session)
         timeout = self.config.ingress.request_timeout_s
         headers: dict[str, str] = {}
         if not call.stream:

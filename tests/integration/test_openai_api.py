@@ -307,3 +307,36 @@ def test_body_over_the_limit_is_413_with_or_without_content_length(sim_app, open
 def test_unknown_route_and_wrong_method(sim_app, openai_schemas):
     assert _error(sim_app, openai_schemas, "GET", "/nothing-here", 404)["code"] == "unknown_url"
     assert _error(sim_app, openai_schemas, "GET", "/chat/completions", 405)["code"] == "method_not_allowed"
+
+
+# -- session affinity ---------------------------------------------------------------------
+
+
+def _chat_turns(client, first_user: str, turns: int = 4, **kw) -> list[int]:
+    history = [{"role": "system", "content": "You are a careful assistant. " * 12},
+               {"role": "user", "content": first_user}]
+    cached = []
+    for t in range(turns):
+        resp = client.chat.completions.create(model=SIM_MODEL, messages=history, max_tokens=8, seed=t, **kw)
+        cached.append(resp.usage.prompt_tokens_details.cached_tokens)
+        history += [{"role": "assistant", "content": resp.choices[0].message.content},
+                    {"role": "user", "content": f"and then, what about part {t}? " * 5}]
+    return cached
+
+
+def test_keyless_multi_turn_chat_sticks_so_cached_tokens_grow_each_turn(client):
+    # Two replicas: without affinity each turn would miss the previous turn's replica half the time.
+    for conversation in range(3):
+        cached = _chat_turns(client, f"Conversation {conversation}: tell me about caches.")
+        # The first turn may already hit the account's system prompt, cached by another chat.
+        assert all(b > a for a, b in zip(cached, cached[1:])), cached
+
+
+def test_explicit_session_header_keeps_requests_together(client):
+    body = dict(model=SIM_MODEL, max_tokens=2, extra_headers={"x-session-affinity": "sess-42"})
+    shared = "A long shared preamble about ledgers and invoices. " * 8
+    client.chat.completions.create(messages=[{"role": "user", "content": shared + "one"}], **body)
+    # A different first message would derive a different key; the header overrides that.
+    hits = [client.chat.completions.create(messages=[{"role": "user", "content": shared + f"q{i}"}], **body)
+            .usage.prompt_tokens_details.cached_tokens for i in range(4)]
+    assert all(h >= 64 for h in hits), hits

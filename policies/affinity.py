@@ -1,0 +1,59 @@
+"""Which session a request belongs to, for replica affinity.
+
+The key is chosen in this order: the ``x-session-affinity`` header, the request's
+``prompt_cache_key``, the OpenAI ``user`` field, and otherwise a key derived from the start of the
+conversation. Every key is scoped by the account, so two accounts never share a session (nor,
+with the engine's per-account cache salt, a cached prefix).
+
+A chat's derived key hashes its messages up to and including the first user message. That part
+of a conversation never changes from turn to turn, so every turn of a multi-turn chat lands on
+the replica holding its history, while different conversations of one account spread out.
+Example: turns ``[sys, u1]``, ``[sys, u1, a1, u2]`` and ``[sys, u1, a1, u2, a2, u3]`` all hash
+``[sys, u1]``. A plain completion hashes its first ``DERIVED_PREFIX_TOKENS`` token ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Sequence
+
+DERIVED_PREFIX_TOKENS = 128
+_SEP = "\x1f"
+
+
+def conversation_head(messages: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (role, text) pairs up to and including the first user message."""
+    head = []
+    for role, text in messages:
+        head.append((role, text))
+        if role == "user":
+            break
+    return head
+
+
+def _digest(parts: Iterable[str]) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for p in parts:
+        h.update(p.encode())
+        h.update(_SEP.encode())
+    return h.hexdigest()
+
+
+def session_key(
+    account: str,
+    *,
+    header: str | None = None,
+    prompt_cache_key: str | None = None,
+    user: str | None = None,
+    messages: Iterable[tuple[str, str]] | None = None,
+    prompt_ids: Sequence[int] | None = None,
+) -> str:
+    for source, value in (("header", header), ("cache_key", prompt_cache_key), ("user", user)):
+        if value:
+            return _SEP.join((account, source, value))
+    if messages is not None:
+        head = conversation_head(messages)
+        derived = _digest(f"{role}:{text}" for role, text in head)
+    else:
+        derived = _digest(map(str, (prompt_ids or ())[:DERIVED_PREFIX_TOKENS]))
+    return _SEP.join((account, "derived", derived))
