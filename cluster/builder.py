@@ -32,7 +32,7 @@ _ENGINE_ENV = {
 
 class ServedModelPool(ModelPool):
     async def __init__(self, model: ModelConfig):  # type: ignore[misc]  # Serve awaits async inits
-        ModelPool.__init__(self, model)
+        ModelPool.__init__(self, model, replica_tag=serve.get_replica_context().replica_id.unique_id)
         await self.start()
 
     async def __del__(self):

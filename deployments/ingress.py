@@ -43,6 +43,7 @@ log = logging.getLogger("ember.ingress")
 
 API_PREFIXES = ("/v1/", "/inference/v1/")
 AFFINITY_HEADER = "x-session-affinity"
+REPLICA_HEADER = "x-ember-replica"  # which pool replica served a request: for operators and benchmarks
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -291,6 +292,8 @@ class Ingress:
             if call.perf_in_body:
                 body["perf_metrics"] = perf_metrics(out.usage, metrics)
             headers.update(perf_headers(out.usage, metrics))
+            if out.replica:
+                headers[REPLICA_HEADER] = out.replica
             return Response(_dumps(body), media_type="application/json", headers=headers)
 
         dispatched = time.perf_counter()

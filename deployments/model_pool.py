@@ -19,16 +19,19 @@ _DONE = object()
 
 
 class ModelPool:
-    def __init__(self, model: ModelConfig):
+    def __init__(self, model: ModelConfig, replica_tag: str | None = None):
         self.model = model
         self.engine = make_engine(model)
+        self.replica_tag = replica_tag
 
     async def start(self) -> None:
         await self.engine.start()
 
     async def generate(self, request: EngineRequest) -> EngineOutput:
         outs = [out async for out in self.engine.generate(request)]
-        return merge_outputs(outs)
+        merged = merge_outputs(outs)
+        merged.replica = self.replica_tag
+        return merged
 
     async def generate_stream(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -49,7 +52,10 @@ class ModelPool:
                     batch.append(queue.get_nowait())
                 outs = [b for b in batch if isinstance(b, EngineOutput)]
                 if outs:
-                    yield merge_outputs(outs)
+                    merged = merge_outputs(outs)
+                    if merged.final:
+                        merged.replica = self.replica_tag
+                    yield merged
                 tail = batch[-1]
                 if tail is _DONE:
                     return

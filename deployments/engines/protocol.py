@@ -90,6 +90,7 @@ class EngineOutput:
     final: bool = False
     usage: Usage | None = None
     metrics: EngineMetrics | None = None
+    replica: str | None = None  # set by the model pool on final outputs: which replica served it
 
 
 class EngineRequestError(ValueError):
@@ -146,4 +147,6 @@ def merge_outputs(outputs: list[EngineOutput]) -> EngineOutput:
             merged.usage = out.usage
         if out.metrics is not None:
             merged.metrics = out.metrics
+        if out.replica is not None:
+            merged.replica = out.replica
     return merged

@@ -315,12 +315,16 @@ def test_unknown_route_and_wrong_method(sim_app, openai_schemas):
 def _chat_turns(client, first_user: str, turns: int = 4, **kw) -> list[int]:
     history = [{"role": "system", "content": "You are a careful assistant. " * 12},
                {"role": "user", "content": first_user}]
-    cached = []
+    cached, replicas = [], set()
     for t in range(turns):
-        resp = client.chat.completions.create(model=SIM_MODEL, messages=history, max_tokens=8, seed=t, **kw)
+        raw = client.chat.completions.with_raw_response.create(model=SIM_MODEL, messages=history, max_tokens=8,
+                                                               seed=t, **kw)
+        resp = raw.parse()
+        replicas.add(raw.headers["x-ember-replica"])
         cached.append(resp.usage.prompt_tokens_details.cached_tokens)
         history += [{"role": "assistant", "content": resp.choices[0].message.content},
                     {"role": "user", "content": f"and then, what about part {t}? " * 5}]
+    assert len(replicas) == 1, replicas
     return cached
 
 
