@@ -100,6 +100,28 @@ class RoutingConfig(_Strict):
     vnodes: int = Field(100, ge=1, le=1000)
 
 
+class TokenBudgets(_Strict):
+    """Tokens per minute for each rate-limit budget."""
+
+    prompt: int = Field(ge=1)
+    uncached: int = Field(ge=1)
+    generated: int = Field(ge=1)
+
+
+class LimitBounds(_Strict):
+    """Explicit per-minute floor and tier-1 ceiling for a model, instead of its size class's."""
+
+    floor: TokenBudgets
+    ceiling: TokenBudgets
+
+    @model_validator(mode="after")
+    def _order(self) -> "LimitBounds":
+        for b in ("prompt", "uncached", "generated"):
+            if getattr(self.floor, b) > getattr(self.ceiling, b):
+                raise ValueError(f"floor.{b} must be <= ceiling.{b}")
+        return self
+
+
 class ReplicaResources(_Strict):
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
@@ -119,6 +141,9 @@ class ModelConfig(_Strict):
     autoscaling: AutoscalingConfig | None = None
     resources: ReplicaResources = ReplicaResources()
     routing: RoutingConfig = RoutingConfig()
+    # Parameter count, which sets the size class of its rate limits (small < 400B < medium < 1.6T).
+    params_billions: float = Field(1.0, gt=0)
+    limits: LimitBounds | None = None
     max_ongoing_requests: int = Field(256, ge=1)
     owned_by: str | None = None
 
@@ -178,6 +203,33 @@ class AuthConfig(_Strict):
     demo_key_env: str = "EMBER_DEMO_KEY"
 
 
+class RampConfig(_Strict):
+    """See policies/rate_limit.py for what each parameter does."""
+
+    headroom: float = Field(2.0, gt=1)
+    usage_tau_s: float = Field(300, gt=0)
+    idle_decay_tau_s: float = Field(600, gt=0)
+    max_doubling_s: float = Field(1200, gt=0)
+
+
+class RateLimitConfig(_Strict):
+    enabled: bool = True
+    # Limiter actors; accounts are spread over them by a stable hash.
+    shards: int = Field(1, ge=1, le=64)
+    # Each ingress replica leases this fraction of a limit at a time, so most requests are
+    # admitted locally without a round trip; unused leases go back after `lease_idle_s`.
+    lease_fraction: float = Field(0.02, gt=0, le=0.5)
+    lease_idle_s: float = Field(1.0, gt=0)
+    # Generated tokens reserved at admission (at most max_tokens × n); settled to actual usage.
+    generated_reservation: int = Field(512, ge=1)
+    requests_per_minute: int = Field(6000, ge=1)  # fixed account-wide cap
+    # When the store (Redis) is unreachable: "open" keeps limiting from the actor's memory,
+    # "closed" refuses requests with 503.
+    on_store_error: Literal["open", "closed"] = "open"
+    ramp: RampConfig = RampConfig()
+    default_spend_tier: int = Field(1, ge=1, le=5)
+
+
 class StoreConfig(_Strict):
     url: str = "memory://"
 
@@ -194,6 +246,7 @@ class EmberConfig(_Strict):
     ingress: IngressConfig = IngressConfig()
     auth: AuthConfig = AuthConfig()
     store: StoreConfig = StoreConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "EmberConfig":

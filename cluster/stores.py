@@ -60,3 +60,76 @@ def key_store(url: str) -> KeyStore:
     if url == "memory://":
         return MemoryKeyStore()
     return RedisKeyStore(url)
+
+
+# -- rate-limit state ---------------------------------------------------------------------
+
+class StoreUnavailable(RuntimeError):
+    """The configured store cannot be reached."""
+
+
+class LimitStore(Protocol):
+    """Persists limiter state per scope ("account|model" or "account|*rpm") as an opaque dict.
+
+    ``save`` never lets an older state overwrite a newer one (``stamp`` orders them), so a
+    restarted or zombie limiter can't roll a limit back.
+    """
+
+    async def load(self, scope: str) -> dict | None: ...
+
+    async def save(self, scope: str, state: dict, stamp: float) -> None: ...
+
+
+class MemoryLimitStore:
+    def __init__(self) -> None:
+        self._data: dict[str, tuple[float, dict]] = {}
+
+    async def load(self, scope: str) -> dict | None:
+        item = self._data.get(scope)
+        return None if item is None else item[1]
+
+    async def save(self, scope: str, state: dict, stamp: float) -> None:
+        old = self._data.get(scope)
+        if old is None or old[0] <= stamp:
+            self._data[scope] = (stamp, state)
+
+
+class RedisLimitStore:
+    PREFIX = "ember:rl:"
+    # Compare-and-set on the stamp, atomically: KEYS[1] hash, ARGV[1] stamp, ARGV[2] state JSON.
+    _SAVE = """
+    local old = redis.call('HGET', KEYS[1], 'stamp')
+    if old and tonumber(old) > tonumber(ARGV[1]) then return 0 end
+    redis.call('HSET', KEYS[1], 'stamp', ARGV[1], 'state', ARGV[2])
+    return 1
+    """
+
+    def __init__(self, url: str, timeout_s: float = 0.5) -> None:
+        import redis.asyncio as redis
+
+        self._r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
+                                       socket_connect_timeout=timeout_s)
+        self._save = self._r.register_script(self._SAVE)
+
+    async def load(self, scope: str) -> dict | None:
+        import json
+
+        try:
+            raw = await self._r.hget(self.PREFIX + scope, "state")
+        except Exception as exc:  # redis raises many kinds (connection, timeout, busy)
+            raise StoreUnavailable(f"redis: {exc}") from exc
+        return None if raw is None else json.loads(raw)
+
+    async def save(self, scope: str, state: dict, stamp: float) -> None:
+        import json
+
+        try:
+            await self._save(keys=[self.PREFIX + scope], args=[repr(stamp), json.dumps(state)])
+        except Exception as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+
+def limit_store(url: str) -> LimitStore:
+    if url == "memory://":
+        return MemoryLimitStore()
+    return RedisLimitStore(url)

@@ -14,6 +14,7 @@ import logging
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
+from cluster.stores import StoreUnavailable
 from deployments.engines.protocol import EngineRequestError
 
 log = logging.getLogger("ember.errors")
@@ -85,6 +86,9 @@ def to_error(exc: BaseException) -> ApiError:
     if isinstance(exc, json.JSONDecodeError):
         return bad_request(f"request body is not valid JSON: {exc.msg} at position {exc.pos}",
                            code="invalid_json")
+    if isinstance(exc, StoreUnavailable):
+        return ApiError(503, "rate limiting is unavailable; retry shortly", type="service_unavailable",
+                        code="limiter_unavailable")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return ApiError(504, "the model did not answer in time", type="timeout_error", code="timeout")
     name = type(exc).__name__

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ from deployments.openai_api import (
     usage_dict,
 )
 from deployments.prompts import PromptBuilder
+from deployments.rate_limiter import ACTOR_NAMESPACE, Admission, LimiterClient, RateLimiter, rate_limit_headers
 from policies.affinity import session_key
+from policies.consistent_hash import stable_hash
 
 log = logging.getLogger("ember.ingress")
 
@@ -70,6 +73,7 @@ class _Call:
     perf_in_body: bool
     tier: str | None
     session: str
+    admission: Admission | None = None
 
 
 class Ingress:
@@ -81,11 +85,34 @@ class Ingress:
         self._seeded = False
         self._prompts = {m.id: PromptBuilder(m.model_dir) for m in self.config.models}
         self._created = int(time.time())
+        rl = self.config.rate_limit
+        self.limiter = LimiterClient(rl, self._limiter_actor) if rl.enabled else None
+        self._limiter_actors: dict[int, Any] = {}
         self._routes: dict[tuple[str, str], Callable[[Request, str], Awaitable[Response]]] = {
             ("POST", "chat/completions"): self.chat_completions,
             ("POST", "completions"): self.completions,
             ("GET", "models"): self.list_models,
         }
+
+    def _limiter_actor(self, shard: int):
+        actor = self._limiter_actors.get(shard)
+        if actor is None:
+            import ray
+
+            # Detached and restartable: it outlives any one ingress replica and, restarted,
+            # reloads its state from the store.
+            # Apps with different limiter settings or stores get different actors.
+            digest = stable_hash(self.config.rate_limit.model_dump_json() + self.config.store.url)
+            actor = ray.remote(RateLimiter).options(
+                name=f"ember-ratelimit-{digest:016x}-{shard}", namespace=ACTOR_NAMESPACE, get_if_exists=True,
+                lifetime="detached", max_restarts=-1, max_task_retries=-1, num_cpus=0,
+            ).remote(self.config.rate_limit, self.config.store.url)
+            self._limiter_actors[shard] = actor
+        return actor
+
+    async def __del__(self):
+        if self.limiter is not None:
+            await self.limiter.close()
 
     # -- entry point --------------------------------------------------------------------
 
@@ -272,15 +299,51 @@ class Ingress:
 
     # -- dispatch -----------------------------------------------------------------------
 
+    async def _admit(self, call: _Call) -> dict[str, str]:
+        """Reserve rate-limit budget; 429 at once if it is not there. Returns the limit headers."""
+        if self.limiter is None:
+            return {}
+        sp = call.engine_request.sampling
+        cost = self.limiter.reservation(len(call.engine_request.prompt_token_ids), sp.max_tokens, sp.n)
+        adm = await self.limiter.admit(call.account, call.model, self.config.rate_limit.default_spend_tier, cost)
+        headers = rate_limit_headers(adm)
+        if not adm.allowed:
+            what = {"requests": "requests per minute", "prompt": "prompt tokens per minute",
+                    "uncached": "uncached (cache-adjusted) prompt tokens per minute",
+                    "generated": "generated tokens per minute"}.get(adm.exhausted or "", adm.exhausted)
+            raise ApiError(429, f"rate limit exceeded for {call.model.id}: {what}; retry after "
+                                f"{adm.retry_after_s:.3f} s", type="rate_limit_error",
+                           code="rate_limit_exceeded", param=adm.exhausted,
+                           headers={**headers, "Retry-After": str(max(1, math.ceil(adm.retry_after_s)))})
+        call.admission = adm
+        return headers
+
+    def _settle(self, call: _Call, usage: Usage | None, generated_so_far: int = 0) -> None:
+        if self.limiter is None or call.admission is None:
+            return
+        if usage is None:  # failed or cut short: prompt tokens were spent, output only as far as it got
+            self.limiter.settle(call.admission, len(call.engine_request.prompt_token_ids), 0, generated_so_far)
+        else:
+            self.limiter.settle(call.admission, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+        call.admission = None
+
     async def _respond(self, call: _Call, rid: str, chat: bool) -> Response:
+        headers = await self._admit(call)
+        try:
+            return await self._dispatch(call, chat, headers)
+        except BaseException:
+            self._settle(call, Usage(0, 0, 0))  # nothing was served: give the whole reservation back
+            raise
+
+    async def _dispatch(self, call: _Call, chat: bool, headers: dict[str, str]) -> Response:
         # The proxy attaches a session id only on its own hop; this hop needs it set again.
         pool = self.pools[call.model.id].options(session_id=call.session)
         timeout = self.config.ingress.request_timeout_s
-        headers: dict[str, str] = {}
         if not call.stream:
             dispatched = time.perf_counter()
             out: EngineOutput = await asyncio.wait_for(pool.generate.remote(call.engine_request), timeout)
             assert out.usage is not None, "engine ended without usage"
+            self._settle(call, out.usage)
             metrics = self._server_metrics(call, out, dispatched)
             choices = [ChoiceAccumulator() for _ in range(call.engine_request.sampling.n)]
             for d in out.deltas:
@@ -314,9 +377,11 @@ class Ingress:
         started_choices: set[int] = set()
         offsets: dict[int, int] = {}
         usage: Usage | None = None
+        generated = 0
         out: EngineOutput | None = first
         try:
             while out is not None:
+                generated += sum(len(d.token_ids) for d in out.deltas)
                 if out.deltas:
                     if chat:
                         deltas = []
@@ -351,5 +416,6 @@ class Ingress:
         except Exception as exc:
             yield error_sse_event(exc)
         finally:
+            self._settle(call, usage, generated)
             if usage is None:
                 gen.cancel()  # the client went away or the stream failed: stop generating

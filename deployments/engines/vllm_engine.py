@@ -5,9 +5,9 @@ this file costs nothing, so config checks and the sim engine run where vLLM is n
 
 Mapping onto vLLM (see ``deployments/engines/protocol.py`` for the convention):
 
-- Requests go in as ``{"prompt_token_ids": [...], "cache_salt": salt}``; vLLM never tokenizes.
-  The salt joins the hash of the first block, so requests with different salts never share
-  cached blocks.
+- Requests go in as ``{"type": "token", "prompt_token_ids": [...], "cache_salt": salt}``; vLLM
+  never tokenizes. The salt joins the hash of the first block, so requests with different salts
+  never share cached blocks.
 - ``use_cache=False`` sets ``SamplingParams.skip_reading_prefix_cache`` (no lookup, so no hit)
   and adds a random salt, so the blocks the request writes can never be hit by anyone either.
 - Outputs stream in ``RequestOutputKind.DELTA`` mode. vLLM coalesces deltas that pile up while the
@@ -30,8 +30,9 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING
 
 from cluster.config import EngineConfig
 from deployments.engines.protocol import (
@@ -60,11 +61,12 @@ _FINISH_REASONS = {"stop": "stop", "length": "length", "repetition": "stop"}
 
 
 class VLLMEngine:
-    """The Engine protocol backed by an in-process vLLM ``AsyncLLM``.
+    """The Engine protocol backed by vLLM's ``AsyncLLM``.
 
     ``VLLMEngine(model_dir, engine_config, context_length)``; call ``await start()`` once (it is
-    idempotent) before ``generate``. On CPU the KV cache gets exactly
-    ``engine.cpu_kvcache_space_gib``; on GPU vLLM sizes it from ``gpu_memory_utilization``.
+    idempotent) before ``generate``. AsyncLLM always runs its engine core (scheduler and model) in
+    one child process; this object is the front end that talks to it. On CPU the KV cache gets
+    exactly ``engine.cpu_kvcache_space_gib``; on GPU vLLM sizes it from ``gpu_memory_utilization``.
     """
 
     def __init__(self, model_dir: str | Path, engine: EngineConfig, context_length: int) -> None:
@@ -162,7 +164,7 @@ class VLLMEngine:
             # AsyncLLM sits in reference cycles; left to interpreter exit, its __del__ calls
             # shutdown() again against half-torn-down modules and prints a TypeError.
             del llm
-            gc.collect()
+            await asyncio.to_thread(gc.collect)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -309,7 +311,7 @@ def _convert_logprobs(
         return []
     result: list[TokenLogprob] = []
     # FlatLogprobs (flat_logprobs=True) iterates as one map per position too.
-    for token_id, position in zip(token_ids, sample):
+    for token_id, position in zip(token_ids, sample, strict=False):
         position = position or {}
         chosen = position.get(token_id)
         top = sorted(

@@ -1,0 +1,145 @@
+"""The limiter actor's logic and the ingress lease client, in-process, over memory and Redis stores.
+
+Ray's actor handle is replaced by a tiny adapter with the same ``.method.remote()`` shape, so the
+real RateLimiter and LimiterClient run together on one event loop with a fake clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import pytest
+
+from cluster.config import ModelConfig, RateLimitConfig
+from cluster.stores import MemoryLimitStore, RedisLimitStore, StoreUnavailable
+from deployments.rate_limiter import LimiterClient, RateLimiter
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+LIMIT = 6000  # tokens per minute in every budget, fixed (floor == ceiling)
+MODEL = ModelConfig.model_validate({
+    "id": "accounts/t/models/m",
+    "limits": {"floor": {"prompt": LIMIT, "uncached": LIMIT, "generated": LIMIT},
+               "ceiling": {"prompt": LIMIT, "uncached": LIMIT, "generated": LIMIT}},
+})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class AsActor:
+    """``obj.method.remote(...)`` → awaitable, like a Ray actor handle."""
+
+    def __init__(self, obj) -> None:
+        self._obj = obj
+
+    def __getattr__(self, name):
+        method = getattr(self._obj, name)
+
+        class _M:
+            @staticmethod
+            def remote(*a, **kw):
+                return method(*a, **kw)
+
+        return _M
+
+
+def _store(kind):
+    return MemoryLimitStore() if kind == "memory" else RedisLimitStore(REDIS_URL)
+
+
+def _setup(kind, n_clients=1, **cfg):
+    clock = Clock()
+    config = RateLimitConfig(**{"lease_fraction": 0.05, "requests_per_minute": 100_000, **cfg})
+    limiter = RateLimiter(config, "unused", clock=clock, store=_store(kind))
+    actor = AsActor(limiter)
+    clients = [LimiterClient(config, lambda shard: actor, clock=clock) for _ in range(n_clients)]
+    return clock, limiter, clients
+
+
+COST = {"prompt": 100.0, "uncached": 100.0, "generated": 10.0}
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_many_clients_never_admit_more_than_the_limit(kind):
+    async def go():
+        clock, _, clients = _setup(kind, n_clients=4)
+        account = "acct-" + uuid.uuid4().hex
+        admitted = 0
+        for i in range(200):  # 20k prompt tokens asked in one instant; 6k fit
+            adm = await clients[i % 4].admit(account, MODEL, 1, COST)
+            admitted += adm.allowed
+            if not adm.allowed:
+                assert adm.exhausted == "prompt" and adm.retry_after_s > 0
+        assert admitted * 100 <= LIMIT
+        assert admitted * 100 >= LIMIT * 0.8  # leases strand at most a few slices
+        for c in clients:
+            await c.close()
+        clock.t += 60  # a minute later the bucket is whole again
+        assert (await clients[0].admit(account, MODEL, 1, COST)).allowed
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_settling_returns_unused_reservation(kind):
+    async def go():
+        _, limiter, (client,) = _setup(kind)
+        account = "acct-" + uuid.uuid4().hex
+        adm = await client.admit(account, MODEL, 1, {"prompt": 1000.0, "uncached": 1000.0, "generated": 500.0})
+        client.settle(adm, usage_prompt=1000, usage_cached=600, usage_generated=50)
+        await client.close()
+        grant = await limiter.lease(f"{account}|{MODEL.id}", MODEL, 1, {"prompt": 0, "uncached": 0, "generated": 0},
+                                    {"prompt": 0, "uncached": 0, "generated": 0})
+        assert grant.remaining == {"prompt": LIMIT - 1000, "uncached": LIMIT - 400, "generated": LIMIT - 50}
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_restarted_limiter_resumes_from_the_store(kind):
+    async def go():
+        clock, limiter, (client,) = _setup(kind)
+        account = "acct-" + uuid.uuid4().hex
+        for _ in range(30):
+            await client.admit(account, MODEL, 1, COST)
+        await client.close()
+        await limiter.forget()  # a restart: nothing in memory
+        grant = await limiter.lease(f"{account}|{MODEL.id}", MODEL, 1, {"prompt": 0}, {"prompt": 0})
+        assert grant.remaining["prompt"] == LIMIT - 3000
+
+    asyncio.run(go())
+
+
+def test_rpm_cap_is_account_wide_across_clients():
+    async def go():
+        _, _, clients = _setup("memory", n_clients=3, requests_per_minute=20)
+        results = [await clients[i % 3].admit("acct-rpm", MODEL, 1, {k: 1.0 for k in COST}) for i in range(30)]
+        assert sum(a.allowed for a in results) == 20
+        refused = [a for a in results if not a.allowed]
+        assert refused[0].exhausted == "requests" and refused[0].retry_after_s > 0
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_unreachable_store_fails_as_configured(mode, caplog):
+    async def go():
+        clock = Clock()
+        config = RateLimitConfig(on_store_error=mode)
+        limiter = RateLimiter(config, "unused", clock=clock, store=RedisLimitStore("redis://127.0.0.1:1/0", 0.2))
+        client = LimiterClient(config, lambda shard: AsActor(limiter), clock=clock)
+        if mode == "open":
+            assert (await client.admit("acct", MODEL, 1, COST)).allowed
+        else:
+            with pytest.raises(StoreUnavailable):
+                await client.admit("acct", MODEL, 1, COST)
+
+    asyncio.run(go())
+    assert "rate-limit store unreachable" in caplog.text
