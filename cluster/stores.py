@@ -9,6 +9,17 @@ import hashlib
 from typing import Protocol
 
 
+class StoreUnavailable(RuntimeError):
+    """The configured store cannot be reached."""
+
+
+async def _redis_call(awaitable):
+    try:
+        return await awaitable
+    except Exception as exc:  # redis raises many kinds (connection, timeout, busy loading)
+        raise StoreUnavailable(f"redis: {exc}") from exc
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -38,19 +49,20 @@ class MemoryKeyStore:
 class RedisKeyStore:
     PREFIX = "ember:key:"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout_s: float = 0.5) -> None:
         import redis.asyncio as redis
 
-        self._r = redis.Redis.from_url(url, decode_responses=True)
+        self._r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
+                                       socket_connect_timeout=timeout_s)
 
     async def put(self, key_hash: str, account: str) -> None:
-        await self._r.set(self.PREFIX + key_hash, account)
+        await _redis_call(self._r.set(self.PREFIX + key_hash, account))
 
     async def account_for(self, key_hash: str) -> str | None:
-        return await self._r.get(self.PREFIX + key_hash)
+        return await _redis_call(self._r.get(self.PREFIX + key_hash))
 
     async def revoke(self, key_hash: str) -> None:
-        await self._r.delete(self.PREFIX + key_hash)
+        await _redis_call(self._r.delete(self.PREFIX + key_hash))
 
     async def close(self) -> None:
         await self._r.aclose()
@@ -63,9 +75,6 @@ def key_store(url: str) -> KeyStore:
 
 
 # -- rate-limit state ---------------------------------------------------------------------
-
-class StoreUnavailable(RuntimeError):
-    """The configured store cannot be reached."""
 
 
 class LimitStore(Protocol):
@@ -114,19 +123,13 @@ class RedisLimitStore:
     async def load(self, scope: str) -> dict | None:
         import json
 
-        try:
-            raw = await self._r.hget(self.PREFIX + scope, "state")
-        except Exception as exc:  # redis raises many kinds (connection, timeout, busy)
-            raise StoreUnavailable(f"redis: {exc}") from exc
+        raw = await _redis_call(self._r.hget(self.PREFIX + scope, "state"))
         return None if raw is None else json.loads(raw)
 
     async def save(self, scope: str, state: dict, stamp: float) -> None:
         import json
 
-        try:
-            await self._save(keys=[self.PREFIX + scope], args=[repr(stamp), json.dumps(state)])
-        except Exception as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+        await _redis_call(self._save(keys=[self.PREFIX + scope], args=[repr(stamp), json.dumps(state)]))
 
 
 def limit_store(url: str) -> LimitStore:

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.config import EmberConfig, ModelConfig
-from cluster.stores import KeyStore, hash_key, key_store
+from cluster.stores import KeyStore, StoreUnavailable, hash_key, key_store
 from deployments.engines.protocol import EngineMetrics, EngineOutput, EngineRequest, Usage
 from deployments.errors import ApiError, bad_request, error_response, error_sse_event, not_found, unauthorized
 from deployments.openai_api import (
@@ -47,6 +47,7 @@ log = logging.getLogger("ember.ingress")
 API_PREFIXES = ("/v1/", "/inference/v1/")
 AFFINITY_HEADER = "x-session-affinity"
 REPLICA_HEADER = "x-ember-replica"  # which pool replica served a request: for operators and benchmarks
+KEY_CACHE_TTL_S = 30.0  # how long a revoked key may still work on a replica that saw it
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -83,6 +84,7 @@ class Ingress:
         self.keys: KeyStore = key_store(self.config.store.url)
         self._demo_key_hash = demo_key_hash
         self._seeded = False
+        self._key_cache: dict[str, tuple[str, float]] = {}
         self._prompts = {m.id: PromptBuilder(m.model_dir) for m in self.config.models}
         self._created = int(time.time())
         rl = self.config.rate_limit
@@ -148,16 +150,27 @@ class Ingress:
 
     async def _authenticate(self, request: Request) -> str:
         if not self._seeded:
-            if self._demo_key_hash:
-                await self.keys.put(self._demo_key_hash, self.config.auth.demo_account)
             self._seeded = True
+            if self._demo_key_hash:
+                self._key_cache[self._demo_key_hash] = (self.config.auth.demo_account, math.inf)
+                try:
+                    await self.keys.put(self._demo_key_hash, self.config.auth.demo_account)
+                except StoreUnavailable:
+                    log.warning("could not store the demo key; it works on this replica only")
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        account = await self.keys.account_for(hash_key(key.strip()))
+        digest = hash_key(key.strip())
+        now = time.monotonic()
+        hit = self._key_cache.get(digest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        account = await self.keys.account_for(digest)
         if account is None:
             raise unauthorized("invalid API key")
+        # Known keys are remembered briefly, so the store is not on every request's path.
+        self._key_cache[digest] = (account, now + KEY_CACHE_TTL_S)
         return account
 
     async def _body(self, request: Request) -> bytes:
