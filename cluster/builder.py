@@ -69,9 +69,7 @@ def _router(routing: RoutingConfig) -> dict[str, Any]:
 
 
 def pool_deployment(model: ModelConfig, config: EmberConfig):
-    env = dict(_ENGINE_ENV)
-    if model.engine.kind == "vllm":
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(model.engine.cpu_kvcache_space_gib)
+    env = dict(_ENGINE_ENV)  # the KV cache size goes to vLLM as an engine argument, not via env
     return serve.deployment(ServedModelPool).options(
         name=model.deployment_name,
         max_ongoing_requests=model.max_ongoing_requests,
@@ -87,6 +85,8 @@ def pool_deployment(model: ModelConfig, config: EmberConfig):
 def ensure_models(config: EmberConfig) -> None:
     """Build the demo model for any model that uses it and lacks it. Other paths must exist."""
     for m in config.models:
+        if not m.served:
+            continue
         if m.path is None and not (m.model_dir / "tokenizer.json").exists():
             from cluster.demo_model import build_demo_model
 
@@ -101,7 +101,13 @@ def build_app(args: dict | EmberConfig) -> Application:
     ensure_models(config)
     demo_key = os.environ.get(config.auth.demo_key_env)
     demo_hash = hash_key(demo_key) if demo_key else None
-    pools = {m.id: pool_deployment(m, config) for m in config.models}
+    admin_token = os.environ.get(config.auth.admin_token_env)
+    admin_hash = hash_key(admin_token) if admin_token else None
+    if config.store.url == "memory://" and (config.ingress.num_replicas or 2) > 1:
+        log.warning("store memory:// is per ingress replica: accounts, keys and the ledger are not shared "
+                    "between %s ingress replicas; use redis:// for more than one", config.ingress.num_replicas
+                    or "autoscaled")
+    pools = {m.id: pool_deployment(m, config) for m in config.models if m.served}
     ing = config.ingress
     return serve.deployment(Ingress).options(
         name="ingress",
@@ -110,4 +116,4 @@ def build_app(args: dict | EmberConfig) -> Application:
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}},
         logging_config=_logging(config),
         **_scaling(ing.num_replicas, ing.autoscaling),
-    ).bind(config, pools, demo_hash)
+    ).bind(config, pools, demo_hash, admin_hash)

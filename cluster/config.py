@@ -6,6 +6,7 @@ starts, not here, so a config can be checked on a machine that does not hold the
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 from pathlib import Path
@@ -122,6 +123,47 @@ class LimitBounds(_Strict):
         return self
 
 
+class PriceRow(_Strict):
+    """USD per 1M tokens. Cached input defaults to half of input."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(None, ge=0)
+
+    @property
+    def cached(self) -> float:
+        return self.input * 0.5 if self.cached_input is None else self.cached_input
+
+
+class PricingConfig(_Strict):
+    standard: PriceRow = PriceRow(input=0.20, output=0.20)
+    # Priority's own row; None means the model offers no Priority tier (service_tier=priority → 400).
+    priority: PriceRow | None = None
+    batch_discount: float = Field(0.5, gt=0, le=1)
+
+
+MIN_DEPRECATION_NOTICE = dt.timedelta(days=14)
+
+
+class LifecycleConfig(_Strict):
+    status: Literal["active", "deprecated", "removed"] = "active"
+    deprecated_on: dt.date | None = None  # the day the deprecation was announced
+    removal_date: dt.date | None = None
+    replacement: str | None = None
+
+    @model_validator(mode="after")
+    def _notice(self) -> "LifecycleConfig":
+        if self.status in ("deprecated", "removed"):
+            if self.deprecated_on is None or self.removal_date is None:
+                raise ValueError(f"a {self.status} model needs deprecated_on and removal_date")
+        if self.deprecated_on and self.removal_date:
+            if self.removal_date - self.deprecated_on < MIN_DEPRECATION_NOTICE:
+                raise ValueError(
+                    f"removal_date {self.removal_date} is less than 14 days after the deprecation "
+                    f"notice of {self.deprecated_on}")
+        return self
+
+
 class ReplicaResources(_Strict):
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
@@ -144,6 +186,8 @@ class ModelConfig(_Strict):
     # Parameter count, which sets the size class of its rate limits (small < 400B < medium < 1.6T).
     params_billions: float = Field(1.0, gt=0)
     limits: LimitBounds | None = None
+    pricing: PricingConfig = PricingConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
     max_ongoing_requests: int = Field(256, ge=1)
     owned_by: str | None = None
 
@@ -162,6 +206,11 @@ class ModelConfig(_Strict):
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("set num_replicas or autoscaling, not both")
         return self
+
+    @property
+    def served(self) -> bool:
+        """Removed models keep their config (for the 404 that names the replacement) but no pool."""
+        return self.lifecycle.status != "removed"
 
     @property
     def owner(self) -> str:
@@ -188,6 +237,10 @@ class IngressConfig(_Strict):
     max_n: int = Field(8, ge=1)
     request_timeout_s: float = Field(600, gt=0)
     access_log: bool = True  # Serve's per-request log lines; benchmarks turn them off
+    # Load shedding: Standard is refused (503) once a request would queue longer than this;
+    # Priority may use `priority_headroom` times as much.
+    max_queue_wait_s: float = Field(2.0, ge=0)
+    priority_headroom: float = Field(4.0, ge=1)
 
     @model_validator(mode="after")
     def _scaling(self) -> "IngressConfig":
@@ -201,6 +254,8 @@ class AuthConfig(_Strict):
     # The demo key is read from this environment variable when the app is built; only its hash is
     # kept. If the variable is unset, no demo key exists.
     demo_key_env: str = "EMBER_DEMO_KEY"
+    # Likewise the admin API's token; unset, the admin API is off.
+    admin_token_env: str = "EMBER_ADMIN_TOKEN"
 
 
 class RampConfig(_Strict):
@@ -223,7 +278,8 @@ class RateLimitConfig(_Strict):
     # Generated tokens reserved at admission (at most max_tokens × n); settled to actual usage.
     generated_reservation: int = Field(512, ge=1)
     requests_per_minute: int = Field(6000, ge=1)  # fixed account-wide cap
-    # When the store (Redis) is unreachable: "open" keeps limiting from the actor's memory,
+    # When the store (Redis) is unreachable: "open" keeps limiting from the actor's memory, serves
+    # accounts from what the ingress last saw and queues usage events until the store is back;
     # "closed" refuses requests with 503.
     on_store_error: Literal["open", "closed"] = "open"
     ramp: RampConfig = RampConfig()
@@ -255,6 +311,12 @@ class EmberConfig(_Strict):
             if m.id in seen:
                 raise ValueError(f"model id {m.id!r} appears twice")
             seen.add(m.id)
+        for m in self.models:
+            repl = m.lifecycle.replacement
+            if repl is not None and (self.model(repl) is None or not self.model(repl).served):
+                raise ValueError(f"model {m.id!r}: replacement {repl!r} is not a served model in this config")
+        if not any(m.served for m in self.models):
+            raise ValueError("at least one model must be served (not removed)")
         return self
 
     def model(self, model_id: str) -> ModelConfig | None:

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.config import EmberConfig, ModelConfig
-from cluster.stores import KeyStore, StoreUnavailable, hash_key, key_store
+from cluster.stores import Stores, StoreUnavailable, hash_key, key_id
 from deployments.engines.protocol import EngineMetrics, EngineOutput, EngineRequest, Usage
 from deployments.errors import ApiError, bad_request, error_response, error_sse_event, not_found, unauthorized
 from deployments.openai_api import (
@@ -37,16 +37,20 @@ from deployments.openai_api import (
     perf_metrics,
     usage_dict,
 )
+from deployments.admin import AdminApi
+from deployments.billing import Billing
 from deployments.prompts import PromptBuilder
 from deployments.rate_limiter import ACTOR_NAMESPACE, Admission, LimiterClient, RateLimiter, rate_limit_headers
 from policies.affinity import session_key
 from policies.consistent_hash import stable_hash
+from policies.tiers import ENGINE_PRIORITY, shed
 
 log = logging.getLogger("ember.ingress")
 
 API_PREFIXES = ("/v1/", "/inference/v1/")
 AFFINITY_HEADER = "x-session-affinity"
 REPLICA_HEADER = "x-ember-replica"  # which pool replica served a request: for operators and benchmarks
+SPEND_WARNING_HEADER = "x-ember-spend-warning"
 KEY_CACHE_TTL_S = 30.0  # how long a revoked key may still work on a replica that saw it
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -57,6 +61,50 @@ def _dumps(obj: Any) -> bytes:
 
 def _sse(obj: Any) -> bytes:
     return b"data: " + _dumps(obj) + b"\n\n"
+
+
+class _PoolLoad:
+    """This ingress's view of one pool: requests in flight and a moving average of service time.
+
+    Each ingress replica owns an equal share of the pool's running slots.
+    """
+
+    def __init__(self, model: ModelConfig, config: EmberConfig):
+        replicas = model.num_replicas or (model.autoscaling.min_replicas if model.autoscaling else 1) or 1
+        ing = config.ingress
+        ingresses = ing.num_replicas or (ing.autoscaling.min_replicas if ing.autoscaling else 1) or 1
+        self.slots = max(1, replicas * model.engine.max_num_seqs // ingresses)
+        self.in_flight = 0
+        self.service_time_s = 0.5  # prior until the first request finishes
+
+    def observe(self, seconds: float) -> None:
+        self.service_time_s += 0.1 * (seconds - self.service_time_s)
+
+
+class _Done:
+    """A Starlette background task that marks a streamed request finished."""
+
+    def __init__(self, load: _PoolLoad):
+        self.load = load
+
+    async def __call__(self) -> None:
+        self.load.in_flight -= 1
+
+
+def lifecycle_headers(model: ModelConfig) -> dict[str, str]:
+    """RFC 9745 `Deprecation` and RFC 8594 `Sunset` for a deprecated model."""
+    lc = model.lifecycle
+    if lc.status != "deprecated" or lc.deprecated_on is None or lc.removal_date is None:
+        return {}
+    import calendar
+    from email.utils import formatdate
+
+    noticed = calendar.timegm(lc.deprecated_on.timetuple())
+    sunset = calendar.timegm(lc.removal_date.timetuple())
+    h = {"Deprecation": f"@{noticed}", "Sunset": formatdate(sunset, usegmt=True)}
+    if lc.replacement:
+        h["Link"] = f'<{lc.replacement}>; rel="successor-version"'
+    return h
 
 
 @dataclass
@@ -72,20 +120,28 @@ class _Call:
     stream: bool
     include_usage: bool
     perf_in_body: bool
-    tier: str | None
+    tier: str | None  # what the response echoes as service_tier (None: the caller did not ask)
     session: str
+    billed_tier: str = "standard"  # priority | standard | batch
     admission: Admission | None = None
+    billed: bool = False
 
 
 class Ingress:
-    def __init__(self, config: EmberConfig | dict, pools: dict[str, Any], demo_key_hash: str | None = None):
+    def __init__(self, config: EmberConfig | dict, pools: dict[str, Any], demo_key_hash: str | None = None,
+                 admin_token_hash: str | None = None):
         self.config = config if isinstance(config, EmberConfig) else EmberConfig.model_validate(config)
         self.pools = pools
-        self.keys: KeyStore = key_store(self.config.store.url)
+        self.stores = Stores(self.config.store.url)
+        self.keys = self.stores.keys
+        self.billing = Billing(self.stores, self.config.rate_limit.default_spend_tier,
+                               fail_open=self.config.rate_limit.on_store_error == "open")
+        self.admin = AdminApi(self.stores, self.billing, admin_token_hash, self._forget_key)
+        self._loads = {m.id: _PoolLoad(m, self.config) for m in self.config.models if m.served}
         self._demo_key_hash = demo_key_hash
         self._seeded = False
         self._key_cache: dict[str, tuple[str, float]] = {}
-        self._prompts = {m.id: PromptBuilder(m.model_dir) for m in self.config.models}
+        self._prompts = {m.id: PromptBuilder(m.model_dir) for m in self.config.models if m.served}
         self._created = int(time.time())
         rl = self.config.rate_limit
         self.limiter = LimiterClient(rl, self._limiter_actor) if rl.enabled else None
@@ -94,6 +150,7 @@ class Ingress:
             ("POST", "chat/completions"): self.chat_completions,
             ("POST", "completions"): self.completions,
             ("GET", "models"): self.list_models,
+            ("GET", "usage"): self.usage,
         }
 
     def _limiter_actor(self, shard: int):
@@ -112,9 +169,14 @@ class Ingress:
             self._limiter_actors[shard] = actor
         return actor
 
+    def _forget_key(self, kid: str) -> None:
+        for digest in [d for d in self._key_cache if key_id(d) == kid]:
+            del self._key_cache[digest]
+
     async def __del__(self):
         if self.limiter is not None:
             await self.limiter.close()
+        await self.billing.flush(timeout_s=5.0)
 
     # -- entry point --------------------------------------------------------------------
 
@@ -134,12 +196,16 @@ class Ingress:
         root = request.scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
+        if path.startswith("/admin/"):
+            return lambda req, rid: self.admin.handle(req, path[len("/admin/"):])
         for prefix in API_PREFIXES:
             if path.startswith(prefix):
                 tail = path[len(prefix):].rstrip("/")
                 handler = self._routes.get((request.method, tail))
                 if handler is not None:
                     return handler
+                if request.method == "GET" and tail.startswith("accounts/"):
+                    return lambda req, rid: self.account_info(req, tail[len("accounts/"):])
                 if any(t == tail for _, t in self._routes):
                     raise ApiError(405, f"method {request.method} is not allowed on {path}",
                                    code="method_not_allowed")
@@ -193,6 +259,11 @@ class Ingress:
         if model is None:
             raise not_found(f"the model `{model_id}` does not exist or you do not have access to it",
                             param="model", code="model_not_found")
+        lc = model.lifecycle
+        if lc.status == "removed":
+            instead = f"; use `{lc.replacement}` instead" if lc.replacement else ""
+            raise not_found(f"the model `{model_id}` was removed on {lc.removal_date}{instead}",
+                            param="model", code="model_removed")
         return model
 
     def _max_tokens(self, model: ModelConfig, n_prompt: int, requested: int | None, param: str) -> int:
@@ -250,18 +321,24 @@ class Ingress:
 
     async def list_models(self, request: Request, rid: str) -> Response:
         await self._authenticate(request)
-        data = [
-            {
+        data = []
+        for m in self.config.models:
+            if not m.served:
+                continue
+            lc = m.lifecycle
+            data.append({
                 "id": m.id,
                 "object": "model",
                 "created": self._created,
                 "owned_by": m.owner,
                 "context_length": m.context_length,
-                "status": "active",
                 "kind": "fast" if "/routers/" in m.id else "base",
-            }
-            for m in self.config.models
-        ]
+                "status": lc.status,
+                "deprecation_date": lc.deprecated_on.isoformat() if lc.deprecated_on else None,
+                "shutdown_date": lc.removal_date.isoformat() if lc.removal_date else None,
+                "replacement": lc.replacement,
+                "service_tiers": ["default", "priority"] if m.pricing.priority else ["default"],
+            })
         return JSONResponse({"object": "list", "data": data})
 
     async def chat_completions(self, request: Request, rid: str) -> Response:
@@ -269,7 +346,7 @@ class Ingress:
         account = await self._authenticate(request)
         req = ChatCompletionRequest.model_validate_json(await self._body(request))
         model = self._model(req.model)
-        tier = self._tier(req.service_tier)
+        tier, billed_tier = self._tier(req.service_tier, model)
         try:
             prompt_ids = self._prompts[model.id].chat(req.messages)
         except ValueError as exc:  # the template rejected the conversation
@@ -280,6 +357,8 @@ class Ingress:
                               prompt_cache_key=req.prompt_cache_key, user=req.user,
                               messages=((m.role, m.text) for m in req.messages))
         call = self._call("chatcmpl-" + rid, account, started, model, req, prompt_ids, max_tokens, tier, session)
+        call.billed_tier = billed_tier
+        call.engine_request.priority = ENGINE_PRIORITY[billed_tier]
         return await self._respond(call, rid, chat=True)
 
     async def completions(self, request: Request, rid: str) -> Response:
@@ -304,22 +383,71 @@ class Ingress:
         call = self._call("cmpl-" + rid, account, started, model, req, prompt_ids, max_tokens, None, session)
         return await self._respond(call, rid, chat=False)
 
-    def _tier(self, service_tier: str | None) -> str | None:
+    def _tier(self, service_tier: str | None, model: ModelConfig) -> tuple[str | None, str]:
+        """(the tier echoed in the response, the tier served and billed)."""
         if service_tier in (None, "auto", "default"):
-            return "default" if service_tier else None
-        raise bad_request(f"service_tier '{service_tier}' is not available for this model",
+            return ("default" if service_tier else None), "standard"
+        if service_tier == "priority" and model.pricing.priority is not None:
+            return "priority", "priority"
+        offered = "default or priority" if model.pricing.priority is not None else "default"
+        raise bad_request(f"service_tier '{service_tier}' is not available for {model.id}; it offers {offered}",
                           param="service_tier", code="unsupported_service_tier")
+
+    async def usage(self, request: Request, rid: str) -> Response:
+        """The caller's own usage and cost, by model and day."""
+        account = await self._authenticate(request)
+        await self.billing.flush(timeout_s=2.0)  # this replica's own pending writes first
+        rows = await self.stores.ledger.totals(account)
+        self.billing.forget(account)
+        acct = await self.billing.account(account)
+        return JSONResponse({
+            "object": "usage",
+            "account": account,
+            "spend_tier": acct.spend_tier,
+            "total_cost_usd": round(acct.total_usd, 6),
+            "month_cost_usd": round(acct.month_usd, 6),
+            "monthly_spend_limit_usd": acct.monthly_limit_usd,
+            "data": [{**r, "cost_usd": round(r["cost_usd"], 8)} for r in rows],
+        })
+
+    async def account_info(self, request: Request, account_id: str) -> Response:
+        account = await self._authenticate(request)
+        if account_id != account:  # another account's data does not exist, as far as callers can tell
+            raise not_found(f"account `{account_id}` not found", param="account", code="account_not_found")
+        acct = await self.billing.account(account)
+        return JSONResponse({"object": "account", "id": account, "spend_tier": acct.spend_tier,
+                             "monthly_spend_limit_usd": acct.monthly_limit_usd,
+                             "month_cost_usd": round(acct.month_usd, 6)})
 
     # -- dispatch -----------------------------------------------------------------------
 
     async def _admit(self, call: _Call) -> dict[str, str]:
-        """Reserve rate-limit budget; 429 at once if it is not there. Returns the limit headers."""
+        """Spend limit (402), load shedding (503) and rate limits (429), all at once, never queued.
+
+        Returns the headers every response carries: rate limits, lifecycle, spend warnings.
+        """
+        headers = lifecycle_headers(call.model)
+        acct = await self.billing.account(call.account)
+        if acct.status == "stop":
+            raise ApiError(402, f"the monthly spend limit of ${acct.monthly_limit_usd:.2f} is reached "
+                                f"(${acct.month_usd:.2f} spent this month); raise it to continue",
+                           type="billing_error", code="spend_limit_reached")
+        if acct.status == "warn":
+            headers[SPEND_WARNING_HEADER] = (f"{acct.month_usd / acct.monthly_limit_usd:.0%} of the monthly "
+                                             f"spend limit of ${acct.monthly_limit_usd:.2f} is used")
+        load = self._loads[call.model.id]
+        decision = shed(call.billed_tier, load.in_flight, load.slots, load.service_time_s,  # type: ignore[arg-type]
+                        self.config.ingress.max_queue_wait_s, self.config.ingress.priority_headroom)
+        if not decision.admit:
+            raise ApiError(503, f"{call.model.id} is overloaded (expected queue wait "
+                                f"{decision.expected_wait_s:.1f} s); retry shortly", type="service_unavailable",
+                           code="overloaded", headers={"Retry-After": "1"})
         if self.limiter is None:
-            return {}
+            return headers
         sp = call.engine_request.sampling
         cost = self.limiter.reservation(len(call.engine_request.prompt_token_ids), sp.max_tokens, sp.n)
-        adm = await self.limiter.admit(call.account, call.model, self.config.rate_limit.default_spend_tier, cost)
-        headers = rate_limit_headers(adm)
+        adm = await self.limiter.admit(call.account, call.model, acct.spend_tier, cost)
+        headers.update(rate_limit_headers(adm))
         if not adm.allowed:
             what = {"requests": "requests per minute", "prompt": "prompt tokens per minute",
                     "uncached": "uncached (cache-adjusted) prompt tokens per minute",
@@ -332,21 +460,36 @@ class Ingress:
         return headers
 
     def _settle(self, call: _Call, usage: Usage | None, generated_so_far: int = 0) -> None:
-        if self.limiter is None or call.admission is None:
-            return
-        if usage is None:  # failed or cut short: prompt tokens were spent, output only as far as it got
-            self.limiter.settle(call.admission, len(call.engine_request.prompt_token_ids), 0, generated_so_far)
-        else:
+        """Settle rate limits and bill, exactly once per call.
+
+        ``usage`` None means the stream was cut short after it started: the prompt was processed
+        and the output counts as far as it got.
+        """
+        if usage is None:
+            usage = Usage(len(call.engine_request.prompt_token_ids), generated_so_far, 0)
+        if self.limiter is not None and call.admission is not None:
             self.limiter.settle(call.admission, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
-        call.admission = None
+            call.admission = None
+        if not call.billed and (usage.prompt_tokens or usage.completion_tokens):
+            call.billed = True
+            self.billing.bill(call.request_id, call.account, call.model, call.billed_tier, usage.prompt_tokens,
+                              usage.cached_tokens, usage.completion_tokens)
 
     async def _respond(self, call: _Call, rid: str, chat: bool) -> Response:
         headers = await self._admit(call)
+        load = self._loads[call.model.id]
+        load.in_flight += 1
         try:
-            return await self._dispatch(call, chat, headers)
+            response = await self._dispatch(call, chat, headers)
         except BaseException:
+            load.in_flight -= 1
             self._settle(call, Usage(0, 0, 0))  # nothing was served: give the whole reservation back
             raise
+        if isinstance(response, StreamingResponse):
+            response.background = _Done(load)  # the stream still runs: count it until it ends
+        else:
+            load.in_flight -= 1
+        return response
 
     async def _dispatch(self, call: _Call, chat: bool, headers: dict[str, str]) -> Response:
         # The proxy attaches a session id only on its own hop; this hop needs it set again.
@@ -358,6 +501,8 @@ class Ingress:
             assert out.usage is not None, "engine ended without usage"
             self._settle(call, out.usage)
             metrics = self._server_metrics(call, out, dispatched)
+            if out.metrics is not None:
+                self._loads[call.model.id].observe(out.metrics.processing_time_s)
             choices = [ChoiceAccumulator() for _ in range(call.engine_request.sampling.n)]
             for d in out.deltas:
                 choices[d.index].add(d)
@@ -412,6 +557,8 @@ class Ingress:
                 if out.final:
                     usage = out.usage
                     final_out = out
+                    if out.metrics is not None:
+                        self._loads[call.model.id].observe(out.metrics.processing_time_s)
                     break
                 out = await gen.__anext__()
             if usage is not None and (call.include_usage or call.perf_in_body):

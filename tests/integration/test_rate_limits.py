@@ -83,24 +83,22 @@ def test_headers_on_every_response_then_429_with_retry_after(deploy):
 def test_a_restarted_limiter_actor_does_not_reset_the_limit(deploy):
     import ray
 
-    from cluster.config import ModelConfig
+    from cluster.config import EmberConfig
+    from policies.consistent_hash import stable_hash
 
     client = deploy("limited", _app("limited", REDIS_URL))  # same app: state from the test above
     with pytest.raises(openai.RateLimitError):
         for _ in range(100):
             client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4)
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith("ember-ratelimit-")]
-    assert names
-    model = ModelConfig.model_validate(_app("limited", REDIS_URL)["models"][0])
+    config = EmberConfig.model_validate(_app("limited", REDIS_URL))
+    digest = stable_hash(config.rate_limit.model_dump_json() + config.store.url)
+    actor = ray.get_actor(f"ember-ratelimit-{digest:016x}-0", namespace="ember")
+    ray.kill(actor, no_restart=False)
+    # The restarted actor starts empty and reads the account's buckets back from Redis.
     zero = {"prompt": 0.0, "uncached": 0.0, "generated": 0.0}
-    for n in names:
-        actor = ray.get_actor(n, namespace="ember")
-        ray.kill(actor, no_restart=False)
-        # The restarted actor starts empty and reads the account's buckets back from Redis.
-        grant = ray.get(actor.lease.remote(f"demo|{MODEL}", model, 1, zero, zero), timeout=60)
-        if grant.limits["prompt"] == LIMIT:
-            assert grant.remaining["prompt"] < LIMIT / 2, grant
+    grant = ray.get(actor.lease.remote(f"demo|{MODEL}", config.models[0], 1, zero, zero), timeout=60)
+    assert grant.limits["prompt"] == LIMIT
+    assert grant.remaining["prompt"] < LIMIT / 2, grant
 
 
 def test_requests_per_minute_cap(deploy):

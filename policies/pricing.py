@@ -1,0 +1,49 @@
+"""Per-token prices, spend tiers and the monthly spend limit. Pure functions, USD.
+
+Worked example: 1,000 prompt tokens of which 600 cached and 200 output tokens on a model priced
+$0.90 input / $0.45 cached / $0.90 output per 1M tokens cost
+(400 × 0.90 + 600 × 0.45 + 200 × 0.90) / 1e6 = $0.00081. The same request in a batch costs half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# Cumulative spend (USD) at which an account reaches each tier; tier 5 ("unlimited") is granted,
+# never earned.
+SPEND_TIER_THRESHOLDS = ((4, 5_000.0), (3, 500.0), (2, 50.0), (1, 0.0))
+UNLIMITED_TIER = 5
+WARN_FRACTION = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per 1M tokens."""
+
+    input: float
+    cached_input: float
+    output: float
+
+
+def request_cost(price: Price, prompt_tokens: int, cached_tokens: int, completion_tokens: int,
+                 discount: float = 1.0) -> float:
+    uncached = max(0, prompt_tokens - cached_tokens)
+    usd = (uncached * price.input + cached_tokens * price.cached_input + completion_tokens * price.output) / 1e6
+    return usd * discount
+
+
+def spend_tier(cumulative_usd: float, granted: int | None = None) -> int:
+    """The tier reached by spend, or a granted tier if that is higher."""
+    earned = next(t for t, threshold in SPEND_TIER_THRESHOLDS if cumulative_usd >= threshold)
+    return max(earned, granted or 0)
+
+
+def spend_status(month_usd: float, monthly_limit_usd: float | None) -> Literal["ok", "warn", "stop"]:
+    if monthly_limit_usd is None:
+        return "ok"
+    if month_usd >= monthly_limit_usd:
+        return "stop"
+    if month_usd >= WARN_FRACTION * monthly_limit_usd:
+        return "warn"
+    return "ok"

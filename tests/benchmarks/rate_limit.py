@@ -1,0 +1,817 @@
+"""Rate limiting: accuracy across ingress replicas, the adaptive ramp, and the cost of admission.
+
+Goals (from the issue), each printed as PASS or MISS:
+
+1. **Accuracy.** A fixed limit (the model's ``limits`` floor == ceiling, 30,000 prompt tokens per
+   minute by default; uncached and generated budgets far above it, so prompt is the binding
+   budget) enforced by 4 ingress replicas against 64 bursty clients (asyncio + httpx: bursts of
+   back-to-back requests, random pauses) on a zero-latency SimEngine pool, limiter state in Redis.
+   Admitted prompt tokens (the sum of ``usage.prompt_tokens`` over 200 responses) in every full
+   60 s window after the first minute (a token bucket starts full) are within ±2% of the limit.
+   Also: counts of 200/429/other, and no 429 without ``Retry-After`` and ``X-Ratelimit-*``.
+2. **Ramp.** Traffic that doubles every hour, from below the floor, for 6 simulated hours,
+   through the real ``RateLimiter`` and four ``LimiterClient`` s (one per ingress replica) in
+   this process on a simulated clock: no 429. Printed with the limit and usage at start, 10 min,
+   1 h, 2 h, ...; plus the README tables (pure policy, small model, tier 1) for a caller that
+   keeps its bucket saturated and for traffic that doubles every hour.
+3. **Cost.** Latency added by admission: two apps side by side (same SimEngine pool config, one
+   ingress replica each, access logs off), one with ``rate_limit.enabled`` false, in interleaved
+   rounds of sequential (C=1) and moderately concurrent (C=8) non-streamed requests: p50 and p99
+   of both and the difference. Goal: at most 1 ms added at p50.
+
+    cd /work/main && HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/rate_limit.py          # ~5.5 min
+    cd /work/main && HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/rate_limit.py --small  # ~2.5 min
+
+Ray starts on ports it picks (never Redis's 6379); the benchmark's Redis database is
+``--redis-url`` (db 14), whose ``ember:rl:*`` keys are deleted first. The JSON report goes to
+``bench_results/rate_limit.json``. ``notebooks/rate_limit_ramp.ipynb`` plots ramps with
+``simulate_limiter`` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when run as a script
+import _common as C  # noqa: E402  (also puts the repo root on sys.path)
+
+from cluster.config import ModelConfig, RateLimitConfig  # noqa: E402
+from cluster.stores import MemoryLimitStore  # noqa: E402
+from deployments.rate_limiter import LimiterClient, RateLimiter, model_bounds  # noqa: E402
+from policies.rate_limit import (  # noqa: E402
+    BUDGETS,
+    BudgetState,
+    Budgets,
+    RampRule,
+    SizeClass,
+    advance,
+    bounds,
+    decide,
+)
+
+DEMO_KEY = "ember-bench-key-0001"
+ACCOUNT = "demo"  # the account of the demo key (AuthConfig.demo_account)
+ACC_MODEL = "accounts/ember/models/rl-accuracy"
+COST_MODEL = "accounts/ember/models/rl-cost"
+SMALL_MODEL = ModelConfig(id="accounts/ember/models/ramp-small", params_billions=8)  # size class small
+
+GOAL_ACCURACY_PCT = 2.0
+GOAL_RAMP_429 = 0
+GOAL_ADDED_P50_MS = 1.0
+
+HOUR = 3600.0
+MARKS = [(0, "start"), (600, "10 min"), (3600, "1 h"), (7200, "2 h"), (3 * 3600, "3 h"), (4 * 3600, "4 h"),
+         (5 * 3600, "5 h"), (6 * 3600, "6 h")]
+README_MARKS = MARKS[:4]
+# A request of the simulated callers: prompt, cached prompt and generated tokens in the same
+# proportion as the small model's floors (60k : 30k : 12k), so all three budgets ramp alike.
+SIM_REQUEST = (1000, 500, 200)
+
+
+# =================================================================================================
+# Ramp: the pure policy and the real limiter in-process, on a simulated clock
+# =================================================================================================
+
+class SimClock:
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class InProcessActor:
+    """``handle.method.remote(...)`` -> awaitable, like a Ray actor handle (as the contract tests do)."""
+
+    def __init__(self, obj) -> None:
+        self._obj = obj
+
+    def __getattr__(self, name):
+        return SimpleNamespace(remote=getattr(self._obj, name))
+
+
+def doubling(start_per_min: float, doubling_s: float = HOUR) -> Callable[[float], float]:
+    """Offered prompt tokens per minute at simulated second t: doubles every ``doubling_s``."""
+    return lambda t: start_per_min * 2.0 ** (t / doubling_s)
+
+
+def steps(*pieces: tuple[float, float]) -> Callable[[float], float]:
+    """Piecewise-constant traffic: ((until_s, prompt_tokens_per_min), ...); 0 after the last."""
+    def rate(t: float) -> float:
+        for until, per_min in pieces:
+            if t < until:
+                return per_min
+        return 0.0
+    return rate
+
+
+def _split(prompt_tokens: float, request=SIM_REQUEST) -> dict[str, float]:
+    p, cached, gen = request
+    k = prompt_tokens / p
+    return {"prompt": prompt_tokens, "uncached": (p - cached) * k, "generated": gen * k}
+
+
+def simulate_limiter(rate_fn: Callable[[float], float], duration_s: float, *, n_clients: int = 4,
+                     request: tuple[int, int, int] = SIM_REQUEST, model: ModelConfig = SMALL_MODEL,
+                     spend_tier: int = 1, rate_limit: RateLimitConfig | None = None, seed: int = 0,
+                     sample_s: float = 60.0) -> dict:
+    """Drive the real ``RateLimiter`` and ``n_clients`` ``LimiterClient`` s (one per ingress
+    replica) on one event loop with a simulated clock and a memory store.
+
+    Requests of ``request`` = (prompt, cached, generated) tokens arrive as a Poisson process whose
+    rate follows ``rate_fn(t)`` (offered prompt tokens per minute at simulated second t), each at
+    a random client, and are settled with their actual usage at once. Idle leases are returned
+    every ``lease_idle_s / 2`` simulated seconds, as the clients' reaper does in real time.
+
+    Returns per-sample series (every ``sample_s``): the actor's limit and usage per budget (usage
+    includes tokens leased to clients and not yet returned), offered and admitted tokens per
+    budget over the preceding period, and 429s by the budget that refused them.
+    """
+    return asyncio.run(_simulate_limiter(rate_fn, duration_s, n_clients, request, model, spend_tier,
+                                         rate_limit or RateLimitConfig(), seed, sample_s))
+
+
+async def _simulate_limiter(rate_fn, duration_s, n_clients, request, model, spend_tier, config, seed,
+                            sample_s) -> dict:
+    import numpy as np
+
+    clock = SimClock(1_000.0)
+    limiter = RateLimiter(config, "memory://", clock=clock, store=MemoryLimitStore())
+    handle = InProcessActor(limiter)
+    clients = [LimiterClient(config, lambda shard: handle, clock=clock) for _ in range(n_clients)]
+    for c in clients:
+        # The real reaper sleeps in wall-clock time; the loop below returns idle leases on the
+        # simulated clock instead, at the reaper's period.
+        c._ensure_reaper = lambda: None
+    rng = np.random.default_rng(seed)
+    prompt, cached, generated = request
+    cost = clients[0].reservation(prompt, generated, 1)
+    actual = {"prompt": prompt, "uncached": prompt - cached, "generated": generated}
+    scope = f"{ACCOUNT}|{model.id}"
+    floor, ceiling = model_bounds(model, spend_tier)
+    rule = limiter.rule
+    t0 = clock.t
+    reap_every = config.lease_idle_s / 2
+
+    samples: list[dict] = []
+    period = {"offered": Counter(), "admitted": Counter(), "requests": 0, "refused": Counter()}
+    total_refused: Counter[str] = Counter()
+    total_requests = 0
+    first_refusal_s: float | None = None
+
+    def sample(t: float) -> None:
+        states = limiter._states.get(scope, {})  # introspection: the actor's own state, advanced to t
+        now = t0 + t
+        row = {"t_s": t, "limit": {}, "usage": {}, "offered_per_min": {}, "admitted_per_min": {},
+               "requests": period["requests"], "refused": sum(period["refused"].values()),
+               "refused_by": dict(period["refused"]), "traffic_per_min": _split(rate_fn(t), request)}
+        for b in BUDGETS:
+            s = states.get(b) or BudgetState.fresh(floor.get(b), now)
+            s = advance(s, now, floor.get(b), ceiling.get(b), rule)
+            row["limit"][b] = s.limit
+            row["usage"][b] = s.usage
+            row["offered_per_min"][b] = period["offered"][b] * 60.0 / sample_s
+            row["admitted_per_min"][b] = period["admitted"][b] * 60.0 / sample_s
+        samples.append(row)
+        period["offered"].clear()
+        period["admitted"].clear()
+        period["refused"].clear()
+        period["requests"] = 0
+
+    n_seconds = int(math.ceil(duration_s))
+    for sec in range(n_seconds):
+        if sec % sample_s == 0:
+            sample(float(sec))
+        lam = rate_fn(float(sec)) / prompt / 60.0  # requests per second
+        n = int(rng.poisson(lam)) if lam > 0 else 0
+        events = [(sec + float(off), 1) for off in rng.random(n)]
+        events += [(sec + k * reap_every, 0) for k in range(int(round(1 / reap_every)))]
+        events.sort()
+        for t, kind in events:
+            clock.t = t0 + t
+            if kind == 0:
+                for c in clients:
+                    await c.return_idle(clock.t - config.lease_idle_s)
+                continue
+            client = clients[int(rng.integers(n_clients))]
+            adm = await client.admit(ACCOUNT, model, spend_tier, cost)
+            total_requests += 1
+            period["requests"] += 1
+            for b in BUDGETS:
+                period["offered"][b] += actual[b]
+            if adm.allowed:
+                client.settle(adm, prompt, cached, generated)
+                for b in BUDGETS:
+                    period["admitted"][b] += actual[b]
+            else:
+                period["refused"][adm.exhausted] += 1
+                total_refused[adm.exhausted] += 1
+                if first_refusal_s is None:
+                    first_refusal_s = t
+    sample(float(n_seconds))
+    for c in clients:
+        await c.close()
+    return {
+        "samples": samples,
+        "requests": total_requests,
+        "refused": sum(total_refused.values()),
+        "refused_by": dict(total_refused),
+        "first_refusal_s": first_refusal_s,
+        "request": {"prompt": prompt, "cached": cached, "generated": generated},
+        "n_clients": n_clients,
+        "floor": {b: floor.get(b) for b in BUDGETS},
+        "ceiling": {b: ceiling.get(b) for b in BUDGETS},
+    }
+
+
+def policy_run(duration_s: float, floor: Budgets, ceiling: Budgets, rule: RampRule = RampRule(), *,
+               rate_fn: Callable[[float], float] | None = None, step_s: float = 1.0,
+               sample_s: float = 60.0) -> dict:
+    """The pure policy (``decide``) on a simulated clock, one request every ``step_s``.
+
+    With ``rate_fn`` the request carries ``rate_fn(t) / 60 * step_s`` prompt tokens (and the other
+    budgets in the floors' proportion); without it the caller keeps its bucket saturated: every
+    step it asks for everything that is available in every budget.
+    """
+    states: dict[str, BudgetState] = {}
+    samples, refused = [], 0
+    t = 0.0
+    while t <= duration_s + 1e-9:
+        if rate_fn is None:
+            cost = {b: advance(states.get(b) or BudgetState.fresh(floor.get(b), t), t, floor.get(b),
+                               ceiling.get(b), rule).available for b in BUDGETS}
+        else:
+            per_min = rate_fn(t)
+            cost = {b: per_min * floor.get(b) / floor.prompt / 60.0 * step_s for b in BUDGETS}
+        d = decide(states, cost, t, floor, ceiling, rule)
+        if d.allowed:
+            states = d.states
+        else:
+            refused += 1
+        if abs(t / sample_s - round(t / sample_s)) < 1e-9:
+            s = d.states if d.allowed else {b: d.states[b] for b in BUDGETS}
+            samples.append({"t_s": t, "limit": {b: s[b].limit for b in BUDGETS},
+                            "usage": {b: s[b].usage for b in BUDGETS},
+                            "traffic_per_min": ({b: rate_fn(t) * floor.get(b) / floor.prompt for b in BUDGETS}
+                                                if rate_fn else None)})
+        t = round(t + step_s, 9)
+    return {"samples": samples, "refused": refused}
+
+
+def _at(samples: list[dict], t: float) -> dict | None:
+    for s in samples:
+        if abs(s["t_s"] - t) < 1e-6:
+            return s
+    return None
+
+
+def _k(v: float) -> str:
+    """Tokens per minute, compact: 60,000 -> 60k, 2,000,000 -> 2.00M."""
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    if v >= 1e4:
+        return f"{v / 1e3:.0f}k" if v >= 1e5 else f"{v / 1e3:.1f}k"
+    return f"{v:,.0f}"
+
+
+def markdown_table(samples: list[dict], marks, traffic: bool) -> str:
+    names = {"prompt": "prompt", "uncached": "uncached (cache-adjusted) prompt", "generated": "generated"}
+    cols = [label for t, label in marks if _at(samples, t)]
+    lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    if traffic:
+        lines.append("| prompt traffic (tokens/min) | " + " | ".join(
+            f"{_at(samples, t)['traffic_per_min']['prompt']:,.0f}" for t, _ in marks if _at(samples, t)) + " |")
+    for b in BUDGETS:
+        lines.append(f"| {names[b]} limit (tokens/min) | " + " | ".join(
+            f"{_at(samples, t)['limit'][b]:,.0f}" for t, _ in marks if _at(samples, t)) + " |")
+    return "\n".join(lines)
+
+
+def run_ramp(args) -> dict:
+    floor, ceiling = bounds(SizeClass.SMALL, 1)
+    rule = RampRule()
+    hours = args.ramp_hours
+    start = args.ramp_start_fraction * floor.prompt
+    marks = [(t, label) for t, label in MARKS if t <= hours * HOUR]
+    print(f"\n== ramp: small model, tier 1 (floor {floor.prompt:,.0f} / {floor.uncached:,.0f} / "
+          f"{floor.generated:,.0f}, ceiling {ceiling.prompt:,.0f} / {ceiling.uncached:,.0f} / "
+          f"{ceiling.generated:,.0f} prompt / uncached / generated tokens per minute)", flush=True)
+
+    t_wall = time.perf_counter()
+    sim = simulate_limiter(doubling(start), hours * HOUR, n_clients=args.replicas, seed=args.seed)
+    sim_wall = time.perf_counter() - t_wall
+    print(f"real RateLimiter + {args.replicas} LimiterClients in-process, simulated clock: traffic doubling every "
+          f"hour from {start:,.0f} prompt tokens/min ({args.ramp_start_fraction:g}x the floor), requests of "
+          f"{SIM_REQUEST[0]} prompt ({SIM_REQUEST[1]} cached) + {SIM_REQUEST[2]} generated tokens, Poisson "
+          f"arrivals; {sim['requests']:,} requests over {hours:g} h simulated in {sim_wall:.1f} s")
+    rows = []
+    cum429 = 0
+    for s in sim["samples"]:
+        cum429 += s["refused"]
+        s["refused_cumulative"] = cum429
+    for t, label in marks:
+        s = _at(sim["samples"], t)
+        # Admitted over the minute before the mark (the sample at t covers [t - 60, t)).
+        rows.append([label, _k(s["traffic_per_min"]["prompt"]), _k(s["admitted_per_min"]["prompt"]),
+                     _k(s["usage"]["prompt"]), _k(s["limit"]["prompt"]), _k(s["limit"]["uncached"]),
+                     _k(s["limit"]["generated"]),
+                     f"{s['limit']['prompt'] / s['traffic_per_min']['prompt']:.2f}x",
+                     s["refused_cumulative"]])
+    C.print_table(["time", "traffic prompt/min", "admitted (last min)", "usage prompt", "limit prompt",
+                   "limit uncached", "limit generated", "limit/traffic", "429s so far"], rows)
+
+    pure_doubling = policy_run(hours * HOUR, floor, ceiling, rule, rate_fn=doubling(start), step_s=1.0)
+    pure_saturated = policy_run(hours * HOUR, floor, ceiling, rule, rate_fn=None, step_s=1.0)
+    # How closely the leasing limiter follows the pure policy on the same traffic.
+    diffs = []
+    for t, _ in marks:
+        a, b = _at(sim["samples"], t), _at(pure_doubling["samples"], t)
+        diffs.append(max(abs(a["limit"][x] / b["limit"][x] - 1) for x in BUDGETS))
+    print(f"limits vs the pure policy on smooth traffic (a request every second): max difference "
+          f"{max(diffs) * 100:.2f}% at the marks; pure policy refused {pure_doubling['refused']}")
+
+    sat_md = markdown_table(pure_saturated["samples"], README_MARKS, traffic=False)
+    dbl_md = markdown_table(pure_doubling["samples"], README_MARKS, traffic=True)
+    print("\nREADME: limits of a caller that keeps its bucket saturated (small model, tier 1):\n")
+    print(sat_md)
+    print(f"\nREADME: limits for traffic that doubles every hour from {start:,.0f} prompt tokens/min "
+          "(small model, tier 1):\n")
+    print(dbl_md)
+    sat_long = [[label] + [_k(_at(pure_saturated["samples"], t)["limit"][b]) for b in BUDGETS]
+                for t, label in marks]
+    print("\nsaturated caller, pure policy, all marks:")
+    C.print_table(["time", "limit prompt", "limit uncached", "limit generated"], sat_long)
+
+    return {
+        "goal_429": GOAL_RAMP_429,
+        "pass": sim["refused"] <= GOAL_RAMP_429,
+        "refused": sim["refused"],
+        "refused_by": sim["refused_by"],
+        "requests": sim["requests"],
+        "start_prompt_per_min": start,
+        "hours": hours,
+        "in_process": {**sim, "samples": [s for s in sim["samples"] if any(abs(s["t_s"] - t) < 1e-6 for t, _ in marks)]},
+        "in_process_every_10_min": [s for s in sim["samples"] if int(s["t_s"]) % 600 == 0],
+        "max_limit_diff_vs_policy": max(diffs),
+        "pure_doubling_refused": pure_doubling["refused"],
+        "readme_saturated_md": sat_md,
+        "readme_doubling_md": dbl_md,
+        "saturated": [_at(pure_saturated["samples"], t) | {"label": label} for t, label in marks],
+        "doubling_policy": [_at(pure_doubling["samples"], t) | {"label": label} for t, label in marks],
+        "wall_s": round(sim_wall, 1),
+    }
+
+
+# =================================================================================================
+# Apps
+# =================================================================================================
+
+def _budgets(prompt: int, uncached: int, generated: int) -> dict:
+    b = {"prompt": prompt, "uncached": uncached, "generated": generated}
+    return {"floor": b, "ceiling": b}
+
+
+def _pool(model_id: str, limits: dict, args) -> dict:
+    return {
+        "id": model_id,
+        "context_length": 2048,
+        "num_replicas": 1,
+        "resources": {"num_cpus": 0.1},
+        "max_ongoing_requests": 256,
+        # Zero latency: a scheduler step only yields to the event loop.
+        "engine": {"kind": "sim", "block_size": 32, "max_num_seqs": 256, "cache_capacity_tokens": 1 << 16,
+                   "latency": {}},
+        "limits": limits,
+    }
+
+
+def accuracy_config(args) -> dict:
+    big = args.other_budgets_tpm
+    return {
+        "models": [_pool(ACC_MODEL, _budgets(args.limit_tpm, big, big), args)],
+        "ingress": {"num_replicas": args.replicas, "num_cpus": 0.1, "max_ongoing_requests": 512,
+                    "max_completion_tokens": 256, "access_log": False},
+        "store": {"url": args.redis_url},
+        # Defaults otherwise: lease_fraction 0.02, lease_idle_s 1, requests_per_minute 6000.
+        "rate_limit": {"enabled": True},
+    }
+
+
+def cost_config(args, enabled: bool) -> dict:
+    """Limits far above what this box can send, so admission never refuses and only its cost shows."""
+    tpm = args.cost_limit_tpm
+    return {
+        "models": [_pool(COST_MODEL, _budgets(tpm, tpm, tpm), args)],
+        "ingress": {"num_replicas": 1, "num_cpus": 0.1, "max_ongoing_requests": 512,
+                    "max_completion_tokens": 256, "access_log": False},
+        "store": {"url": args.redis_url},
+        "rate_limit": {"enabled": enabled, "requests_per_minute": args.cost_limit_rpm},
+    }
+
+
+def flush_redis(url: str) -> int:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    n = 0
+    for k in r.scan_iter("ember:rl:*"):
+        n += r.delete(k)
+    r.close()
+    return n
+
+
+def deploy(name: str, config: dict) -> None:
+    from ray import serve
+
+    from cluster.builder import build_app
+
+    os.environ["EMBER_DEMO_KEY"] = DEMO_KEY  # read by build_app; only its hash is kept
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+
+
+# =================================================================================================
+# Accuracy: 64 bursty clients against 4 ingress replicas
+# =================================================================================================
+
+LIMIT_HEADERS = [f"x-ratelimit-{kind}-tokens-{name}" for name in ("prompt", "cache-adjusted-prompt", "generated")
+                 for kind in ("limit", "remaining", "reset")]
+
+
+def accuracy_bodies(n: int = 40, seed: int = 0) -> list[tuple[bytes, int]]:
+    """Chat requests of varied length (about 30 to 350 prompt tokens), with their prompt token counts."""
+    from cluster.config import demo_model_dir
+    from deployments.openai_api import ChatCompletionRequest
+    from deployments.prompts import PromptBuilder
+
+    rng = random.Random(seed)
+    builder = PromptBuilder(demo_model_dir())
+    out = []
+    for i in range(n):
+        k = rng.randint(1, 30)
+        body = {"model": ACC_MODEL, "max_tokens": 8,
+                "messages": [{"role": "user", "content": f"Request kind {i}: tell me about rate limits. "
+                              + "lorem ipsum dolor sit amet " * k}]}
+        n_prompt = len(builder.chat(ChatCompletionRequest.model_validate(body).messages))
+        out.append((json.dumps(body).encode(), n_prompt))
+    return out
+
+
+async def run_accuracy(args, base: str) -> dict:
+    import httpx
+
+    url = f"{base}/rl-accuracy/v1/chat/completions"
+    headers = {"authorization": f"Bearer {DEMO_KEY}", "content-type": "application/json"}
+    bodies = accuracy_bodies(seed=args.seed)
+    records: list[tuple] = []  # (t_done, status, prompt, cached, completion, latency, headers_ok, param)
+    perf = time.perf_counter
+    limits = httpx.Limits(max_connections=args.clients + 16, max_keepalive_connections=args.clients + 16)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0), trust_env=False) as http:
+        t0 = perf()
+        deadline = t0 + args.duration
+
+        async def client(i: int) -> None:
+            rng = random.Random(args.seed * 1000 + i)
+            await asyncio.sleep(rng.uniform(0, args.pause_max))  # clients start spread out
+            while perf() < deadline:
+                for _ in range(rng.randint(1, args.burst_max)):  # a burst, back to back
+                    if perf() >= deadline:
+                        return
+                    body, n_prompt = rng.choice(bodies)
+                    ts = perf()
+                    try:
+                        r = await http.post(url, content=body, headers=headers)
+                    except Exception as exc:
+                        records.append((perf() - t0, f"exc:{type(exc).__name__}", n_prompt, 0, 0, perf() - ts,
+                                        False, None))
+                        continue
+                    td = perf()
+                    h = r.headers
+                    ok = all(k in h for k in LIMIT_HEADERS)
+                    param = None
+                    p = cached = gen = 0
+                    if r.status_code == 200:
+                        u = r.json()["usage"]
+                        p, gen = u["prompt_tokens"], u["completion_tokens"]
+                        cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                    elif r.status_code == 429:
+                        ra = h.get("retry-after", "")
+                        ok = ok and ra.isdigit() and int(ra) >= 1
+                        try:
+                            param = r.json()["error"].get("param")
+                        except Exception:
+                            param = "?"
+                        p = n_prompt
+                    records.append((td - t0, r.status_code, p, cached, gen, td - ts, ok, param))
+                await asyncio.sleep(rng.uniform(args.pause_min, args.pause_max))
+
+        await asyncio.gather(*(client(i) for i in range(args.clients)))
+        wall = perf() - t0
+
+    dur = args.duration
+    limit = args.limit_tpm
+    ok200 = [r for r in records if r[1] == 200]
+    r429 = [r for r in records if r[1] == 429]
+    statuses = Counter(str(r[1]) for r in records)
+    windows = []
+    start = args.window_start
+    while start + 60 <= dur + 1e-9:
+        sel = [r for r in ok200 if start <= r[0] < start + 60]
+        prompt = sum(r[2] for r in sel)
+        windows.append({
+            "from_s": start, "to_s": start + 60, "requests": len(sel),
+            "prompt_tokens": prompt,
+            "uncached_tokens": sum(r[2] - r[3] for r in sel),
+            "generated_tokens": sum(r[4] for r in sel),
+            "error_pct": (prompt / limit - 1) * 100,
+        })
+        start += 60
+    in_run = [r for r in ok200 if r[0] < dur]
+    total_prompt = sum(r[2] for r in in_run)
+    # Over the whole run: a full bucket (one limit) plus refill at the limit's rate.
+    run_rate = (total_prompt - limit) / (dur / 60.0)
+    first_429 = min((r[0] for r in r429), default=None)
+    offered = sum(r[2] for r in records if r[0] < dur) / (dur / 60.0)  # prompt tokens of every request
+    lat200 = C.latency_summary_ms([r[5] for r in ok200])
+    lat429 = C.latency_summary_ms([r[5] for r in r429])
+    missing_429 = sum(1 for r in r429 if not r[6])
+    missing_200 = sum(1 for r in ok200 if not r[6])
+    worst = max((abs(w["error_pct"]) for w in windows), default=float("nan"))
+    return {
+        "limit_prompt_per_min": limit,
+        "other_budgets_per_min": args.other_budgets_tpm,
+        "replicas": args.replicas,
+        "clients": args.clients,
+        "duration_s": dur,
+        "wall_s": round(wall, 1),
+        "windows": windows,
+        "run_rate_prompt_per_min": run_rate,
+        "run_rate_error_pct": (run_rate / limit - 1) * 100,
+        "first_429_s": first_429,
+        "offered_prompt_per_min": offered,
+        "statuses": dict(statuses),
+        "requests": len(records),
+        "refused_by": dict(Counter(r[7] for r in r429)),
+        "429_without_required_headers": missing_429,
+        "200_without_ratelimit_headers": missing_200,
+        "latency_ms_200": lat200,
+        "latency_ms_429": lat429,
+        "worst_window_error_pct": worst,
+        "pass": bool(windows) and worst <= GOAL_ACCURACY_PCT,
+        "headers_pass": missing_429 == 0 and len(r429) > 0,
+    }
+
+
+def print_accuracy(acc: dict) -> None:
+    print(f"\n== accuracy: {acc['replicas']} ingress replicas, {acc['clients']} bursty clients, fixed limit "
+          f"{acc['limit_prompt_per_min']:,} prompt tokens/min (uncached, generated: {acc['other_budgets_per_min']:,}), "
+          f"Redis store, {acc['duration_s']:g} s")
+    rows = [[f"{w['from_s']:.0f}-{w['to_s']:.0f} s", w["requests"], w["prompt_tokens"], w["uncached_tokens"],
+             w["generated_tokens"], f"{w['error_pct']:+.2f}%"] for w in acc["windows"]]
+    rows.append([f"whole run, less the initial bucket", "", f"{acc['run_rate_prompt_per_min']:,.0f}/min", "", "",
+                 f"{acc['run_rate_error_pct']:+.2f}%"])
+    C.print_table(["window", "200s", "prompt tokens", "uncached", "generated", "vs limit"], rows)
+    st = acc["statuses"]
+    other = {k: v for k, v in st.items() if k not in ("200", "429")}
+    print(f"responses: 200 {st.get('200', 0):,}  429 {st.get('429', 0):,}  other {sum(other.values())} {other or ''}"
+          f"  | 429 by budget {acc['refused_by']}  | offered {acc['offered_prompt_per_min']:,.0f} prompt tokens/min"
+          f"  | first 429 at {acc['first_429_s'] or float('nan'):.1f} s")
+    print(f"429s missing Retry-After or X-Ratelimit-*: {acc['429_without_required_headers']}   "
+          f"200s missing X-Ratelimit-*: {acc['200_without_ratelimit_headers']}")
+    l2, l4 = acc["latency_ms_200"], acc["latency_ms_429"]
+    print(f"latency 200: p50 {l2.get('p50', float('nan')):.1f} ms p99 {l2.get('p99', float('nan')):.1f} ms   "
+          f"429: p50 {l4.get('p50', float('nan')):.1f} ms p99 {l4.get('p99', float('nan')):.1f} ms")
+
+
+# =================================================================================================
+# Cost: with and without the limiter, interleaved
+# =================================================================================================
+
+COST_PROMPT = "Say hello to the rate limit benchmark in a few words."
+
+
+def cost_senders(base: str, max_tokens: int) -> dict:
+    body = json.dumps({"model": COST_MODEL, "max_tokens": max_tokens,
+                       "messages": [{"role": "user", "content": COST_PROMPT}]}).encode()
+    headers = {"authorization": f"Bearer {DEMO_KEY}", "content-type": "application/json"}
+
+    def sender(name: str, expect_headers: bool):
+        url = f"{base}/{name}/v1/chat/completions"
+
+        async def send(client):
+            status, data, _ = await client.post(url, body, headers)
+            if status != 200:
+                raise C.CheckFailed(f"HTTP {status}: {data[:200]!r}")
+            u = json.loads(data).get("usage") or {}
+            if u.get("completion_tokens") != max_tokens:
+                raise C.CheckFailed(f"bad usage {u!r}")
+            return None
+
+        return send
+
+    return {"rl-on": sender("rl-on", True), "rl-off": sender("rl-off", False)}
+
+
+async def run_cost(args, base: str) -> dict:
+    senders = cost_senders(base, args.cost_max_tokens)
+    variants = ["rl-on", "rl-off"]
+    # One raw check that the limited app admits through the limiter (headers present) and the other not.
+    async with C.HttpxClient(max_connections=max(args.cost_concurrency) + 8) as client:
+        import httpx
+
+        async with httpx.AsyncClient(trust_env=False) as h:
+            hdr = {"authorization": f"Bearer {DEMO_KEY}", "content-type": "application/json"}
+            body = json.dumps({"model": COST_MODEL, "max_tokens": 1,
+                               "messages": [{"role": "user", "content": COST_PROMPT}]})
+            on = await h.post(f"{base}/rl-on/v1/chat/completions", content=body, headers=hdr)
+            off = await h.post(f"{base}/rl-off/v1/chat/completions", content=body, headers=hdr)
+            limited = "x-ratelimit-limit-tokens-prompt" in on.headers
+            unlimited = "x-ratelimit-limit-tokens-prompt" not in off.headers
+        for v in variants + variants[::-1]:  # warm-up, both alike
+            await C.closed_loop(client, senders[v], max(args.cost_concurrency), args.cost_warmup / 4)
+        rounds = []
+        for r in range(args.cost_rounds):
+            for conc in args.cost_concurrency:
+                for v in (variants if r % 2 == 0 else variants[::-1]):
+                    res = await C.closed_loop(client, senders[v], conc, args.cost_duration)
+                    lat = C.latency_summary_ms(res.latencies_s)
+                    rounds.append({"round": r, "concurrency": conc, "variant": v, "requests": res.requests,
+                                   "errors": res.errors, "error_samples": res.error_samples,
+                                   "rps": round(res.rps, 1), "p50_ms": lat.get("p50"), "p99_ms": lat.get("p99"),
+                                   "_lat": res.latencies_s})
+                    print(f"  C={conc} round {r} {v:6s} {res.rps:7.1f} req/s  p50 {lat.get('p50', float('nan')):6.2f} ms"
+                          f"  p99 {lat.get('p99', float('nan')):6.2f} ms  errors {res.errors}", flush=True)
+    levels = []
+    for conc in args.cost_concurrency:
+        agg = {}
+        for v in variants:
+            rs = [x for x in rounds if x["concurrency"] == conc and x["variant"] == v]
+            lats = [t for x in rs for t in x["_lat"]]
+            agg[v] = {**C.latency_summary_ms(lats), "errors": sum(x["errors"] for x in rs),
+                      "rps": round(statistics.fmean(x["rps"] for x in rs), 1)}
+        per_round = []
+        for r in range(args.cost_rounds):
+            a = [x for x in rounds if x["concurrency"] == conc and x["round"] == r]
+            d = {x["variant"]: x for x in a}
+            if "rl-on" in d and "rl-off" in d and d["rl-on"]["p50_ms"] is not None and d["rl-off"]["p50_ms"] is not None:
+                per_round.append(d["rl-on"]["p50_ms"] - d["rl-off"]["p50_ms"])
+        added_p50 = agg["rl-on"]["p50"] - agg["rl-off"]["p50"]
+        levels.append({
+            "concurrency": conc,
+            "with_limiter": agg["rl-on"],
+            "without_limiter": agg["rl-off"],
+            "added_p50_ms": added_p50,
+            "added_p99_ms": agg["rl-on"]["p99"] - agg["rl-off"]["p99"],
+            "added_p50_ms_per_round": per_round,
+            "added_p50_ms_median_round": statistics.median(per_round) if per_round else None,
+            "pass": added_p50 <= GOAL_ADDED_P50_MS,
+        })
+    for x in rounds:
+        x.pop("_lat", None)
+    return {"levels": levels, "rounds": rounds, "limited_app_sends_headers": limited,
+            "unlimited_app_sends_none": unlimited, "duration_s": args.cost_duration, "rounds_n": args.cost_rounds}
+
+
+def print_cost(cost: dict) -> None:
+    print("\n== cost of admission: two apps (1 ingress replica each, same SimEngine pool config), "
+          "rate_limit on vs off, non-streamed, interleaved rounds")
+    rows = []
+    for lv in cost["levels"]:
+        on, off = lv["with_limiter"], lv["without_limiter"]
+        rows.append([lv["concurrency"], on["n"], off["n"], on["rps"], off["rps"], on["p50"], off["p50"],
+                     f"{lv['added_p50_ms']:+.3f}", on["p99"], off["p99"], f"{lv['added_p99_ms']:+.3f}",
+                     f"{lv['added_p50_ms_median_round']:+.3f}", on["errors"] + off["errors"]])
+    C.print_table(["C", "n on", "n off", "req/s on", "req/s off", "p50 on", "p50 off", "added p50 ms",
+                   "p99 on", "p99 off", "added p99 ms", "median round added p50", "errors"], rows)
+    for lv in cost["levels"]:
+        print(f"  C={lv['concurrency']} added p50 per round (ms): "
+              + ", ".join(f"{x:+.3f}" for x in lv["added_p50_ms_per_round"]))
+    print(f"  limited app sends X-Ratelimit-*: {cost['limited_app_sends_headers']}; "
+          f"unlimited app sends none: {cost['unlimited_app_sends_none']}")
+
+
+# =================================================================================================
+# Main
+# =================================================================================================
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--small", action="store_true",
+                   help="quick mode: 70 s accuracy run (one 60 s window from 10 s), 2 cost rounds")
+    p.add_argument("--parts", default="ramp,accuracy,cost", help="comma-separated subset of ramp,accuracy,cost")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    p.add_argument("--output", default="bench_results/rate_limit.json")
+    p.add_argument("--seed", type=int, default=1)
+    # accuracy
+    p.add_argument("--limit-tpm", type=int, default=30_000, help="the fixed prompt-token limit per minute")
+    p.add_argument("--other-budgets-tpm", type=int, default=10_000_000,
+                   help="the fixed uncached and generated limits: far above use, so prompt binds")
+    p.add_argument("--replicas", type=int, default=4, help="ingress replicas (and simulated clients in the ramp)")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--duration", type=float, default=None, help="accuracy run seconds (default 180; --small 70)")
+    p.add_argument("--window-start", type=float, default=None,
+                   help="first measured 60 s window starts here (default 60: the bucket starts full; --small 10, "
+                        "checked against the time of the first 429)")
+    p.add_argument("--burst-max", type=int, default=12, help="requests per burst: uniform 1..N")
+    p.add_argument("--pause-min", type=float, default=0.2)
+    p.add_argument("--pause-max", type=float, default=2.0)
+    # ramp
+    p.add_argument("--ramp-hours", type=float, default=6.0)
+    p.add_argument("--ramp-start-fraction", type=float, default=0.5,
+                   help="doubling traffic starts at this fraction of the prompt floor")
+    # cost
+    p.add_argument("--cost-rounds", type=int, default=None, help="default 6; --small 2")
+    p.add_argument("--cost-duration", type=float, default=None, help="seconds per round (default 5; --small 3)")
+    p.add_argument("--cost-concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--cost-warmup", type=float, default=4.0)
+    p.add_argument("--cost-max-tokens", type=int, default=8)
+    p.add_argument("--cost-limit-tpm", type=int, default=20_000_000)
+    p.add_argument("--cost-limit-rpm", type=int, default=100_000)
+    a = p.parse_args(argv)
+    a.duration = a.duration or (70.0 if a.small else 180.0)
+    a.window_start = a.window_start if a.window_start is not None else (10.0 if a.small else 60.0)
+    a.cost_rounds = a.cost_rounds or (2 if a.small else 6)
+    a.cost_duration = a.cost_duration or (3.0 if a.small else 5.0)
+    a.parts = [x.strip() for x in a.parts.split(",") if x.strip()]
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    machine_before = C.machine_info()
+    out: dict = {"benchmark": "rate_limit", "mode": "small" if args.small else "full",
+                 "settings": {k: v for k, v in vars(args).items()}}
+    goals: list[tuple[str, bool, str]] = []
+
+    if "ramp" in args.parts:
+        ramp = run_ramp(args)
+        out["ramp"] = ramp
+        goals.append(("ramp: 429s for traffic doubling every hour", ramp["pass"],
+                      f"{ramp['refused']} of {ramp['requests']:,} requests (goal {GOAL_RAMP_429})"))
+
+    if "accuracy" in args.parts or "cost" in args.parts:
+        base, _ = C.start_ray_serve(num_cpus=4)
+        try:
+            import ray
+
+            out["gcs_address"] = ray.get_runtime_context().gcs_address
+            print(f"\nRay GCS at {out['gcs_address']}; Serve at {base}; "
+                  f"deleted {flush_redis(args.redis_url)} ember:rl:* keys in {args.redis_url}", flush=True)
+            if "accuracy" in args.parts:
+                deploy("rl-accuracy", accuracy_config(args))
+                print(f"accuracy app up after {time.perf_counter() - t_start:.0f} s; running {args.duration:g} s",
+                      flush=True)
+                acc = asyncio.run(run_accuracy(args, base))
+                out["accuracy"] = {**acc, "config": accuracy_config(args)}
+                print_accuracy(acc)
+                windows = ", ".join(f"{w['error_pct']:+.2f}%" for w in acc["windows"])
+                goals.append((f"accuracy: admitted prompt tokens per 60 s window within ±{GOAL_ACCURACY_PCT:g}%",
+                              acc["pass"], f"windows {windows} (whole run {acc['run_rate_error_pct']:+.2f}%)"))
+                goals.append(("accuracy: every 429 has Retry-After and X-Ratelimit-*", acc["headers_pass"],
+                              f"{acc['429_without_required_headers']} of {acc['statuses'].get('429', 0)} missing"))
+                if args.window_start < 60 and (acc["first_429_s"] is None or acc["first_429_s"] > args.window_start):
+                    print(f"WARNING: the first 429 came at {acc['first_429_s']} s, after the window start "
+                          f"{args.window_start:g} s: the initial bucket may not have been drained")
+                from ray import serve
+
+                serve.delete("rl-accuracy")
+            if "cost" in args.parts:
+                deploy("rl-on", cost_config(args, True))
+                deploy("rl-off", cost_config(args, False))
+                print(f"\ncost apps up after {time.perf_counter() - t_start:.0f} s", flush=True)
+                cost = asyncio.run(run_cost(args, base))
+                out["cost"] = {**cost, "config_on": cost_config(args, True)}
+                print_cost(cost)
+                for lv in cost["levels"]:
+                    goals.append((f"cost: added p50 at C={lv['concurrency']} <= {GOAL_ADDED_P50_MS:g} ms", lv["pass"],
+                                  f"{lv['added_p50_ms']:+.3f} ms (median of rounds "
+                                  f"{lv['added_p50_ms_median_round']:+.3f}), p99 {lv['added_p99_ms']:+.3f} ms"))
+        finally:
+            C.stop_ray_serve(graceful=False)
+
+    print()
+    for name, ok, detail in goals:
+        print(f"{'PASS' if ok else 'MISS'}  {name}: {detail}")
+    out["goals"] = [{"goal": n, "pass": ok, "measured": d} for n, ok, d in goals]
+    out["machine"] = {"before": machine_before, "after": C.machine_info()}
+    out["wall_s"] = round(time.perf_counter() - t_start, 1)
+    path = C.write_json(C.REPO_ROOT / args.output if not os.path.isabs(args.output) else args.output, out)
+    print(f"\nwrote {path} ({out['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

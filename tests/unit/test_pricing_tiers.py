@@ -1,0 +1,50 @@
+"""Prices, spend tiers, the monthly limit and load shedding: table tests of the pure rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from policies.pricing import Price, request_cost, spend_status, spend_tier
+from policies.tiers import ENGINE_PRIORITY, expected_wait_s, shed
+
+P = Price(input=0.90, cached_input=0.45, output=0.90)
+
+
+def test_worked_example_cost_and_batch_discount():
+    assert math.isclose(request_cost(P, 1000, 600, 200), 0.00081)
+    assert math.isclose(request_cost(P, 1000, 600, 200, discount=0.5), 0.000405)
+    assert request_cost(P, 0, 0, 0) == 0
+
+
+@pytest.mark.parametrize("spend, granted, tier", [
+    (0, None, 1), (49.99, None, 1), (50, None, 2), (499, None, 2), (500, None, 3), (5000, None, 4),
+    (10, 3, 3), (600, 2, 3), (0, 5, 5),
+])
+def test_spend_tiers(spend, granted, tier):
+    assert spend_tier(spend, granted) == tier
+
+
+@pytest.mark.parametrize("month, limit, status", [
+    (10, None, "ok"), (79.9, 100, "ok"), (80, 100, "warn"), (99.99, 100, "warn"), (100, 100, "stop"),
+    (150, 100, "stop"),
+])
+def test_monthly_limit(month, limit, status):
+    assert spend_status(month, limit) == status
+
+
+def test_worked_example_shedding():
+    assert math.isclose(expected_wait_s(40, 16, 0.5), 25 * 0.5 / 16)
+    assert not shed("standard", 40, 16, 0.5, 0.5, 4).admit
+    assert shed("priority", 40, 16, 0.5, 0.5, 4).admit
+    assert shed("standard", 10, 16, 0.5, 0.5, 4).admit  # free slots: no wait
+    assert not shed("batch", 16, 16, 0.5, 0.5, 4).admit
+    assert ENGINE_PRIORITY["priority"] < ENGINE_PRIORITY["standard"] < ENGINE_PRIORITY["batch"]
+
+
+def test_priority_is_shed_last():
+    for in_flight in range(0, 200):
+        s = shed("standard", in_flight, 16, 0.3, 0.5, 4).admit
+        p = shed("priority", in_flight, 16, 0.3, 0.5, 4).admit
+        assert p or not s  # whenever Priority is shed, Standard is too
