@@ -12,6 +12,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = REPO_ROOT.parent / "shared" / "openai-schema" / "openai-subset.json"
 DEMO_KEY = "ember-test-key-0001"
+ADMIN_TOKEN = "ember-test-admin-0001"
 SIM_MODEL = "accounts/ember/models/demo-sim"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,6 +40,7 @@ def serve_instance(demo_model_dir):
     from ray import serve
 
     os.environ["EMBER_DEMO_KEY"] = DEMO_KEY
+    os.environ["EMBER_ADMIN_TOKEN"] = ADMIN_TOKEN
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})

@@ -221,6 +221,72 @@ async def closed_loop(client, send: SendFn, concurrency: int, duration_s: float)
     )
 
 
+@dataclass
+class PairedResult:
+    """Sequential requests, one variant after another, order flipped every iteration."""
+
+    names: list[str]
+    latencies_s: dict[str, list[float]]  # index i of every list belongs to iteration i
+    errors: dict[str, int]
+    error_samples: list[str]
+
+
+async def paired_sequential(client, senders: dict[str, SendFn], iterations: int) -> PairedResult:
+    """C=1 latency with per-request interleaving: A B | B A | A B ... .
+
+    Neighbouring requests of different variants see the same machine state, so drift and other
+    people's load (bursty on a shared box) cancel in the paired differences far better than
+    in rounds of seconds. An iteration with a failed request is dropped from every variant.
+    """
+    names = list(senders)
+    lat: dict[str, list[float]] = {n: [] for n in names}
+    errors: dict[str, int] = {n: 0 for n in names}
+    samples: Counter[str] = Counter()
+    perf = time.perf_counter
+    for i in range(iterations):
+        got = {}
+        for name in (names if i % 2 == 0 else names[::-1]):
+            t0 = perf()
+            try:
+                await senders[name](client)
+            except Exception as exc:
+                errors[name] += 1
+                samples[f"{name}: {type(exc).__name__}: {str(exc)[:200]}"] += 1
+                continue
+            got[name] = perf() - t0
+        if len(got) == len(names):
+            for name, v in got.items():
+                lat[name].append(v)
+    return PairedResult(names, lat, errors, [f"{n}x {m}" for m, n in samples.most_common(5)])
+
+
+def paired_p50_difference_ms(a: list[float], b: list[float], resamples: int = 400,
+                             seed: int = 1) -> dict[str, float]:
+    """p50(a) - p50(b) and the median of per-pair differences, in ms, with a bootstrap 95%
+    interval over pairs for the former."""
+    import random
+
+    n = min(len(a), len(b))
+    if n == 0:
+        return {}
+    a, b = a[:n], b[:n]
+    diff = sorted(x - y for x, y in zip(a, b))
+    p50 = percentile(sorted(a), 50) - percentile(sorted(b), 50)
+    rng = random.Random(seed)
+    boots = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        boots.append(percentile(sorted(a[i] for i in idx), 50) - percentile(sorted(b[i] for i in idx), 50))
+    boots.sort()
+    return {
+        "pairs": n,
+        "p50_difference_ms": p50 * 1e3,
+        "p50_difference_ci95_ms": [percentile(boots, 2.5) * 1e3, percentile(boots, 97.5) * 1e3],
+        "median_paired_difference_ms": percentile(diff, 50) * 1e3,
+        "mean_difference_ms": statistics.fmean(diff) * 1e3,
+    }
+
+
 class HttpxClient:
     """httpx.AsyncClient: one keep-alive HTTP/1.1 pool for the whole run, room for every worker.
 

@@ -57,3 +57,15 @@ def test_defaults_and_derived_names():
     assert cfg.model("accounts/acme/routers/tiny-fast").owner == "acme"
     assert cfg.model("accounts/acme/models/other") is None
     assert cfg.store.url == "memory://"
+
+
+def test_lifecycle_needs_14_days_notice_and_a_served_replacement():
+    dep = {"status": "deprecated", "deprecated_on": "2026-11-01", "removal_date": "2026-11-14"}
+    with pytest.raises(ValidationError, match="less than 14 days"):
+        EmberConfig.model_validate({"models": [{**MODEL, "lifecycle": dep}]})
+    ok = {**dep, "removal_date": "2026-11-15"}
+    EmberConfig.model_validate({"models": [{**MODEL, "lifecycle": ok}]})
+    with pytest.raises(ValidationError, match="replacement"):
+        EmberConfig.model_validate({"models": [{**MODEL, "lifecycle": {**ok, "replacement": "accounts/x/models/y"}}]})
+    with pytest.raises(ValidationError, match="needs deprecated_on"):
+        EmberConfig.model_validate({"models": [{**MODEL, "lifecycle": {"status": "removed"}}]})
