@@ -7,8 +7,6 @@ sequence must give the same cached-token counts.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from cluster.config import EngineConfig
@@ -18,15 +16,13 @@ BLOCK = 32
 CONTEXT = 2048
 
 
-@pytest.fixture(scope="module")
-def run():
-    """Run coroutines on one loop for the module: an engine stays bound to the loop it started on."""
-    loop = asyncio.new_event_loop()
-    yield loop.run_until_complete
-    loop.close()
+@pytest.fixture(scope="session")
+def run(engine_loop):
+    """Engines stay bound to the loop they started on: one loop thread for the session."""
+    return engine_loop.run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sim_engine(run, demo_model_dir):
     from deployments.engines.sim import SimEngine
 
@@ -37,7 +33,7 @@ def sim_engine(run, demo_model_dir):
     run(eng.shutdown())
 
 
-@pytest.fixture(params=["sim"])
+@pytest.fixture(params=["sim", pytest.param("vllm", marks=pytest.mark.vllm)])
 def engine(request):
     return request.getfixturevalue(f"{request.param}_engine")
 
@@ -179,3 +175,8 @@ def test_calibration_sequence_matches_the_vllm_rules(engine, run):
         expected.append(min(len(prompts[k - 1]), len(prompts[k]) - 1) // BLOCK * BLOCK)
     expected += [0, (70 - 1) // BLOCK * BLOCK]
     assert got == expected
+
+
+@pytest.mark.vllm
+def test_sim_and_vllm_report_the_same_cached_tokens_for_the_same_sequence(sim_engine, vllm_engine, run):
+    assert run_calibration(sim_engine, run, "x-sim") == run_calibration(vllm_engine, run, "x-vllm")
