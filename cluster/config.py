@@ -237,10 +237,12 @@ class IngressConfig(_Strict):
     max_n: int = Field(8, ge=1)
     request_timeout_s: float = Field(600, gt=0)
     access_log: bool = True  # Serve's per-request log lines; benchmarks turn them off
-    # Load shedding: Standard is refused (503) once a request would queue longer than this;
-    # Priority may use `priority_headroom` times as much.
+    # Tiers and load shedding (policies/tiers.py): Standard runs in all but `priority_reserve` of
+    # a pool's slots and is refused (503) once it would queue longer than `max_queue_wait_s`;
+    # Priority may use every slot and `priority_headroom` times the wait.
     max_queue_wait_s: float = Field(2.0, ge=0)
     priority_headroom: float = Field(4.0, ge=1)
+    priority_reserve: float = Field(0.25, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _scaling(self) -> "IngressConfig":

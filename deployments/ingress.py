@@ -8,6 +8,7 @@ The data path is proxy → ingress → pool replica and nothing more: the ingres
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ from deployments.prompts import PromptBuilder
 from deployments.rate_limiter import ACTOR_NAMESPACE, Admission, LimiterClient, RateLimiter, rate_limit_headers
 from policies.affinity import session_key
 from policies.consistent_hash import stable_hash
-from policies.tiers import ENGINE_PRIORITY, shed
+from policies.tiers import ENGINE_PRIORITY, shed, usable_slots
 
 log = logging.getLogger("ember.ingress")
 
@@ -64,9 +65,11 @@ def _sse(obj: Any) -> bytes:
 
 
 class _PoolLoad:
-    """This ingress's view of one pool: requests in flight and a moving average of service time.
+    """This ingress's gate in front of one pool (see policies/tiers.py).
 
-    Each ingress replica owns an equal share of the pool's running slots.
+    Each ingress replica owns an equal share of the pool's running slots. Standard requests run in
+    all but the Priority reserve and wait here, in arrival order, for a slot of their share;
+    Priority goes straight through. Nobody waits longer than the shedding rule allows.
     """
 
     def __init__(self, model: ModelConfig, config: EmberConfig):
@@ -74,21 +77,56 @@ class _PoolLoad:
         ing = config.ingress
         ingresses = ing.num_replicas or (ing.autoscaling.min_replicas if ing.autoscaling else 1) or 1
         self.slots = max(1, replicas * model.engine.max_num_seqs // ingresses)
+        self.ingress = ing
         self.in_flight = 0
         self.service_time_s = 0.5  # prior until the first request finishes
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
 
     def observe(self, seconds: float) -> None:
         self.service_time_s += 0.1 * (seconds - self.service_time_s)
 
+    async def acquire(self, tier: str, model_id: str) -> None:
+        ing = self.ingress
+        ahead = self.in_flight + (len(self._waiting) if tier != "priority" else 0)
+        d = shed(tier, ahead, self.slots, self.service_time_s, ing.max_queue_wait_s,  # type: ignore[arg-type]
+                 ing.priority_headroom, ing.priority_reserve)
+        if not d.admit:
+            raise ApiError(503, f"{model_id} is overloaded (expected queue wait {d.expected_wait_s:.2f} s); "
+                                "retry shortly", type="service_unavailable", code="overloaded",
+                           headers={"Retry-After": "1"})
+        usable = usable_slots(tier, self.slots, ing.priority_reserve)  # type: ignore[arg-type]
+        if self.in_flight >= usable or (tier != "priority" and self._waiting):
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting.append(fut)
+            try:
+                # The estimate said it fits the bound; twice the bound is the hard stop.
+                await asyncio.wait_for(fut, timeout=max(0.05, 2 * d.bound_s))
+            except asyncio.TimeoutError:
+                raise ApiError(503, f"{model_id} is overloaded; retry shortly", type="service_unavailable",
+                               code="overloaded", headers={"Retry-After": "1"}) from None
+            finally:
+                if fut in self._waiting:
+                    self._waiting.remove(fut)
+        self.in_flight += 1
 
-class _Done:
-    """A Starlette background task that marks a streamed request finished."""
+    def release(self) -> None:
+        self.in_flight -= 1
+        usable = usable_slots("standard", self.slots, self.ingress.priority_reserve)
+        while self._waiting and self.in_flight < usable:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
+
+
+class _Release:
+    """A Starlette background task that frees a streamed request's slot when the stream ends."""
 
     def __init__(self, load: _PoolLoad):
         self.load = load
 
     async def __call__(self) -> None:
-        self.load.in_flight -= 1
+        self.load.release()
 
 
 def lifecycle_headers(model: ModelConfig) -> dict[str, str]:
@@ -422,7 +460,7 @@ class Ingress:
     # -- dispatch -----------------------------------------------------------------------
 
     async def _admit(self, call: _Call) -> dict[str, str]:
-        """Spend limit (402), load shedding (503) and rate limits (429), all at once, never queued.
+        """Spend limit (402) and rate limits (429), decided at once, never queued.
 
         Returns the headers every response carries: rate limits, lifecycle, spend warnings.
         """
@@ -435,13 +473,6 @@ class Ingress:
         if acct.status == "warn":
             headers[SPEND_WARNING_HEADER] = (f"{acct.month_usd / acct.monthly_limit_usd:.0%} of the monthly "
                                              f"spend limit of ${acct.monthly_limit_usd:.2f} is used")
-        load = self._loads[call.model.id]
-        decision = shed(call.billed_tier, load.in_flight, load.slots, load.service_time_s,  # type: ignore[arg-type]
-                        self.config.ingress.max_queue_wait_s, self.config.ingress.priority_headroom)
-        if not decision.admit:
-            raise ApiError(503, f"{call.model.id} is overloaded (expected queue wait "
-                                f"{decision.expected_wait_s:.1f} s); retry shortly", type="service_unavailable",
-                           code="overloaded", headers={"Retry-After": "1"})
         if self.limiter is None:
             return headers
         sp = call.engine_request.sampling
@@ -478,17 +509,21 @@ class Ingress:
     async def _respond(self, call: _Call, rid: str, chat: bool) -> Response:
         headers = await self._admit(call)
         load = self._loads[call.model.id]
-        load.in_flight += 1
+        try:
+            await load.acquire(call.billed_tier, call.model.id)
+        except BaseException:
+            self._settle(call, Usage(0, 0, 0))
+            raise
         try:
             response = await self._dispatch(call, chat, headers)
         except BaseException:
-            load.in_flight -= 1
+            load.release()
             self._settle(call, Usage(0, 0, 0))  # nothing was served: give the whole reservation back
             raise
         if isinstance(response, StreamingResponse):
-            response.background = _Done(load)  # the stream still runs: count it until it ends
+            response.background = _Release(load)  # the stream still runs: hold the slot until it ends
         else:
-            load.in_flight -= 1
+            load.release()
         return response
 
     async def _dispatch(self, call: _Call, chat: bool, headers: dict[str, str]) -> Response:

@@ -1,17 +1,24 @@
-"""Service tiers: engine priority and load shedding.
+"""Service tiers: engine priority, slots kept for Priority, and load shedding.
 
-Priority is served first on the replica (vLLM's priority scheduling: a lower number first) and
-may use headroom that Standard may not. A pool sheds load when the queue wait it would impose
-exceeds a bound: Standard first, Priority only at ``priority_headroom`` times that bound, Batch
-as soon as anything waits. Shedding is a 503 at once, never a timeout.
+Priority is served first on the replica (vLLM's priority scheduling: a lower number first). But
+vLLM never preempts a running sequence to start a waiting one, so if Standard filled every slot
+a Priority request would still wait for one to finish. The ingress therefore keeps a share of
+each pool's running slots (``priority_reserve``) that only Priority may use: Standard runs in
+the rest and waits for them at the ingress, not inside the engine.
 
-Worked example: a pool with 2 replicas × 8 sequences (16 slots), 40 requests in flight and a
-mean service time of 0.5 s has 24 waiting, so a new request would wait about 24 × 0.5 / 16 =
-0.75 s. With a bound of 0.5 s, Standard is shed; with headroom 4 (2 s), Priority is admitted.
+A request is shed (503 at once, never a timeout) when the queue wait it would face exceeds a
+bound: for Standard ``max_queue_wait_s`` over its usable slots; for Priority
+``priority_headroom`` times that over all slots; Batch whenever it would wait at all.
+
+Worked example: 16 slots, reserve 0.25 → Standard may use 12. With 14 requests in flight, 2
+Standard waiting and a mean service time of 0.6 s, a new Standard request is 5th in line for 12
+slots: it would wait about 5 × 0.6 / 12 = 0.25 s, admitted under a 0.5 s bound. A Priority
+request finds 2 free slots and starts at once.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,14 +33,21 @@ class ShedDecision:
     bound_s: float
 
 
-def expected_wait_s(in_flight: int, slots: int, service_time_s: float) -> float:
-    waiting = max(0, in_flight + 1 - slots)
-    return waiting * service_time_s / max(1, slots)
+def usable_slots(tier: Tier, slots: int, priority_reserve: float) -> int:
+    if tier == "priority":
+        return slots
+    return max(1, math.floor(slots * (1 - priority_reserve)))
 
 
-def shed(tier: Tier, in_flight: int, slots: int, service_time_s: float, max_queue_wait_s: float,
-         priority_headroom: float) -> ShedDecision:
-    wait = expected_wait_s(in_flight, slots, service_time_s)
+def expected_wait_s(ahead: int, slots: int, service_time_s: float) -> float:
+    """Wait for a request with ``ahead`` requests in flight or queued before it."""
+    return max(0, ahead + 1 - slots) * service_time_s / max(1, slots)
+
+
+def shed(tier: Tier, ahead: int, slots: int, service_time_s: float, max_queue_wait_s: float,
+         priority_headroom: float, priority_reserve: float = 0.0) -> ShedDecision:
+    usable = usable_slots(tier, slots, priority_reserve)
+    wait = expected_wait_s(ahead, usable, service_time_s)
     if tier == "priority":
         bound = max_queue_wait_s * priority_headroom
     elif tier == "batch":

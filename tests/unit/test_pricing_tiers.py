@@ -7,7 +7,7 @@ import math
 import pytest
 
 from policies.pricing import Price, request_cost, spend_status, spend_tier
-from policies.tiers import ENGINE_PRIORITY, expected_wait_s, shed
+from policies.tiers import ENGINE_PRIORITY, shed, usable_slots
 
 P = Price(input=0.90, cached_input=0.45, output=0.90)
 
@@ -35,16 +35,21 @@ def test_monthly_limit(month, limit, status):
 
 
 def test_worked_example_shedding():
-    assert math.isclose(expected_wait_s(40, 16, 0.5), 25 * 0.5 / 16)
-    assert not shed("standard", 40, 16, 0.5, 0.5, 4).admit
-    assert shed("priority", 40, 16, 0.5, 0.5, 4).admit
-    assert shed("standard", 10, 16, 0.5, 0.5, 4).admit  # free slots: no wait
+    # 16 slots, 12 usable by Standard; 14 in flight + 2 queued ahead.
+    d = shed("standard", 16, 16, 0.6, 0.5, 4, priority_reserve=0.25)
+    assert math.isclose(d.expected_wait_s, 5 * 0.6 / 12) and d.admit
+    assert shed("priority", 14, 16, 0.6, 0.5, 4, priority_reserve=0.25).expected_wait_s == 0
+    assert not shed("standard", 30, 16, 0.6, 0.5, 4, priority_reserve=0.25).admit
+    assert shed("priority", 30, 16, 0.6, 0.5, 4, priority_reserve=0.25).admit
     assert not shed("batch", 16, 16, 0.5, 0.5, 4).admit
+    assert shed("batch", 3, 16, 0.5, 0.5, 4).admit
+    assert usable_slots("standard", 16, 0.25) == 12 and usable_slots("priority", 16, 0.25) == 16
+    assert usable_slots("standard", 1, 0.9) == 1
     assert ENGINE_PRIORITY["priority"] < ENGINE_PRIORITY["standard"] < ENGINE_PRIORITY["batch"]
 
 
 def test_priority_is_shed_last():
-    for in_flight in range(0, 200):
-        s = shed("standard", in_flight, 16, 0.3, 0.5, 4).admit
-        p = shed("priority", in_flight, 16, 0.3, 0.5, 4).admit
+    for ahead in range(0, 200):
+        s = shed("standard", ahead, 16, 0.3, 0.5, 4, 0.25).admit
+        p = shed("priority", ahead, 16, 0.3, 0.5, 4, 0.25).admit
         assert p or not s  # whenever Priority is shed, Standard is too
