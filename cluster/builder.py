@@ -56,10 +56,11 @@ _ROUTERS = {
 }
 
 
-def _router(routing: RoutingConfig) -> dict[str, Any]:
+def _router(routing: RoutingConfig, replica_slots: int) -> dict[str, Any]:
     if routing.policy == "power_of_two":
         return {}  # Serve's default
-    kwargs: dict[str, Any] = {"vnodes": routing.vnodes, "load_factor": routing.load_factor}
+    kwargs: dict[str, Any] = {"vnodes": routing.vnodes, "load_factor": routing.load_factor,
+                              "replica_slots": replica_slots}
     if routing.policy == "ray_consistent_hash":
         kwargs = {"num_virtual_nodes": routing.vnodes}
     elif routing.policy == "round_robin":
@@ -77,7 +78,7 @@ def pool_deployment(model: ModelConfig, config: EmberConfig):
         health_check_period_s=10,
         graceful_shutdown_timeout_s=30,
         logging_config=_logging(config),
-        **_router(model.routing),
+        **_router(model.routing, model.engine.max_num_seqs),
         **_scaling(model.num_replicas, model.autoscaling),
     ).bind(model)
 

@@ -22,10 +22,11 @@ from policies.consistent_hash import DEFAULT_LOAD_FACTOR, DEFAULT_VNODES, HashRi
 
 class AffinityRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, load_factor: float = DEFAULT_LOAD_FACTOR, vnodes: int = DEFAULT_VNODES,
-                         **_: object) -> None:
+                         replica_slots: int | None = None, **_: object) -> None:
         if load_factor < 1:
             raise ValueError("load_factor must be >= 1")
         self._load_factor = float(load_factor)
+        self._replica_slots = replica_slots
         self._vnodes = int(vnodes)
         self._ring = HashRing([], self._vnodes)
         self._ring_ids: frozenset[str] = frozenset()
@@ -49,7 +50,7 @@ class AffinityRouter(FIFOMixin, RequestRouter):
         loads = {uid: cache.get(r.replica_id) or 0 for uid, r in by_id.items()}
         key = pending_request.metadata.session_id if pending_request is not None else ""
         chosen = by_id[place(ring, loads, key or None, load_factor=self._load_factor,
-                             tie_break=random.getrandbits(16)).replica]
+                             tie_break=random.getrandbits(16), replica_slots=self._replica_slots).replica]
         rest = [r for r in candidate_replicas if r is not chosen]
         return [[chosen], rest] if rest else [[chosen]]
 

@@ -76,17 +76,22 @@ def place(
     *,
     load_factor: float = DEFAULT_LOAD_FACTOR,
     tie_break: int = 0,
+    replica_slots: int | None = None,
 ) -> Placement:
     """Pick the replica for one request, given each replica's in-flight count.
 
     ``tie_break`` is any integer the caller draws (a random number, a counter); it only decides
     between equally loaded replicas, so the function stays pure and deterministic.
+    ``replica_slots`` (a replica's running slots, vLLM's max_num_seqs) tightens the cap: a request
+    never joins a replica's queue while another replica has a free slot.
     """
     nodes = ring.nodes
     if not nodes:
         raise ValueError("no replicas to place on")
     total = sum(loads.get(n, 0) for n in nodes)
     cap = load_cap(total, len(nodes), load_factor)
+    if replica_slots is not None and any(loads.get(n, 0) < replica_slots for n in nodes):
+        cap = min(cap, replica_slots)
     if key is None:
         return Placement(_least_loaded(nodes, loads, tie_break), "keyless", cap)
     h = stable_hash(key)

@@ -91,3 +91,13 @@ def test_worked_example_from_the_docstring():
     assert load_cap(8, 4) == 3
     hot = next(k for k in (f"k{i}" for i in range(1000)) if place(ring, {}, k).replica == "a")
     assert place(ring, loads, hot).replica in {"b", "c", "d"}
+
+
+def test_replica_slots_keep_requests_out_of_a_full_replicas_queue():
+    ring = HashRing(["a", "b"])
+    key = next(k for k in (f"k{i}" for i in range(1000)) if place(ring, {}, k).replica == "a")
+    # Load cap alone (ceil(1.25 * 14 / 2) = 9) would still admit to a, whose 8 slots are full.
+    assert place(ring, {"a": 8, "b": 5}, key).replica == "a"
+    assert place(ring, {"a": 8, "b": 5}, key, replica_slots=8).replica == "b"
+    # When every replica is full, the plain bound applies again.
+    assert place(ring, {"a": 8, "b": 8}, key, replica_slots=8).replica == "a"
