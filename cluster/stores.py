@@ -20,6 +20,13 @@ async def _redis_call(awaitable):
         raise StoreUnavailable(f"redis: {exc}") from exc
 
 
+def _redis(url: str, timeout_s: float):
+    import redis.asyncio as redis
+
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
+                                socket_connect_timeout=timeout_s)
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -50,10 +57,7 @@ class RedisKeyStore:
     PREFIX = "ember:key:"
 
     def __init__(self, url: str, timeout_s: float = 0.5) -> None:
-        import redis.asyncio as redis
-
-        self._r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
-                                       socket_connect_timeout=timeout_s)
+        self._r = _redis(url, timeout_s)
 
     async def put(self, key_hash: str, account: str) -> None:
         await _redis_call(self._r.set(self.PREFIX + key_hash, account))
@@ -114,10 +118,7 @@ class RedisLimitStore:
     """
 
     def __init__(self, url: str, timeout_s: float = 0.5) -> None:
-        import redis.asyncio as redis
-
-        self._r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
-                                       socket_connect_timeout=timeout_s)
+        self._r = _redis(url, timeout_s)
         self._save = self._r.register_script(self._SAVE)
 
     async def load(self, scope: str) -> dict | None:
@@ -202,10 +203,7 @@ class RedisAccountStore:
     PREFIX = "ember:acct:"
 
     def __init__(self, url: str, timeout_s: float = 0.5) -> None:
-        import redis.asyncio as redis
-
-        self._r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
-                                       socket_connect_timeout=timeout_s)
+        self._r = _redis(url, timeout_s)
 
     async def create(self, account: str, record: dict) -> bool:
         import json
@@ -320,10 +318,7 @@ class RedisLedgerStore:
     """
 
     def __init__(self, url: str, timeout_s: float = 1.0) -> None:
-        import redis.asyncio as redis
-
-        self._r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
-                                       socket_connect_timeout=timeout_s)
+        self._r = _redis(url, timeout_s)
         self._record = self._r.register_script(self._RECORD)
 
     async def record(self, event: dict) -> bool:

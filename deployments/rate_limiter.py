@@ -28,6 +28,7 @@ from policies.rate_limit import (
     BudgetState,
     Budgets,
     RampRule,
+    TIER_MULTIPLIER,
     RequestBucket,
     bounds,
     decide,
@@ -41,13 +42,13 @@ ACTOR_NAMESPACE = "ember"
 
 
 def model_bounds(model: ModelConfig, spend_tier: int) -> tuple[Budgets, Budgets]:
-    if model.limits is not None:
-        f, c = model.limits.floor, model.limits.ceiling
-        floor = Budgets(f.prompt, f.uncached, f.generated)
-        k = bounds(size_class(model.params_billions), spend_tier)[1].prompt / bounds(
-            size_class(model.params_billions), 1)[1].prompt
-        return floor, Budgets(c.prompt, c.uncached, c.generated).scaled(k)
-    return bounds(size_class(model.params_billions), spend_tier)
+    """(floor, ceiling): the model's explicit limits if it has them, else its size class's; the
+    spend tier scales the ceiling either way."""
+    if model.limits is None:
+        return bounds(size_class(model.params_billions), spend_tier)
+    f, c = model.limits.floor, model.limits.ceiling
+    k = TIER_MULTIPLIER[max(1, min(5, spend_tier))]
+    return Budgets(f.prompt, f.uncached, f.generated), Budgets(c.prompt, c.uncached, c.generated).scaled(k)
 
 
 @dataclass
