@@ -413,7 +413,7 @@ class Ingress:
         sp = call.engine_request.sampling
         cost = self.limiter.reservation(len(call.engine_request.prompt_token_ids), sp.max_tokens, sp.n)
         adm = await self.limiter.admit(call.account, call.model, acct.spend_tier, cost)
-        headers.update(rate_limit_headers(adm))
+        headers.update(rate_limit_headers(adm, self.config.rate_limit.requests_per_minute))
         if not adm.allowed:
             what = {"requests": "requests per minute", "prompt": "prompt tokens per minute",
                     "uncached": "uncached (cache-adjusted) prompt tokens per minute",

@@ -172,6 +172,8 @@ class _Lease:
     limits: dict[str, int] = field(default_factory=dict)
     remaining: dict[str, int] = field(default_factory=dict)
     last_used: float = 0.0
+    refused_until: float = 0.0
+    exhausted: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -215,15 +217,22 @@ class LimiterClient:
         scope = f"{account}|{model.id}"
         lease = self._leases.setdefault(scope, _Lease())
         self._models[scope] = (model, spend_tier)
-        lease.last_used = self._clock()
+        now = self._clock()
+        lease.last_used = now
+        floor, _ = model_bounds(model, spend_tier)
+        limits = lease.limits or {b: int(floor.get(b)) for b in BUDGETS}
         if wait is not None:
-            return Admission(False, lease.limits, lease.remaining, {}, wait, "requests", scope)
+            return Admission(False, limits, lease.remaining, {}, wait, "requests", scope)
+        if not self._covers(lease, cost) and now < lease.refused_until:
+            # Refused moments ago and nothing was freed since: answer here, not with another
+            # actor call per rejected request.
+            self._rpm[account] = self._rpm.get(account, 0.0) + 1
+            return Admission(False, limits, lease.remaining, {}, round(lease.refused_until - now, 3),
+                             lease.exhausted, scope)
         if not self._covers(lease, cost):
             async with lease.lock:  # one lease call in flight per scope; the rest re-check after it
                 if not self._covers(lease, cost):
                     need = {b: max(0.0, cost[b] - lease.balance[b]) for b in BUDGETS}
-                    floor, _ = model_bounds(model, spend_tier)
-                    limits = lease.limits or {b: floor.get(b) for b in BUDGETS}
                     # Top every budget up to one slice beyond this request.
                     chunk = self.config.lease_fraction
                     want = {b: max(need[b], cost[b] + limits[b] * chunk - lease.balance[b]) for b in BUDGETS}
@@ -231,6 +240,10 @@ class LimiterClient:
                     lease.limits, lease.remaining = grant.limits, grant.remaining
                     if grant.granted is None:
                         self._rpm[account] = self._rpm.get(account, 0.0) + 1  # the request slot is unused
+                        # A short memory of the refusal: at most a second, so that a smaller
+                        # request or a settled refund is not kept waiting long.
+                        lease.refused_until = self._clock() + min(grant.retry_after_s, 1.0)
+                        lease.exhausted = grant.exhausted
                         return Admission(False, grant.limits, grant.remaining, {}, grant.retry_after_s,
                                          grant.exhausted, scope)
                     for b in BUDGETS:
@@ -266,6 +279,7 @@ class LimiterClient:
         actual = {"prompt": usage_prompt, "uncached": usage_prompt - usage_cached, "generated": usage_generated}
         for b in BUDGETS:
             lease.balance[b] += admission.reserved[b] - actual[b]
+        lease.refused_until = 0.0  # tokens came back: the next request may fit
 
     def _ensure_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
@@ -298,10 +312,12 @@ class LimiterClient:
         await self.return_idle()
 
 
-def rate_limit_headers(adm: Admission) -> dict[str, str]:
+def rate_limit_headers(adm: Admission, requests_per_minute: int | None = None) -> dict[str, str]:
     """Per-minute limits and what is left, plus when each budget is whole again (seconds)."""
     names = {"prompt": "Prompt", "uncached": "Cache-Adjusted-Prompt", "generated": "Generated"}
     h: dict[str, str] = {}
+    if requests_per_minute is not None:
+        h["X-Ratelimit-Limit-Requests"] = str(requests_per_minute)
     for b, name in names.items():
         limit = adm.limits.get(b)
         if limit is None:

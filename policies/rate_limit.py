@@ -21,8 +21,9 @@ and the account's spend tier). Three rules, with ``RampRule``'s defaults:
    ``idle_decay_tau_s`` (10 min): after an idle hour, e^-6 ≈ 0.25% of the excess is left.
 
 Worked example, floor 10,000 and ceiling 1,000,000 tokens/min: a caller that keeps its bucket
-empty grows its limit 10k → 14.1k (10 min) → 80k (1 h) → 640k (2 h), the speed bound; a caller
-that stops for an hour falls back to about 10k.
+empty grows its limit to about 13k (10 min) → 74k (1 h) → 590k (2 h), just under the speed
+bound's 14.1k → 80k → 640k because its usage average has to climb first; a caller that then
+stops for an hour falls back to about 10k.
 """
 
 from __future__ import annotations

@@ -143,3 +143,30 @@ def test_unreachable_store_fails_as_configured(mode, caplog):
 
     asyncio.run(go())
     assert "rate-limit store unreachable" in caplog.text
+
+
+def test_refusals_carry_limits_and_do_not_call_the_actor_again_and_again():
+    async def go():
+        clock, limiter, (client,) = _setup("memory", requests_per_minute=1)
+        other = MODEL.model_copy(update={"id": "accounts/t/models/other"})
+        assert (await client.admit("acct-h", MODEL, 1, COST)).allowed
+        refused = await client.admit("acct-h", other, 1, COST)  # a model this client never leased
+        assert not refused.allowed and refused.exhausted == "requests"
+        assert refused.limits == {"prompt": LIMIT, "uncached": LIMIT, "generated": LIMIT}
+
+        clock2, limiter2, (c2,) = _setup("memory")
+        calls = 0
+        real = limiter2.lease
+
+        async def counting(*a, **kw):
+            nonlocal calls
+            calls += 1
+            return await real(*a, **kw)
+
+        limiter2.lease = counting
+        big = {"prompt": LIMIT * 2.0, "uncached": 1.0, "generated": 1.0}
+        for _ in range(50):
+            assert not (await c2.admit("acct-r", MODEL, 1, big)).allowed
+        assert calls == 1
+
+    asyncio.run(go())
