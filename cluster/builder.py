@@ -71,6 +71,8 @@ def _router(routing: RoutingConfig, replica_slots: int) -> dict[str, Any]:
 
 def pool_deployment(model: ModelConfig, config: EmberConfig):
     env = dict(_ENGINE_ENV)  # the KV cache size goes to vLLM as an engine argument, not via env
+    if model.engine.kind == "vllm" and model.engine.cpu_threads:
+        env["OMP_NUM_THREADS"] = str(model.engine.cpu_threads)
     return serve.deployment(ServedModelPool).options(
         name=model.deployment_name,
         max_ongoing_requests=model.max_ongoing_requests,

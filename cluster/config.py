@@ -44,12 +44,18 @@ class EngineConfig(_Strict):
     # SimEngine: prefix-cache capacity in tokens. vLLM sizes its cache from memory instead.
     cache_capacity_tokens: int = Field(1 << 16, ge=1)
     latency: SimLatencyConfig = SimLatencyConfig()
+    # Streams leave the replica as one message per this interval (the first token at once): each
+    # Serve message costs far more than a token (DESIGN.md §5). 0 sends whatever is ready.
+    stream_interval_s: float = Field(0.05, ge=0, le=1)
     # vLLM only.
     enforce_eager: bool = True
     dtype: str = "auto"
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)
     cpu_kvcache_space_gib: float = Field(1.0, gt=0)
+    # vLLM on CPU: threads for the model's kernels (OMP_NUM_THREADS). Ray would otherwise set it
+    # to the replica's num_cpus (1 for fractional CPUs), which halves throughput on 2 cores.
+    cpu_threads: int | None = Field(None, ge=1, le=512)
     seed: int = 0
 
     @model_validator(mode="after")

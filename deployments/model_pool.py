@@ -1,9 +1,10 @@
 """A model-pool replica: one engine, two ways to call it.
 
 ``generate`` returns the whole result in one message (non-streamed requests). ``generate_stream``
-yields coalesced outputs: whatever the engine produced while the previous message was in flight
-goes out as one message, so a busy replica sends fewer, larger messages and an idle one still
-sends the first token at once. Each Serve message costs far more than a token (DESIGN.md §5).
+yields coalesced outputs: the first as soon as it exists (time to first token), then one message
+per ``engine.stream_interval_s`` holding everything produced meanwhile, and the final output as
+soon as the request ends. Each Serve message costs far more than a token (DESIGN.md §5), so this
+keeps a replica's message rate flat however fast it generates.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ModelPool:
 
     async def generate_stream(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         queue: asyncio.Queue = asyncio.Queue()
+        ended = asyncio.Event()  # the engine finished, failed or was cancelled
 
         async def pump() -> None:
             try:
@@ -43,11 +45,24 @@ class ModelPool:
                 queue.put_nowait(_DONE)
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 queue.put_nowait(exc)
+            finally:
+                ended.set()
 
-        task = asyncio.get_running_loop().create_task(pump())
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(pump())
+        interval = self.model.engine.stream_interval_s
+        last_sent: float | None = None
         try:
             while True:
                 batch = [await queue.get()]
+                if last_sent is not None and interval > 0 and not ended.is_set():
+                    # Gather what comes within the interval, but leave as soon as the stream ends.
+                    wait = last_sent + interval - loop.time()
+                    if wait > 0:
+                        try:
+                            await asyncio.wait_for(ended.wait(), wait)
+                        except asyncio.TimeoutError:
+                            pass
                 while not queue.empty():
                     batch.append(queue.get_nowait())
                 outs = [b for b in batch if isinstance(b, EngineOutput)]
@@ -56,6 +71,7 @@ class ModelPool:
                     if merged.final:
                         merged.replica = self.replica_tag
                     yield merged
+                    last_sent = loop.time()
                 tail = batch[-1]
                 if tail is _DONE:
                     return

@@ -48,10 +48,15 @@ ENGINE = {"kind": "vllm", "block_size": 32, "max_num_seqs": 16, "cpu_kvcache_spa
 CONTEXT = 2048
 
 
-def ember_config() -> dict:
+def ember_config(threads: int | None = None, interval: float | None = None) -> dict:
+    engine = dict(ENGINE)
+    if threads:
+        engine["cpu_threads"] = threads
+    if interval is not None:
+        engine["stream_interval_s"] = interval
     return {
         "models": [{"id": MODEL, "context_length": CONTEXT, "num_replicas": 1, "resources": {"num_cpus": 1},
-                    "max_ongoing_requests": 256, "engine": ENGINE}],
+                    "max_ongoing_requests": 256, "engine": engine}],
         "ingress": {"num_cpus": 0.5, "access_log": False, "max_queue_wait_s": 30},
     }
 
@@ -118,7 +123,7 @@ async def run(args) -> dict:
     from cluster.config import EmberConfig
 
     os.environ["EMBER_DEMO_KEY"] = KEY
-    cfg = EmberConfig.model_validate(ember_config())
+    cfg = EmberConfig.model_validate(ember_config(args.engine_threads, args.stream_interval))
     ensure_models(cfg)
     model_dir = cfg.models[0].model_dir
     rng = random.Random(0)
@@ -200,6 +205,9 @@ def main() -> None:
     ap.add_argument("--round-s", type=float, default=20)
     ap.add_argument("--pairs", type=int, default=200)
     ap.add_argument("--pairs-max-s", type=float, default=60)
+    ap.add_argument("--engine-threads", type=int, default=None,
+                    help="OMP threads for Ember's engine (default: Ray's, = the replica's num_cpus)")
+    ap.add_argument("--stream-interval", type=float, default=None, help="engine.stream_interval_s for Ember")
     ap.add_argument("--out", default="bench_results/engine_path.json")
     args = ap.parse_args()
     if args.small:
