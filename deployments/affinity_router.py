@@ -2,9 +2,8 @@
 
 It runs inside every caller's ``DeploymentHandle`` (the ingress's), so routing costs no extra hop
 and makes no blocking call. The decision is ``policies.consistent_hash.place``; this class only
-feeds it the live replica set and in-flight counts and turns its answer into Serve's ranking:
-first the placed replica, then all others (Serve takes the least loaded of a rank, so a replica
-that rejects the request for backpressure falls back to the least loaded remaining one).
+feeds it the live replica set and in-flight counts and returns the placed replica as Serve's only
+choice; a replica that rejects the request (backpressure) makes Serve ask again with fresh loads.
 
 Loads come from Serve's replica queue-length cache: each replica's own count of ongoing
 requests (all callers together), refreshed from the replicas and bumped locally on every send.
@@ -51,8 +50,10 @@ class AffinityRouter(FIFOMixin, RequestRouter):
         key = pending_request.metadata.session_id if pending_request is not None else ""
         chosen = by_id[place(ring, loads, key or None, load_factor=self._load_factor,
                              tie_break=random.getrandbits(16), replica_slots=self._replica_slots).replica]
-        rest = [r for r in candidate_replicas if r is not chosen]
-        return [[chosen], rest] if rest else [[chosen]]
+        # Only the placed replica: if Serve can't confirm its queue (a slow probe), it backs off and
+        # asks again, and the placement (which already steers around full replicas) decides anew.
+        # Offering "all the others" as a second rank would break affinity on every slow probe.
+        return [[chosen]]
 
 
 class RoundRobinRouter(FIFOMixin, RequestRouter):

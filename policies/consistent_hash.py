@@ -5,9 +5,9 @@ every ingress replica computes the same owner with no shared state, and adding o
 of N replicas moves only about 1/N of the keys. Affinity must not overload anyone, so each
 replica may hold at most
 
-    cap = ceil(c * (in_flight_total + 1) / N)       (c = 1.25 by default)
+    cap = ceil(c * (in_flight_total + 1) / N) + 1       (c = 1.25 by default)
 
-requests, counting the one being placed. When the owner is at its cap the key overflows to the
+requests, counting the one being placed, plus one (see ``load_cap``). When the owner is at its cap the key overflows to the
 less loaded of two *alternates* picked by independent hashes of the key (power of two choices),
 not to the next replica on the ring: walking the ring would pile every overflow of a hot owner
 onto its neighbour and cascade. If both alternates are full too, the least loaded replica takes
@@ -15,7 +15,7 @@ it; that one is always under the cap, because the minimum load is at most the me
 per replica: a full owner only diverts its own keys, and all other keys keep their affinity.
 
 Worked example: 4 replicas with loads a=5, b=1, c=1, d=1 and c=1.25. The cap for the next request
-is ceil(1.25 * 9 / 4) = 3. A key owned by b goes to b (load 1 < 3). A key owned by a overflows:
+is ceil(1.25 * 9 / 4) + 1 = 4. A key owned by b goes to b (load 1 < 4). A key owned by a overflows:
 its alternates might be c and d, both at 1, and it lands on one of them. Requests with no key go
 to the least loaded replica.
 """
@@ -66,7 +66,13 @@ class Placement:
 
 
 def load_cap(total_in_flight: int, num_replicas: int, load_factor: float = DEFAULT_LOAD_FACTOR) -> int:
-    return math.ceil(load_factor * (total_in_flight + 1) / num_replicas)
+    """The most requests a replica may hold once this one is placed: ceil(c * mean) + 1.
+
+    The + 1 matters at low load: with 3 requests on 8 replicas, ceil(1.25 * 4 / 8) alone is 1,
+    so any replica already serving one session would turn every other session that hashes to it
+    away, and affinity would be lost exactly when capacity is plentiful.
+    """
+    return math.ceil(load_factor * (total_in_flight + 1) / num_replicas) + 1
 
 
 def place(

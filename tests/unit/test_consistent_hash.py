@@ -69,7 +69,7 @@ def test_one_hot_replica_diverts_only_its_own_keys():
     ring = HashRing([f"r{i}" for i in range(4)])
     keys = [f"k{i}" for i in range(400)]
     owner = {k: place(ring, {}, k).replica for k in keys}
-    loads = {"r0": 10, "r1": 1, "r2": 1, "r3": 1}  # cap = ceil(1.25*14/4) = 5
+    loads = {"r0": 10, "r1": 1, "r2": 1, "r3": 1}  # cap = ceil(1.25*14/4) + 1 = 6
     for k in keys:
         p = place(ring, loads, k)
         if owner[k] == "r0":
@@ -88,7 +88,7 @@ def test_keyless_requests_go_to_the_least_loaded():
 def test_worked_example_from_the_docstring():
     ring = HashRing(["a", "b", "c", "d"])
     loads = {"a": 5, "b": 1, "c": 1, "d": 1}
-    assert load_cap(8, 4) == 3
+    assert load_cap(8, 4) == 4
     hot = next(k for k in (f"k{i}" for i in range(1000)) if place(ring, {}, k).replica == "a")
     assert place(ring, loads, hot).replica in {"b", "c", "d"}
 
@@ -96,7 +96,7 @@ def test_worked_example_from_the_docstring():
 def test_replica_slots_keep_requests_out_of_a_full_replicas_queue():
     ring = HashRing(["a", "b"])
     key = next(k for k in (f"k{i}" for i in range(1000)) if place(ring, {}, k).replica == "a")
-    # Load cap alone (ceil(1.25 * 14 / 2) = 9) would still admit to a, whose 8 slots are full.
+    # Load cap alone (ceil(1.25 * 14 / 2) + 1 = 10) would still admit to a, whose 8 slots are full.
     assert place(ring, {"a": 8, "b": 5}, key).replica == "a"
     assert place(ring, {"a": 8, "b": 5}, key, replica_slots=8).replica == "b"
     # When every replica is full, the plain bound applies again.
