@@ -467,7 +467,8 @@ class Ingress:
         timeout = self.config.ingress.request_timeout_s
         if not call.stream:
             dispatched = time.perf_counter()
-            out: EngineOutput = await asyncio.wait_for(pool.generate.remote(call.engine_request), timeout)
+            async with asyncio.timeout(timeout):
+                out: EngineOutput = await pool.generate.remote(call.engine_request)
             assert out.usage is not None, "engine ended without usage"
             self._settle(call, out.usage)
             metrics = self._server_metrics(call, out, dispatched)
@@ -492,7 +493,8 @@ class Ingress:
         try:
             # Wait for the first output before answering, so that a failure to start (overload,
             # a rejected prompt) still gets its proper status code instead of a broken stream.
-            first = await asyncio.wait_for(gen.__anext__(), timeout)
+            async with asyncio.timeout(timeout):
+                first = await gen.__anext__()
         except BaseException:
             gen.cancel()
             raise

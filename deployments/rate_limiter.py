@@ -147,15 +147,10 @@ class RateLimiter:
         if bucket is None:
             raw = await self._load(key)
             bucket = RequestBucket(*raw["b"]) if raw else RequestBucket.fresh(rpm, now)
-        granted, wait = 0, 0.0
-        for _ in range(n):
-            ok, wait, bucket = bucket.take(rpm, now)
-            if not ok:
-                break
-            granted += 1
+        granted, wait, bucket = bucket.take(rpm, now, n)
         self._rpm[key] = bucket
         await self._save(key, {"b": [bucket.available, bucket.updated_at]}, now)
-        return granted, (0.0 if granted else wait)
+        return granted, wait
 
     async def forget(self) -> None:
         """Drop the in-memory copy (tests: simulates a restart that reloads from the store)."""

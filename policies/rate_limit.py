@@ -197,9 +197,10 @@ class RequestBucket:
     def fresh(rpm: int, now: float) -> "RequestBucket":
         return RequestBucket(float(rpm), now)
 
-    def take(self, rpm: int, now: float) -> tuple[bool, float, "RequestBucket"]:
-        """(allowed, retry_after_s, new state)."""
+    def take(self, rpm: int, now: float, n: int = 1) -> tuple[int, float, "RequestBucket"]:
+        """Take up to ``n`` requests: (how many were granted, retry_after_s if none, new state)."""
         available = min(float(rpm), self.available + max(0.0, now - self.updated_at) * rpm / 60.0)
-        if available >= 1:
-            return True, 0.0, RequestBucket(available - 1, now)
-        return False, round((1 - available) * 60.0 / rpm, 3), RequestBucket(available, now)
+        granted = min(n, int(available))
+        if granted >= 1:
+            return granted, 0.0, RequestBucket(available - granted, now)
+        return 0, round((1 - available) * 60.0 / rpm, 3), RequestBucket(available, now)

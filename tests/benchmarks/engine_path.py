@@ -31,7 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.benchmarks._common import (  # noqa: E402
+    SERVE_PRESETS,
     HttpxClient,
+    apply_serve_env,
     closed_loop,
     free_port,
     paired_p50_difference_ms,
@@ -154,7 +156,7 @@ async def run(args) -> dict:
                           f"ttft p50 {percentile(sorted(res.ttft_s), 50) * 1e3:7.1f} ms, errors {res.errors}")
             paired = await paired_ttft(client, senders, args.pairs, args.pairs_max_s)
     finally:
-        stop_ray_serve()
+        stop_ray_serve(graceful=not os.environ.get("RAY_SERVE_ENABLE_HA_PROXY"))
         vllm.terminate()
         try:
             vllm.wait(30)
@@ -208,11 +210,15 @@ def main() -> None:
     ap.add_argument("--engine-threads", type=int, default=None,
                     help="OMP threads for Ember's engine (default: Ray's, = the replica's num_cpus)")
     ap.add_argument("--stream-interval", type=float, default=None, help="engine.stream_interval_s for Ember")
+    ap.add_argument("--serve-preset", choices=sorted(SERVE_PRESETS), default="default",
+                    help="Serve knobs for Ember (see _common.SERVE_PRESETS); haproxy removes the Python proxy")
     ap.add_argument("--out", default="bench_results/engine_path.json")
     args = ap.parse_args()
     if args.small:
         args.rounds, args.round_s, args.pairs, args.pairs_max_s = 2, 12, 60, 30
+    knobs = apply_serve_env(args.serve_preset)  # before Ray is imported
     res = asyncio.run(run(args))
+    res["serve_preset"], res["serve_env"] = args.serve_preset, knobs
     s = res["summary"]
     rows = [[n, v["rps"], v["tok_per_s"], v["ttft_p50_ms_loaded"], v["ttft_p99_ms_loaded"], v["errors"]]
             for n, v in s.items()]

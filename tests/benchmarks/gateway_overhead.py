@@ -2,31 +2,42 @@
 
 Goal (from the issue): Ember reaches >= 0.8x the bare throughput and adds <= 2 ms at p50.
 
-Two Serve applications run side by side in one Ray, with the same resources and Serve settings:
+Serve applications run side by side in one Ray, with the same resources and Serve settings:
 
 - ``ember`` (route ``/ember``): ``cluster.builder.build_app`` with one zero-latency SimEngine pool,
   called through the OpenAI chat completions API with a Bearer key: auth, validation, chat
-  template, tokenization, dispatch, OpenAI response and perf headers.
+  template, tokenization, affinity key, rate-limit admission (limits far above what this box can
+  send, so never a 429), dispatch, OpenAI body, perf and rate-limit headers.
 - ``bare`` (route ``/bare``): ``BareGateway`` below, which reads the JSON body, tokenizes the last
   message, builds an ``EngineRequest`` and calls its own copy of the same ``ModelPool``
   deployment through a handle. No auth, no validation, no headers.
+- ``ember-nolimit`` (``--with-nolimit``): Ember with its rate limiter off, to price the limiter.
 
-Both data paths are proxy -> gateway replica -> pool replica, so the difference is Ember's
-ingress work. A closed-loop client (one asyncio loop, httpx, HTTP/1.1 keep-alive) runs rounds
-that alternate the variants (ember, bare, bare, ember, ...) at each concurrency level, after a
-warm-up. C=1 gives the added latency cleanly; the highest level gives the throughput ratio.
+Every data path is proxy -> gateway replica -> pool replica, so the difference is Ember's ingress
+work. One asyncio client in this process (httpx, HTTP/1.1 keep-alive; ``--client raw`` for a
+leaner one) drives three phases after a warm-up:
+
+1. *paired C=1*: one request per variant per iteration, the order flipping every iteration. The
+   added p50 latency is judged here: neighbouring requests see the same machine, so drift and
+   other people's load cancel far better than in rounds of seconds.
+2. *rounds*: closed loops at each ``--concurrency`` level, variants alternating (ember, bare |
+   bare, ember | ...). The highest level judges the throughput ratio.
+3. *stream* rounds (``--stream``, on by default) for both variants at ``--stream-concurrency``.
+
 Every response is checked (status 200, usage present and right); errors are counted.
 
 Besides client-side numbers it reports CPU milliseconds per request for each process role
-(client, Serve proxy, gateway replica, pool replica), read from /proc for this driver's own
-descendants only, and optionally (``--profile``) a py-spy profile of each gateway replica in
-ms per request per function.
+(client, Serve proxy or HAProxy, gateway replica, pool replica, rate-limiter actor, Ray), read
+from /proc for this driver's own descendants only. CPU per request is barely moved by other
+people's load, so "CPU-capacity ratio" (bare server CPU / ember server CPU) is printed next to
+the wall-clock throughput ratio. ``--profile`` adds a py-spy profile of each gateway replica in
+estimated CPU ms per request per function.
 
     HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/gateway_overhead.py
-    HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/gateway_overhead.py --serve-preset haproxy
+    HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/gateway_overhead.py --serve-preset haproxy --profile
 
 Serve knobs are environment variables that must be set before Ray starts (``--serve-preset``,
-``--serve-env KEY=VALUE``); they apply to both variants alike.
+``--serve-env KEY=VALUE``); they apply to all variants alike.
 """
 
 from __future__ import annotations
@@ -295,6 +306,13 @@ async def run_all(args, base: str, variants: list[str]) -> dict:
         idle = {k: round(v / idle_s, 4) for k, v in sorted(C.ProcessCpu.delta(before, cpu.snapshot()).items())}
         print(f"idle CPU (cores) by role over {idle_s:.1f}s: {idle}", flush=True)
 
+        paired = None
+        if args.paired > 0:
+            print(f"paired C=1 latency: {args.paired} iterations of {' / '.join(variants)}, order "
+                  f"flipping every iteration", flush=True)
+            paired = await C.paired_sequential(client, {v: senders[(v, False)] for v in variants}, args.paired,
+                                               max_s=args.paired_max_s)
+
         plan: list[tuple[bool, int]] = [(False, c) for c in args.concurrency]
         if args.stream:
             plan.append((True, args.stream_concurrency))
@@ -315,7 +333,7 @@ async def run_all(args, base: str, variants: list[str]) -> dict:
         profile = None
         if args.profile:
             profile = await run_profile(args, client, senders, cpu, variants)
-    return {"rounds": rounds, "profile": profile, "idle_cores": idle}
+    return {"rounds": rounds, "profile": profile, "idle_cores": idle, "paired": paired}
 
 
 async def run_profile(args, client, senders, cpu: C.ProcessCpu, variants: list[str]) -> dict:
@@ -437,12 +455,32 @@ def compare(agg: dict, rounds: list[dict], pairs_wanted: list[tuple[str, str]]) 
     return out
 
 
+def paired_summary(paired: C.PairedResult | None, pairs_wanted: list[tuple[str, str]]) -> dict | None:
+    if paired is None:
+        return None
+    out = {
+        "iterations_kept": min(len(v) for v in paired.latencies_s.values()),
+        "errors": paired.errors,
+        "error_samples": paired.error_samples,
+        "latency_ms": {v: {k: round(x, 3) for k, x in C.latency_summary_ms(lat).items()}
+                       for v, lat in paired.latencies_s.items()},
+        "differences": [],
+    }
+    for target, base in pairs_wanted:
+        d = C.paired_p50_difference_ms(paired.latencies_s[target], paired.latencies_s[base])
+        out["differences"].append({"target": target, "baseline": base,
+                                   **{k: (round(v, 3) if isinstance(v, float) else
+                                          [round(x, 3) for x in v] if isinstance(v, list) else v)
+                                      for k, v in d.items()}})
+    return out
+
+
 def server_cpu_ms(cpu: dict[str, float]) -> float:
     """CPU per request of the serving side: everything but the load generator and the idle twin."""
     return sum(v for k, v in cpu.items() if k not in ("client(driver)", "other_variant"))
 
 
-def report(args, agg: dict, comparisons: list[dict], profile: dict | None) -> dict:
+def report(args, agg: dict, comparisons: list[dict], profile: dict | None, paired: dict | None) -> dict:
     print()
     headers = ["variant", "mode", "C", "req/s", "p50 ms", "p99 ms", "errors",
                "cpu ms/req: client", "proxy", "gateway", "pool", "total"]
@@ -471,17 +509,43 @@ def report(args, agg: dict, comparisons: list[dict], profile: dict | None) -> di
             "concurrency": high["concurrency"],
             "measured": high["throughput_ratio"],
             "per_round": high["throughput_ratio_per_round"],
+            "median_round": high["throughput_ratio_median_round"],
             "cpu_capacity_ratio": high["cpu_capacity_ratio"],
             "pass": high["throughput_ratio"] is not None and high["throughput_ratio"] >= GOAL_THROUGHPUT_RATIO,
         },
-        "added_p50": {
+    }
+    pd = next((d for d in (paired or {}).get("differences", [])
+               if d["target"] == "ember" and d["baseline"] == "bare" and "p50_difference_ms" in d), None)
+    if pd is not None:  # per-request interleaving: the clean measurement
+        verdict["added_p50"] = {
             "goal": f"<= {GOAL_ADDED_P50_MS} ms",
+            "method": "paired C=1 (variants alternate request by request)",
+            "concurrency": 1,
+            "measured_ms": pd["p50_difference_ms"],
+            "ci95_ms": pd["p50_difference_ci95_ms"],
+            "median_paired_difference_ms": pd["median_paired_difference_ms"],
+            "rounds_estimate_ms": low["added_p50_ms"],
+            "pass": pd["p50_difference_ms"] <= GOAL_ADDED_P50_MS,
+        }
+    else:
+        verdict["added_p50"] = {
+            "goal": f"<= {GOAL_ADDED_P50_MS} ms",
+            "method": f"rounds at C={low['concurrency']}",
             "concurrency": low["concurrency"],
             "measured_ms": low["added_p50_ms"],
             "per_round_ms": low["added_p50_ms_per_round"],
             "pass": low["added_p50_ms"] <= GOAL_ADDED_P50_MS,
-        },
-    }
+        }
+    if paired is not None:
+        lat = paired["latency_ms"]
+        print(f"paired C=1 ({paired['iterations_kept']} iterations kept, errors {paired['errors']}): " +
+              ", ".join(f"{v} p50 {x.get('p50', float('nan')):.2f} ms p99 {x.get('p99', float('nan')):.2f} ms"
+                        for v, x in lat.items()))
+        for d in paired["differences"]:
+            if "p50_difference_ms" in d:
+                print(f"    {d['target']} - {d['baseline']}: p50 {d['p50_difference_ms']:+.2f} ms "
+                      f"(95% CI {d['p50_difference_ci95_ms'][0]:+.2f} .. {d['p50_difference_ci95_ms'][1]:+.2f}), "
+                      f"median paired difference {d['median_paired_difference_ms']:+.2f} ms")
     for c in comparisons:
         mode = "stream" if c["stream"] else "json"
         extra = f", TTFT p50 +{c['added_ttft_p50_ms']:.2f} ms" if c["added_ttft_p50_ms"] is not None else ""
@@ -494,11 +558,17 @@ def report(args, agg: dict, comparisons: list[dict], profile: dict | None) -> di
               f"{c['cpu_capacity_ratio']:.3f}x; added CPU ms/request by role: {c['added_cpu_ms_per_request']}")
     print()
     t, p = verdict["throughput"], verdict["added_p50"]
+    cpu_ok = t["cpu_capacity_ratio"] is not None and t["cpu_capacity_ratio"] >= GOAL_THROUGHPUT_RATIO
     print(f"GOAL throughput  >= {GOAL_THROUGHPUT_RATIO}x bare at C={t['concurrency']}: "
           f"{t['measured']:.3f}x  {'PASS' if t['pass'] else 'MISS'}   (CPU-capacity ratio "
-          f"{t['cpu_capacity_ratio']:.3f}x: {'PASS' if t['cpu_capacity_ratio'] >= GOAL_THROUGHPUT_RATIO else 'MISS'})")
-    print(f"GOAL added p50   <= {GOAL_ADDED_P50_MS} ms at C={p['concurrency']}: "
-          f"{p['measured_ms']:+.2f} ms  {'PASS' if p['pass'] else 'MISS'}")
+          f"{t['cpu_capacity_ratio']:.3f}x: {'PASS' if cpu_ok else 'MISS'})")
+    ci = f" (95% CI {p['ci95_ms'][0]:+.2f} .. {p['ci95_ms'][1]:+.2f})" if "ci95_ms" in p else ""
+    print(f"GOAL added p50   <= {GOAL_ADDED_P50_MS} ms at C={p['concurrency']}, {p['method']}: "
+          f"{p['measured_ms']:+.2f} ms{ci}  {'PASS' if p['pass'] else 'MISS'}")
+    la = C.machine_info().get("loadavg")
+    if la and la[0] > 1.5 * (os.cpu_count() or 1):
+        print(f"note: load average {la[0]:.1f} on {os.cpu_count()} CPUs: other work shares this machine, "
+              "so absolute numbers are noisy; trust the paired/interleaved ratios and CPU per request")
 
     if profile:
         print()
@@ -507,7 +577,8 @@ def report(args, agg: dict, comparisons: list[dict], profile: dict | None) -> di
                 print(f"py-spy {variant}: {s['error']}")
                 continue
             print(f"py-spy {variant} gateway replica: {s['active_ms_per_request']:.3f} ms of sampled "
-                  f"{'GIL-holding ' if args.profile_gil else ''}Python per request ({s['samples']} samples, {s['requests']} requests, "
+                  f"{'GIL-holding ' if args.profile_gil else ''}Python per request ({s['samples']} samples, "
+                  f"{s['requests']} requests, "
                   f"{s['rps_while_profiled']} req/s while profiled; the process used "
                   f"{s['process_cpu_ms_per_request']:.3f} ms CPU/request; raw stacks in {s['file']})")
             print("  project code, inclusive:   % samples  est. CPU ms/req")
@@ -525,7 +596,12 @@ def parse_args(argv=None):
     p.add_argument("--duration", type=float, default=3.0, help="seconds per round")
     p.add_argument("--rounds", type=int, default=8, help="rounds per variant and level (order alternates)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32],
-                   help="closed-loop levels; the lowest judges added p50, the highest throughput")
+                   help="closed-loop levels; the highest judges throughput (the lowest judges added p50 "
+                        "only with --paired 0)")
+    p.add_argument("--paired", type=int, default=800,
+                   help="iterations of the paired C=1 latency phase (one request per variant each, "
+                        "order flipping); 0 skips it and judges added p50 from the C=1 rounds")
+    p.add_argument("--paired-max-s", type=float, default=45.0, help="time cap of the paired phase")
     p.add_argument("--warmup", type=float, default=6.0, help="seconds of warm-up load, split over variants")
     p.add_argument("--idle", type=float, default=2.0, help="seconds of no load to measure background CPU")
     p.add_argument("--max-tokens", type=int, default=8)
@@ -552,7 +628,7 @@ def parse_args(argv=None):
                    help="max_ongoing_requests of the Ember ingress and the bare gateway")
     p.add_argument("--pool-max-ongoing", type=int, default=256,
                    help="max_ongoing_requests of both model pools")
-    p.add_argument("--ray-cpus", type=float, default=None, help="num_cpus for ray.init (default: detected)")
+    p.add_argument("--ray-cpus", type=float, default=None, help="num_cpus for ray.init (None: detected)")
     p.add_argument("--profile", action="store_true",
                    help="one extra round per variant with py-spy on the gateway replica")
     p.add_argument("--profile-dir", default="bench_results/profiles")
@@ -584,7 +660,8 @@ def main(argv=None) -> int:
     rounds = results["rounds"]
     agg = aggregate(rounds)
     comparisons = compare(agg, rounds, pairs)
-    verdict = report(args, agg, comparisons, results["profile"])
+    paired = paired_summary(results["paired"], pairs)
+    verdict = report(args, agg, comparisons, results["profile"], paired)
     for r in rounds:
         r.pop("_latencies", None)
         r.pop("_ttft", None)
@@ -592,6 +669,7 @@ def main(argv=None) -> int:
         "benchmark": "gateway_overhead",
         "goal": {"throughput_ratio_min": GOAL_THROUGHPUT_RATIO, "added_p50_ms_max": GOAL_ADDED_P50_MS},
         "verdict": verdict,
+        "paired_c1": paired,
         "comparisons": comparisons,
         "aggregates": list(agg.values()),
         "rounds": rounds,

@@ -133,13 +133,15 @@ def test_remaining_and_limits_are_reported_per_budget():
 
 def test_request_bucket_is_a_fixed_rpm_cap():
     b = RequestBucket.fresh(60, 0.0)
-    for _ in range(60):
-        ok, _, b = b.take(60, 0.0)
-        assert ok
-    ok, wait, b = b.take(60, 0.0)
-    assert not ok and math.isclose(wait, 1.0)
-    ok, _, b = b.take(60, 1.0)
-    assert ok
+    for _ in range(50):
+        got, _, b = b.take(60, 0.0)
+        assert got == 1
+    got, _, b = b.take(60, 0.0, n=25)  # only 10 left
+    assert got == 10
+    got, wait, b = b.take(60, 0.0)
+    assert got == 0 and math.isclose(wait, 1.0)
+    got, _, b = b.take(60, 1.0)
+    assert got == 1
 
 
 def test_budgets_value_object():
