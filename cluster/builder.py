@@ -73,6 +73,9 @@ def pool_deployment(model: ModelConfig, config: EmberConfig):
     env = dict(_ENGINE_ENV)  # the KV cache size goes to vLLM as an engine argument, not via env
     if model.engine.kind == "vllm" and model.engine.cpu_threads:
         env["OMP_NUM_THREADS"] = str(model.engine.cpu_threads)
+        # Sleep rather than spin between kernels: the replica shares its cores with Serve.
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env["KMP_BLOCKTIME"] = "0"
     return serve.deployment(ServedModelPool).options(
         name=model.deployment_name,
         max_ongoing_requests=model.max_ongoing_requests,
