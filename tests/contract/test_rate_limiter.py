@@ -170,3 +170,61 @@ def test_refusals_carry_limits_and_do_not_call_the_actor_again_and_again():
         assert calls == 1
 
     asyncio.run(go())
+
+
+def test_limits_survive_a_redis_restart(tmp_path):
+    """Redis goes away (fail open keeps limiting from memory) and comes back empty (this kind of
+    Redis keeps nothing on disk): the limiter writes its state back and carries on where it was."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def start():
+        proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            with socket.socket() as c:
+                if c.connect_ex(("127.0.0.1", port)) == 0:
+                    return proc
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    async def go(proc):
+        clock = Clock()
+        config = RateLimitConfig(on_store_error="open", lease_fraction=0.05, requests_per_minute=100_000)
+        store = RedisLimitStore(f"redis://127.0.0.1:{port}/0", timeout_s=0.3)
+        limiter = RateLimiter(config, "unused", clock=clock, store=store)
+        client = LimiterClient(config, lambda shard: AsActor(limiter), clock=clock)
+        scope = f"acct-rr|{MODEL.id}"
+        zero = {"prompt": 0.0, "uncached": 0.0, "generated": 0.0}
+        for _ in range(20):
+            assert (await client.admit("acct-rr", MODEL, 1, COST)).allowed
+        await client.close()
+        proc.terminate()
+        proc.wait(10)
+        # Redis is down: the limiter keeps its buckets in memory and goes on limiting.
+        down = await limiter.lease(scope, MODEL, 1, zero, zero)
+        assert down.remaining["prompt"] == LIMIT - 2000
+        proc = start()
+        # Redis is back, empty; the next change writes the state again.
+        await limiter.lease(scope, MODEL, 1, {"prompt": 100.0, "uncached": 0, "generated": 0},
+                            {"prompt": 100.0, "uncached": 0, "generated": 0})
+        await limiter.forget()  # and a restarted limiter now resumes from it
+        again = await limiter.lease(scope, MODEL, 1, zero, zero)
+        assert again.remaining["prompt"] == LIMIT - 2100
+        return proc
+
+    proc = start()
+    try:
+        proc = asyncio.run(go(proc))
+    finally:
+        proc.terminate()
+        proc.wait(10)
