@@ -40,7 +40,7 @@ LATENCY = {"step_base_s": 0.02, "decode_s_per_seq": 0.001, "prefill_base_s": 0.0
            "prefill_s_per_token": 0.00001}
 
 
-def config() -> dict:
+def config(priority_reserve: float) -> dict:
     return {
         "models": [{
             "id": MODEL, "context_length": 1024, "num_replicas": REPLICAS, "resources": {"num_cpus": 0.1},
@@ -48,7 +48,7 @@ def config() -> dict:
             "engine": {"kind": "sim", "block_size": 32, "max_num_seqs": SEQS, "latency": LATENCY},
         }],
         "ingress": {"num_cpus": 0.2, "access_log": False, "max_queue_wait_s": 0.5, "priority_headroom": 4,
-                    "priority_reserve": 0.25},
+                    "priority_reserve": priority_reserve},
         "rate_limit": {"enabled": False},
     }
 
@@ -125,7 +125,7 @@ async def run(args) -> dict:
     os.environ["EMBER_ADMIN_TOKEN"] = ADMIN
     base, _ = start_ray_serve()
     try:
-        serve.run(build_app(config()), name="tiers", route_prefix="/")
+        serve.run(build_app(config(args.priority_reserve)), name="tiers", route_prefix="/")
         limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
         async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as http:
             h = {"Authorization": f"Bearer {ADMIN}"}
@@ -162,6 +162,9 @@ def main() -> None:
     ap.add_argument("--loaded-s", type=float, default=90)
     ap.add_argument("--unloaded-s", type=float, default=40)
     ap.add_argument("--timeout", type=float, default=60, help="client timeout: any hit counts as a timeout")
+    ap.add_argument("--priority-reserve", type=float, default=0.6,
+                    help="ingress.priority_reserve: the share of slots Standard may not use. Priority is "
+                         "0.4x capacity here, so it needs about that share and some room for its bursts")
     ap.add_argument("--out", default="bench_results/tiers.json")
     args = ap.parse_args()
     if args.small:
@@ -195,6 +198,7 @@ def main() -> None:
                  for k, (v, ok) in goals.items()])
     print(f"\nclient usage {res['client_usage']}\nledger usage {res['ledger_usage']}")
     res["goals"] = {k: {"value": v, "pass": ok} for k, (v, ok) in goals.items()}
+    res["priority_reserve"] = args.priority_reserve
     print("wrote", write_json(args.out, res))
 
 
