@@ -28,9 +28,10 @@ References computed offline, in this process, by replaying the same conversation
 ``ChatCompletionRequest.sampling_params``, the account as cache salt):
 
 - ``oracle``: one engine with an unbounded cache (the goal's reference);
-- ``sticky/unbounded`` and ``sticky/bounded``: each conversation pinned to one of the 8 engines,
-  with unbounded caches and with the benchmark's capacity: what perfect per-conversation affinity
-  could reach, without load-bound diversions or concurrency.
+- ``sticky/unbounded`` and ``sticky/bounded``: each conversation pinned to one of the 8 engines
+  (``stable_hash(id) % 8``), with unbounded caches and with the benchmark's capacity: references
+  for perfect per-conversation affinity without load-bound diversions or concurrency (not bounds:
+  which conversations share a replica differs from the live ring's).
 
 Load balance comes from client-side (start, end, ``x-ember-replica``) intervals, so in-flight
 counts include the time a request spends in the proxy and the ingress. For Ember's router the
@@ -650,7 +651,7 @@ def stickiness(records: list[Record]) -> dict[str, Any]:
 
 
 def owner_stats(records: list[Record], trace: list[Conversation], replicas: Iterable[str], keyed: bool,
-                load_factor: float, vnodes: int = 100) -> dict[str, Any]:
+                load_factor: float, vnodes: int = 100, replica_slots: int | None = None) -> dict[str, Any]:
     """For Ember's router: how often a request reached the owner of its key on the hash ring, and
     why not. The ring is rebuilt here from the replica ids (``x-ember-replica``) with
     ``policies.consistent_hash`` and the key with ``policies.affinity.session_key``, as the
@@ -679,8 +680,11 @@ def owner_stats(records: list[Record], trace: list[Conversation], replicas: Iter
         else:
             key = session_key(ACCOUNT, messages=[("system", conv.system), ("user", conv.users[0])])
         owner = ring.owner(stable_hash(key))
-        total = sum(load(n, r.start, r) for n in names)
-        over = load(owner, r.start, r) >= load_cap(total, len(names), load_factor)
+        loads = {n: load(n, r.start, r) for n in names}
+        cap = load_cap(sum(loads.values()), len(names), load_factor)
+        if replica_slots is not None and any(v < replica_slots for v in loads.values()):
+            cap = min(cap, replica_slots)  # as policies.consistent_hash.place does
+        over = loads[owner] >= cap
         cells[("owner" if r.replica == owner else "moved") + ("/owner_at_cap" if over else "/owner_below_cap")] += 1
     n = len(ok) or 1
     return {"served_by_owner": (cells["owner/owner_at_cap"] + cells["owner/owner_below_cap"]) / n,
@@ -700,7 +704,8 @@ def summarize(variant: Variant, records: list[Record], wall_s: float, replicas: 
                      or oracle.prompt_lens.get((r.cid, r.turn)) != r.prompt_tokens)
     per_replica = Counter(r.replica for r in ok)
     bal = inflight_stats(records, replicas, sim.load_factor)
-    owners = (owner_stats(records, trace, bal["replicas"], variant.keyed, variant.load_factor or sim.load_factor)
+    owners = (owner_stats(records, trace, bal["replicas"], variant.keyed, variant.load_factor or sim.load_factor,
+                          replica_slots=sim.max_num_seqs)
               if variant.policy == "affinity" else None)
     return {
         "variant": variant.name,
@@ -814,8 +819,8 @@ def print_report(results: dict[str, Any]) -> None:
     diag = [(r["variant"], r["ring_owner"]["cells"], r) for r in results["variants"] if r.get("ring_owner")]
     if diag:
         print()
-        print("Ember's router, why requests left their key's owner (owner load vs cap = "
-              "ceil(c*(total+1)/N), from client-side in-flight counts at send):")
+        print("Ember's router, why requests left their key's owner (owner load vs the router's cap, "
+              "policies.consistent_hash.load_cap,\nrecomputed from client-side in-flight counts at send):")
         print_table(["variant", "owner", "owner@cap", "moved, owner@cap", "moved, owner<cap",
                      "follow-ups: prev busy", "stay|prev idle", "stay|prev busy"],
                     [[name, c.get("owner/owner_below_cap", 0), c.get("owner/owner_at_cap", 0),
@@ -866,8 +871,9 @@ def run_benchmark(small: bool = False, variants: list[str] | None = None, trace_
     tp = trace_params or (SMALL_TRACE if small else TraceParams())
     sim = sim or (SMALL_SIM if small else SimParams())
     names = variants or (SMALL_VARIANTS if small else DEFAULT_VARIANTS)
-    chosen = [v for v in ALL_VARIANTS if v.name in names]
-    unknown = set(names) - {v.name for v in chosen}
+    by_name = {v.name: v for v in ALL_VARIANTS}
+    chosen = [by_name[n] for n in names if n in by_name]  # in the given order; repeats allowed
+    unknown = set(names) - set(by_name)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {[v.name for v in ALL_VARIANTS]}")
 
@@ -883,9 +889,9 @@ def run_benchmark(small: bool = False, variants: list[str] | None = None, trace_
     t0 = time.perf_counter()
     oracle = _run(replay(trace, sim, tp.max_tokens, name="oracle"))
     sticky_unbounded = _run(replay(trace, sim, tp.max_tokens, engines=sim.replicas,
-                                          name="sticky/unbounded"))
+                                   name="sticky/unbounded"))
     sticky_bounded = _run(replay(trace, sim, tp.max_tokens, engines=sim.replicas,
-                                        capacity_tokens=sim.cache_capacity_tokens, name="sticky/bounded"))
+                                 capacity_tokens=sim.cache_capacity_tokens, name="sticky/bounded"))
     summary = trace_summary(trace, oracle, sim)
     if print_results:
         print(f"offline replays: {time.perf_counter() - t0:.1f}s; oracle cached fraction "
@@ -910,7 +916,7 @@ def run_benchmark(small: bool = False, variants: list[str] | None = None, trace_
                 replicas = _run(warm_up(base_url, sim.replicas))
                 t2 = time.perf_counter()
                 records, wall = _run(drive_trace(base_url, trace, keyed=v.keyed,
-                                                        max_tokens=tp.max_tokens))
+                                                 max_tokens=tp.max_tokens))
                 t3 = time.perf_counter()
             except Exception as exc:  # one broken variant must not lose the others' numbers
                 failed.append({"variant": v.name, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})

@@ -58,7 +58,11 @@ def ember_config(threads: int | None = None, interval: float | None = None) -> d
         engine["stream_interval_s"] = interval
     return {
         "models": [{"id": MODEL, "context_length": CONTEXT, "num_replicas": 1, "resources": {"num_cpus": 1},
-                    "max_ongoing_requests": 256, "engine": engine}],
+                    "max_ongoing_requests": 256, "engine": engine,
+                    # The limiter runs on every request but must never refuse one here.
+                    "limits": {"floor": {"prompt": 10**9, "uncached": 10**9, "generated": 10**9},
+                               "ceiling": {"prompt": 10**9, "uncached": 10**9, "generated": 10**9}}}],
+        "rate_limit": {"requests_per_minute": 600_000},
         "ingress": {"num_cpus": 0.5, "access_log": False, "max_queue_wait_s": 30},
     }
 
