@@ -74,6 +74,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.benchmarks import _common  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # run as `python tests/benchmarks/affinity.py`
     sys.path.insert(0, str(REPO_ROOT))
@@ -109,7 +112,7 @@ WORDS = (
 ).split()
 
 
-# -- plumbing (self-contained: _common.py belongs to the gateway benchmark and changes with it) ---
+# -- plumbing (Ray/Serve start and stop come from _common) ---
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -118,44 +121,11 @@ def _free_port() -> int:
 
 
 def start_ray_serve(num_cpus: float = 4) -> str:
-    """A fresh local Ray on ports it picks (never Redis's 6379) and Serve on a free loopback port.
-
-    ``address="local"`` starts a new instance rather than joining someone else's ``ray start``.
-    """
-    import ray
-    from ray import serve
-
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING",
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return f"http://127.0.0.1:{port}"
+    return _common.start_ray_serve(num_cpus)[0]
 
 
 def stop_ray_serve() -> None:
-    """Stop Serve and Ray, then end only the processes this driver started that outlived them."""
-    import psutil
-    import ray
-    from ray import serve
-
-    ours = psutil.Process().children(recursive=True)
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-    alive = [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    for p in alive:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, still = psutil.wait_procs(alive, timeout=5)
-    for p in still:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _common.stop_ray_serve()
 
 
 def http_client(max_connections: int = 512, timeout_s: float = 120.0):
