@@ -63,9 +63,7 @@ import concurrent.futures
 import json
 import math
 import os
-import platform
 import random
-import socket
 import statistics
 import sys
 import time
@@ -114,12 +112,6 @@ WORDS = (
 
 # -- plumbing (Ray/Serve start and stop come from _common) ---
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_ray_serve(num_cpus: float = 4) -> str:
     return _common.start_ray_serve(num_cpus)[0]
 
@@ -137,14 +129,7 @@ def http_client(max_connections: int = 512, timeout_s: float = 120.0):
         timeout=httpx.Timeout(timeout_s), trust_env=False)
 
 
-def percentile(sorted_vals: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100]) of an already sorted list."""
-    if not sorted_vals:
-        return float("nan")
-    k = (len(sorted_vals) - 1) * q / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(sorted_vals) - 1)
-    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
+percentile = _common.percentile
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
@@ -181,19 +166,7 @@ def _loadavg() -> float:
         return float("nan")
 
 
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count()}
-    try:
-        info["loadavg"] = os.getloadavg()
-    except OSError:
-        pass
-    try:
-        import ray
-
-        info["ray"] = ray.__version__
-    except Exception:
-        pass
-    return info
+machine_info = _common.machine_info
 
 
 # -- the trace ----------------------------------------------------------------------------------
