@@ -105,6 +105,9 @@ class RoutingConfig(_Strict):
     policy: Literal["affinity", "power_of_two", "ray_consistent_hash", "round_robin"] = "affinity"
     load_factor: float = Field(1.25, ge=1, le=10)
     vnodes: int = Field(100, ge=1, le=1000)
+    # How long an ingress trusts a replica's report of the other ingresses' requests on it (sent
+    # with every request it accepts); after that only its own in-flight requests count.
+    peer_load_ttl_s: float = Field(1.0, gt=0, le=60)
 
 
 class TokenBudgets(_Strict):

@@ -5,25 +5,46 @@ and makes no blocking call. The decision is ``policies.consistent_hash.place``; 
 feeds it the live replica set and in-flight counts and returns the placed replica as Serve's only
 choice; a replica that rejects the request (backpressure) makes Serve ask again with fresh loads.
 
-Loads come from Serve's replica queue-length cache: each replica's own count of ongoing
-requests (all callers together), refreshed from the replicas and bumped locally on every send.
+Loads are this caller's own in-flight requests per replica, counted exactly from the moment
+they are placed (Serve calls ``on_request_routed`` once the replica accepts, and
+``on_request_completed``; a placement not confirmed within ``_PLACING_TTL_S`` is dropped), plus the other callers' requests on that
+replica as the replica last reported them (every accepted request returns the replica's ongoing
+count), trusted for ``peer_load_ttl_s`` only. Serve's queue-length cache alone is not enough: it
+keeps other callers' finished requests until that replica is sent another request or 10 s pass,
+so with several ingress replicas an idle owner could look full and lose all its keys.
 """
 
 from __future__ import annotations
 
 import random
+import time
+from collections import OrderedDict, defaultdict
 from typing import List, Optional
 
+from ray.serve._private.common import ReplicaID
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from policies.consistent_hash import DEFAULT_LOAD_FACTOR, DEFAULT_VNODES, HashRing, place
 
+_DONE_EARLY_MAX = 4096
+_PLACING_TTL_S = 5.0
+
 
 class AffinityRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, load_factor: float = DEFAULT_LOAD_FACTOR, vnodes: int = DEFAULT_VNODES,
-                         replica_slots: int | None = None, **_: object) -> None:
+                         replica_slots: int | None = None, peer_load_ttl_s: float = 1.0,
+                         **_: object) -> None:
         if load_factor < 1:
             raise ValueError("load_factor must be >= 1")
+        self._own: dict[str, set[str]] = defaultdict(set)  # replica -> this caller's request ids
+        self._peers: dict[str, tuple[float, int]] = {}  # replica -> (reported at, others' requests)
+        self._peer_ttl_s = float(peer_load_ttl_s)
+        # Completions that came before their on_request_routed (a request that finished while
+        # Serve awaited its accept) or never had one (rejected); bounded.
+        self._done_early: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # Placed, not yet accepted: request id -> (replica, placed at). Counted as load too, or
+        # every request placed during one accept round trip would see the same stale loads.
+        self._placing: dict[str, tuple[str, float]] = {}
         self._load_factor = float(load_factor)
         self._replica_slots = replica_slots
         self._vnodes = int(vnodes)
@@ -45,15 +66,71 @@ class AffinityRouter(FIFOMixin, RequestRouter):
             return []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ring = self._ring_for(frozenset(by_id))
-        cache = self._replica_queue_len_cache
-        loads = {uid: cache.get(r.replica_id) or 0 for uid, r in by_id.items()}
+        loads = self._loads(by_id)
         key = pending_request.metadata.session_id if pending_request is not None else ""
         chosen = by_id[place(ring, loads, key or None, load_factor=self._load_factor,
                              tie_break=random.getrandbits(16), replica_slots=self._replica_slots).replica]
+        if pending_request is not None:
+            self._placing[pending_request.metadata.internal_request_id] = (chosen.replica_id.unique_id,
+                                                                           time.monotonic())
         # Only the placed replica: if Serve can't confirm its queue (a slow probe), it backs off and
         # asks again, and the placement (which already steers around full replicas) decides anew.
         # Offering "all the others" as a second rank would break affinity on every slow probe.
         return [[chosen]]
+
+    def _placing_counts(self, now: float) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for rid, (uid, at) in list(self._placing.items()):
+            if now - at > _PLACING_TTL_S:
+                del self._placing[rid]  # never sent (cancelled while queued in Serve's router)
+            else:
+                counts[uid] += 1
+        return counts
+
+    def _loads(self, by_id: dict[str, RunningReplica]) -> dict[str, int]:
+        now = time.monotonic()
+        placing = self._placing_counts(now)
+        loads = {}
+        for uid in by_id:
+            peers = self._peers.get(uid)
+            others = peers[1] if peers is not None and now - peers[0] <= self._peer_ttl_s else 0
+            loads[uid] = len(self._own.get(uid, ())) + placing.get(uid, 0) + others
+        return loads
+
+    def on_new_queue_len_info(self, replica_id: ReplicaID, num_ongoing_requests: int) -> None:
+        super().on_new_queue_len_info(replica_id, num_ongoing_requests)
+        uid = replica_id.unique_id
+        # Sent with every accept (or reject): the count includes the request just accepted, and
+        # any of ours accepted before on_request_routed told us: all still in _placing.
+        now = time.monotonic()
+        mine = len(self._own.get(uid, ())) + self._placing_counts(now).get(uid, 0)
+        self._peers[uid] = (now, max(0, num_ongoing_requests - mine))
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        rid = pending_request.metadata.internal_request_id
+        self._placing.pop(rid, None)
+        if self._done_early.pop((replica_id.unique_id, rid), False) is None:
+            return  # already finished
+        self._own[replica_id.unique_id].add(rid)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        uid = replica_id.unique_id
+        if self._placing.get(internal_request_id, ("",))[0] == uid:
+            del self._placing[internal_request_id]  # rejected or failed before it was accepted
+        own = self._own.get(uid)
+        if own is None or internal_request_id not in own:
+            self._done_early[(uid, internal_request_id)] = None
+            while len(self._done_early) > _DONE_EARLY_MAX:
+                self._done_early.popitem(last=False)
+            return
+        own.discard(internal_request_id)
+        if not own:
+            del self._own[uid]
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._own.pop(replica_id.unique_id, None)
+        self._peers.pop(replica_id.unique_id, None)
 
 
 class RoundRobinRouter(FIFOMixin, RequestRouter):
