@@ -28,6 +28,8 @@ class PoolGate:
         ingresses = ing.num_replicas or (ing.autoscaling.min_replicas if ing.autoscaling else 1) or 1
         self.slots = max(1, replicas * model.engine.max_num_seqs // ingresses)
         self.ingress = ing
+        # Slots held back for Priority; a model that offers no Priority tier keeps none idle.
+        self.reserve = ing.priority_reserve if model.pricing.priority is not None else 0.0
         self.in_flight = 0
         self.service_time_s = 0.5  # prior until the first request finishes
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
@@ -39,12 +41,12 @@ class PoolGate:
         ing = self.ingress
         ahead = self.in_flight + (len(self._waiting) if tier != "priority" else 0)
         d = shed(tier, ahead, self.slots, self.service_time_s, ing.max_queue_wait_s,  # type: ignore[arg-type]
-                 ing.priority_headroom, ing.priority_reserve)
+                 ing.priority_headroom, self.reserve)
         if not d.admit:
             raise ApiError(503, f"{model_id} is overloaded (expected queue wait {d.expected_wait_s:.2f} s); "
                                 "retry shortly", type="service_unavailable", code="overloaded",
                            headers={"Retry-After": "1"})
-        usable = usable_slots(tier, self.slots, ing.priority_reserve)  # type: ignore[arg-type]
+        usable = usable_slots(tier, self.slots, self.reserve)  # type: ignore[arg-type]
         if self.in_flight >= usable or (tier != "priority" and self._waiting):
             fut = asyncio.get_running_loop().create_future()
             self._waiting.append(fut)
@@ -61,7 +63,7 @@ class PoolGate:
 
     def release(self) -> None:
         self.in_flight -= 1
-        usable = usable_slots("standard", self.slots, self.ingress.priority_reserve)
+        usable = usable_slots("standard", self.slots, self.reserve)
         while self._waiting and self.in_flight < usable:
             fut = self._waiting.popleft()
             if not fut.done():
