@@ -7,11 +7,11 @@ Goals (from the issue), printed as PASS/MISS:
 - at every instant, max_i inflight_i <= ceil(1.25 * mean_i inflight_i) + 1 across the replicas,
 - the cached fraction with 4 ingress replicas within +-2% (relative) of the one with 1.
 
-The trace is multi-tenant and multi-turn. Tenants are distinct long system prompts (only the demo
-account exists, so they all share one cache salt: a tenant's system prompt can be a cache hit for
-its other conversations). Conversations start by Poisson arrivals; each turn sends the whole
-history (system prompt, earlier user messages, the assistant text actually returned) plus a new
-user message, then waits an exponential think time. Every turn has a fixed seed, so SimEngine's
+The trace is multi-tenant and multi-turn. Every tenant is an account of its own (created through
+the admin API, with its own key, so its own cache salt and session-key scope) with its own long
+system prompt. Conversations start by Poisson arrivals; each turn sends the whole history (system
+prompt, earlier user messages, the assistant text actually returned) plus a new user message,
+then waits an exponential think time. Every turn has a fixed seed, so SimEngine's
 outputs, and so every later prompt, are the same in every variant.
 
 Each variant is a fresh deployment of ``cluster.builder.build_app`` (cold caches), 8 SimEngine
@@ -39,9 +39,7 @@ script also rebuilds the hash ring from the replica ids and reports how often a 
 its key's owner, and whether the owner was at the load cap when it did not.
 
 The warm-up before each trace (requests that use no cache, to name the replicas) runs one request
-at a time: after a concurrent burst, Serve's replica queue-length cache, which Ember's router reads
-as loads, can keep counting finished requests for up to ``RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S``
-(10 s), and the router then sends all of that replica's keys elsewhere.
+at a time, so it leaves no load behind in any router's view of the replicas.
 
 Rate limits are switched off in the benchmark's config (``rate_limit.enabled: false``): a fresh
 account's limits would refuse the trace, and routing is what is measured here.
@@ -83,7 +81,15 @@ MODEL_ID = "accounts/ember/models/affinity-sim"
 VLLM_MODEL_ID = "accounts/ember/models/affinity-vllm"
 APP_NAME = "affinity"
 DEMO_KEY = "ember-bench-key-affinity"
-ACCOUNT = "demo"  # AuthConfig.demo_account: the cache salt of every request here
+ADMIN_TOKEN = "ember-bench-admin-affinity"
+# Accounts must be visible to every ingress replica, so the benchmark's stores live in Redis.
+REDIS_URL = os.environ.get("AFFINITY_REDIS_URL", "redis://127.0.0.1:6379/13")
+DEMO_ACCOUNT = "demo"  # AuthConfig.demo_account: warm-up requests and the vLLM demo
+
+
+def tenant_account(tenant: int) -> str:
+    """Every tenant is its own account (created through the admin API): its own cache salt."""
+    return f"tenant-{tenant:02d}"
 AFFINITY_HEADER = "x-session-affinity"
 REPLICA_HEADER = "x-ember-replica"
 TTFT_HEADER = "fireworks-server-time-to-first-token"
@@ -174,12 +180,12 @@ machine_info = _common.machine_info
 @dataclass(frozen=True)
 class TraceParams:
     tenants: int = 24
-    conversations: int = 240
-    min_turns: int = 3
-    max_turns: int = 6
+    conversations: int = 200
+    min_turns: int = 8
+    max_turns: int = 16
     system_words: tuple[int, int] = (300, 600)  # ~1 token per word with the demo tokenizer
     user_words: tuple[int, int] = (40, 160)
-    arrival_rate: float = 10.0  # conversations per second (Poisson)
+    arrival_rate: float = 2.5  # conversations per second (Poisson)
     think_mean_s: float = 1.0  # exponential think time between turns
     max_tokens: int = 16
     seed: int = 0
@@ -188,10 +194,10 @@ class TraceParams:
 @dataclass(frozen=True)
 class SimParams:
     replicas: int = 8
-    # Per replica. The full trace's distinct prefixes (~210k tokens) do not fit in 8 x 16k; the
-    # longest conversation (~2k tokens) fits in one, with room for a replica's share of the
-    # conversations that are active at once.
-    cache_capacity_tokens: int = 16384
+    # Per replica. The full trace's distinct prefixes (~460k tokens) do not fit in 8 x 12k; the
+    # longest conversation (~3k tokens) fits in one, with room for a replica's share of the
+    # conversations that are active at once, but not for all of them (which round robin needs).
+    cache_capacity_tokens: int = 12288
     block_size: int = 32
     max_num_seqs: int = 8
     context_length: int = 4096
@@ -202,8 +208,9 @@ class SimParams:
     load_factor: float = 1.25
 
 
-SMALL_TRACE = TraceParams(tenants=8, conversations=48, arrival_rate=10.0)
-SMALL_SIM = SimParams(cache_capacity_tokens=5120)  # the small trace's distinct prefixes: ~45k tokens
+# A quick check of the plumbing (the notebook's size), not the goals' trace.
+SMALL_TRACE = TraceParams(tenants=8, conversations=48)
+SMALL_SIM = SimParams(cache_capacity_tokens=8192)  # the small trace's distinct prefixes: ~120k tokens
 
 
 @dataclass
@@ -274,7 +281,7 @@ def chat_body(conv: Conversation, turn: int, assistant: list[str], max_tokens: i
 # -- configs ------------------------------------------------------------------------------------
 
 def ember_config(policy: str, sim: SimParams, ingress_replicas: int = 1,
-                 load_factor: float | None = None) -> dict:
+                 load_factor: float | None = None, store_url: str = "memory://") -> dict:
     return {
         "models": [{
             "id": MODEL_ID,
@@ -296,6 +303,7 @@ def ember_config(policy: str, sim: SimParams, ingress_replicas: int = 1,
                     "max_completion_tokens": 256},
         # Routing is measured here, not admission: the trace would exceed a fresh account's limits.
         "rate_limit": {"enabled": False},
+        "store": {"url": store_url},
     }
 
 
@@ -344,11 +352,13 @@ class Replay:
 
 async def replay(trace: list[Conversation], sim: SimParams, max_tokens: int, *, engines: int = 1,
                  capacity_tokens: int | None = None, name: str = "oracle",
-                 model_dir: Path | None = None) -> Replay:
+                 model_dir: Path | None = None, round_robin: bool = False,
+                 route: Any = None) -> Replay:
     """Send the trace's turns one at a time, in nominal order, through ``engines`` SimEngines.
 
-    The prompt is built exactly as the ingress builds it; with ``engines > 1`` a conversation
-    always goes to engine ``stable_hash(cid) % engines``. ``capacity_tokens=None`` is unbounded.
+    The prompt is built exactly as the ingress builds it, salted with the tenant's account; with
+    ``engines > 1`` a conversation always goes to engine ``stable_hash(cid) % engines``, or with
+    ``round_robin`` the i-th request to engine ``i % engines``. ``capacity_tokens=None`` is unbounded.
     """
     from cluster.config import EngineConfig, demo_model_dir
     from deployments.engines.protocol import EngineRequest, merge_outputs
@@ -372,10 +382,10 @@ async def replay(trace: list[Conversation], sim: SimParams, max_tokens: int, *, 
         conv = by_id[cid]
         req = ChatCompletionRequest.model_validate(chat_body(conv, k, assistant[cid], max_tokens))
         ids = builder.chat(list(req.messages))
-        engine = pool[stable_hash(cid) % engines]
+        engine = pool[route(i, conv) if route else (i if round_robin else stable_hash(cid)) % engines]
         out = merge_outputs([o async for o in engine.generate(EngineRequest(
             request_id=f"replay-{i}", prompt_token_ids=ids, sampling=req.sampling_params(req.requested_max_tokens),
-            cache_salt=ACCOUNT, use_cache=req.use_cache))])
+            cache_salt=tenant_account(conv.tenant), use_cache=req.use_cache))])
         text = "".join(d.text for d in out.deltas if d.index == 0)
         assistant[cid].append(text)
         contents[(cid, k)] = text
@@ -405,8 +415,25 @@ class Record:
     error: str | None = None
 
 
+async def create_tenants(base_url: str, tenants: Iterable[int]) -> dict[int, str]:
+    """Each tenant's account (created unless it exists) and a fresh API key, via the admin API."""
+    keys: dict[int, str] = {}
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with http_client(max_connections=4, timeout_s=60) as client:
+        for t in sorted(set(tenants)):
+            acct = tenant_account(t)
+            r = await client.post(base_url + "/admin/accounts", headers=admin, json={"id": acct})
+            if r.status_code not in (201, 409):
+                raise RuntimeError(f"creating {acct}: HTTP {r.status_code}: {r.text[:300]}")
+            r = await client.post(base_url + f"/admin/accounts/{acct}/keys", headers=admin)
+            if r.status_code != 201:
+                raise RuntimeError(f"key for {acct}: HTTP {r.status_code}: {r.text[:300]}")
+            keys[t] = r.json()["key"]
+    return keys
+
+
 async def drive_trace(base_url: str, trace: list[Conversation], *, keyed: bool, max_tokens: int,
-                      api_key: str = DEMO_KEY, model: str = MODEL_ID,
+                      api_keys: dict[int, str], model: str = MODEL_ID,
                       timeout_s: float = 120.0) -> tuple[list[Record], float]:
     """Play the trace open-loop in time: conversations start at their arrival times, each turn
     follows the previous answer after its think time. Returns the records and the wall time."""
@@ -419,7 +446,7 @@ async def drive_trace(base_url: str, trace: list[Conversation], *, keyed: bool, 
         async def conversation(conv: Conversation) -> None:
             await asyncio.sleep(max(0.0, t0 + conv.start_s - perf()))
             assistant: list[str] = []
-            headers = {"Authorization": f"Bearer {api_key}"}
+            headers = {"Authorization": f"Bearer {api_keys[conv.tenant]}"}
             if keyed:
                 headers[AFFINITY_HEADER] = conv.cid
             for k in range(conv.turns):
@@ -462,10 +489,10 @@ async def warm_up(base_url: str, replicas: int, model: str = MODEL_ID, api_key: 
     """Requests that touch no cache (``prompt_cache_max_len: 0``) until every replica answered:
     warms the HTTP path and the ingress handles, and names the replicas.
 
-    One request at a time, on purpose: after a concurrent burst, Serve's queue-length cache in the
-    ingress can keep counting finished requests (see the module notes), which Ember's router
-    then reads as load for up to 10 s. Failures are retried for ``patience_s`` (a replica may still
-    be starting), then raised with the server's answer.
+    One request at a time, on purpose: after a concurrent burst, Serve's queue-length cache (which
+    the baseline routers read) can keep counting finished requests for up to 10 s. Failures are
+    retried for ``patience_s`` (a replica may still be starting), then raised with the server's
+    answer.
     """
     seen: set[str] = set()
     url = base_url.rstrip("/") + "/v1/chat/completions"
@@ -619,9 +646,9 @@ def owner_stats(records: list[Record], trace: list[Conversation], replicas: Iter
     for r in ok:
         conv = by_id[r.cid]
         if keyed:
-            key = session_key(ACCOUNT, header=r.cid)
+            key = session_key(tenant_account(conv.tenant), header=r.cid)
         else:
-            key = session_key(ACCOUNT, messages=[("system", conv.system), ("user", conv.users[0])])
+            key = session_key(tenant_account(conv.tenant), messages=[("system", conv.system), ("user", conv.users[0])])
         owner = ring.owner(stable_hash(key))
         loads = {n: load(n, r.start, r) for n in names}
         cap = load_cap(sum(loads.values()), len(names), load_factor)
@@ -785,6 +812,16 @@ def print_report(results: dict[str, Any]) -> None:
 
 # -- the whole run ------------------------------------------------------------------------------
 
+def _fresh_redis(url: str) -> None:
+    """Empty the benchmark's Redis database (accounts, keys and ledger of earlier runs)."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url).flushdb()
+    except redis.RedisError as exc:
+        raise SystemExit(f"the affinity benchmark keeps its accounts in Redis at {url} "
+                         f"(AFFINITY_REDIS_URL): {exc}") from exc
+
 def trace_summary(trace: list[Conversation], oracle: Replay, sim: SimParams) -> dict[str, Any]:
     per_conv: dict[str, int] = defaultdict(int)
     last: dict[str, int] = {}
@@ -823,9 +860,11 @@ def run_benchmark(small: bool = False, variants: list[str] | None = None, trace_
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["EMBER_DEMO_KEY"] = DEMO_KEY  # read by build_app; only its hash is kept
+    os.environ["EMBER_ADMIN_TOKEN"] = ADMIN_TOKEN
     from cluster.builder import build_app, ensure_models
     from cluster.config import EmberConfig
 
+    _fresh_redis(REDIS_URL)
     t_begin = time.perf_counter()
     trace = make_trace(tp)
     ensure_models(EmberConfig.model_validate(ember_config("affinity", sim)))
@@ -835,6 +874,8 @@ def run_benchmark(small: bool = False, variants: list[str] | None = None, trace_
                                    name="sticky/unbounded"))
     sticky_bounded = _run(replay(trace, sim, tp.max_tokens, engines=sim.replicas,
                                  capacity_tokens=sim.cache_capacity_tokens, name="sticky/bounded"))
+    rr_offline = _run(replay(trace, sim, tp.max_tokens, engines=sim.replicas, round_robin=True,
+                             capacity_tokens=sim.cache_capacity_tokens, name="round_robin/offline"))
     summary = trace_summary(trace, oracle, sim)
     if print_results:
         print(f"offline replays: {time.perf_counter() - t0:.1f}s; oracle cached fraction "
@@ -854,12 +895,14 @@ def run_benchmark(small: bool = False, variants: list[str] | None = None, trace_
             t1 = time.perf_counter()
             load0 = _loadavg()
             try:
-                serve.run(build_app(ember_config(v.policy, sim, v.ingress_replicas, v.load_factor)),
+                serve.run(build_app(ember_config(v.policy, sim, v.ingress_replicas, v.load_factor,
+                                                 store_url=REDIS_URL)),
                           name=APP_NAME, route_prefix="/")
+                keys = _run(create_tenants(base_url, (c.tenant for c in trace)))
                 replicas = _run(warm_up(base_url, sim.replicas))
                 t2 = time.perf_counter()
                 records, wall = _run(drive_trace(base_url, trace, keyed=v.keyed,
-                                                 max_tokens=tp.max_tokens))
+                                                 max_tokens=tp.max_tokens, api_keys=keys))
                 t3 = time.perf_counter()
             except Exception as exc:  # one broken variant must not lose the others' numbers
                 failed.append({"variant": v.name, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
@@ -895,7 +938,7 @@ def run_benchmark(small: bool = False, variants: list[str] | None = None, trace_
         "trace_summary": summary,
         "references": {r.name: {"cached_fraction": r.cached_fraction, "prompt_tokens": r.prompt_tokens,
                                 "cached_tokens": r.cached_tokens}
-                       for r in (oracle, sticky_unbounded, sticky_bounded)},
+                       for r in (oracle, sticky_unbounded, sticky_bounded, rr_offline)},
         "variants": results_variants,
         "failed_variants": failed,
         "machine": machine_info(),
