@@ -49,7 +49,7 @@ bench-gateway: model
 	HF_HUB_OFFLINE=1 $(PY) tests/benchmarks/gateway_overhead.py
 
 bench-engine: model
-	HF_HUB_OFFLINE=1 $(PY) tests/benchmarks/engine_path.py
+	HF_HUB_OFFLINE=1 $(PY) tests/benchmarks/engine_path.py --serve-preset haproxy+throughput --engine-threads 2
 
 clean:
 	rm -rf $(VENV) models build *.egg-info
