@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from cluster.config import EmberConfig, ModelConfig, RoutingConfig
+from cluster.config import EmberConfig, EngineConfig, ModelConfig, RoutingConfig
 from cluster.stores import hash_key
 from deployments.ingress import Ingress
 from deployments.model_pool import ModelPool
@@ -69,13 +69,19 @@ def _router(routing: RoutingConfig, replica_slots: int) -> dict[str, Any]:
         request_router_class=_ROUTERS[routing.policy], request_router_kwargs=kwargs)}
 
 
-def pool_deployment(model: ModelConfig, config: EmberConfig):
-    env = dict(_ENGINE_ENV)  # the KV cache size goes to vLLM as an engine argument, not via env
-    if model.engine.kind == "vllm" and model.engine.cpu_threads:
-        env["OMP_NUM_THREADS"] = str(model.engine.cpu_threads)
+def engine_env(engine: EngineConfig) -> dict[str, str]:
+    """The environment of a pool replica's engine (the KV cache size goes as an engine argument)."""
+    env = dict(_ENGINE_ENV)
+    if engine.kind == "vllm" and engine.cpu_threads:
+        env["OMP_NUM_THREADS"] = str(engine.cpu_threads)
         # Sleep rather than spin between kernels: the replica shares its cores with Serve.
         env["OMP_WAIT_POLICY"] = "PASSIVE"
         env["KMP_BLOCKTIME"] = "0"
+    return env
+
+
+def pool_deployment(model: ModelConfig, config: EmberConfig):
+    env = engine_env(model.engine)
     return serve.deployment(ServedModelPool).options(
         name=model.deployment_name,
         max_ongoing_requests=model.max_ongoing_requests,

@@ -7,8 +7,8 @@ choice; a replica that rejects the request (backpressure) makes Serve ask again 
 
 Loads are this caller's own in-flight requests per replica, counted exactly from the moment
 they are placed (Serve calls ``on_request_routed`` once the replica accepts, and
-``on_request_completed``; a placement not confirmed within ``_PLACING_TTL_S`` is dropped), plus the other callers' requests on that
-replica as the replica last reported them (every accepted request returns the replica's ongoing
+``on_request_completed``; a placement not confirmed within ``_PLACING_TTL_S`` is dropped), plus
+the other callers' requests on that replica as the replica last reported them (every accepted request returns the replica's ongoing
 count), trusted for ``peer_load_ttl_s`` only. Serve's queue-length cache alone is not enough: it
 keeps other callers' finished requests until that replica is sent another request or 10 s pass,
 so with several ingress replicas an idle owner could look full and lose all its keys.
@@ -103,13 +103,15 @@ class AffinityRouter(FIFOMixin, RequestRouter):
         # Sent with every accept (or reject): the count includes the request just accepted, and
         # any of ours accepted before on_request_routed told us: all still in _placing.
         now = time.monotonic()
-        mine = len(self._own.get(uid, ())) + self._placing_counts(now).get(uid, 0)
+        placing = sum(1 for on, at in self._placing.values() if on == uid and now - at <= _PLACING_TTL_S)
+        mine = len(self._own.get(uid, ())) + placing
         self._peers[uid] = (now, max(0, num_ongoing_requests - mine))
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         rid = pending_request.metadata.internal_request_id
         self._placing.pop(rid, None)
-        if self._done_early.pop((replica_id.unique_id, rid), False) is None:
+        if (replica_id.unique_id, rid) in self._done_early:
+            del self._done_early[(replica_id.unique_id, rid)]
             return  # already finished
         self._own[replica_id.unique_id].add(rid)
 

@@ -72,14 +72,9 @@ def ember_config(threads: int | None = None, interval: float | None = None) -> d
     }
 
 
-def start_vllm(model_dir: Path, port: int, tuned_threads: int | None = None, log: str = "/tmp/vllm_server.log"
-               ) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    if tuned_threads is not None:  # what cluster.builder gives Ember's vLLM replicas
-        from cluster.builder import _ENGINE_ENV
-
-        env.update(_ENGINE_ENV)
-        env.update({"OMP_NUM_THREADS": str(tuned_threads), "OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"})
+def start_vllm(model_dir: Path, port: int, tuned_env: dict[str, str] | None = None,
+               log: str = "/tmp/vllm_server.log") -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **(tuned_env or {})}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", str(CONTEXT), "--block-size", "32", "--max-num-seqs", "16",
@@ -136,7 +131,7 @@ def make_sender(base: str, prompts: list[str], max_tokens: int):
 async def run(args) -> dict:
     from ray import serve
 
-    from cluster.builder import build_app, ensure_models
+    from cluster.builder import build_app, engine_env, ensure_models
     from cluster.config import EmberConfig
 
     os.environ["EMBER_DEMO_KEY"] = KEY
@@ -149,8 +144,10 @@ async def run(args) -> dict:
     pair_prompts = [f"[pair {i}] " + " ".join(rng.choice(words) for _ in range(60)) for i in range(3000)]
 
     vport, tport = free_port(), free_port()
+    # What cluster.builder gives Ember's vLLM replicas, with at least one passive OMP thread.
+    tuned = engine_env(cfg.models[0].engine.model_copy(update={"cpu_threads": args.engine_threads or 1}))
     servers = [start_vllm(model_dir, vport),
-               start_vllm(model_dir, tport, tuned_threads=args.engine_threads or 1, log="/tmp/vllm_tuned_server.log")]
+               start_vllm(model_dir, tport, tuned_env=tuned, log="/tmp/vllm_tuned_server.log")]
     base, _ = start_ray_serve(num_cpus=4)
     results: dict = {"rounds": []}
     try:
