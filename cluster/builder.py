@@ -60,7 +60,9 @@ def _router(routing: RoutingConfig, replica_slots: int) -> dict[str, Any]:
     if routing.policy == "power_of_two":
         return {}  # Serve's default
     kwargs: dict[str, Any] = {"vnodes": routing.vnodes, "load_factor": routing.load_factor,
-                              "replica_slots": replica_slots, "peer_load_ttl_s": routing.peer_load_ttl_s}
+                              "replica_slots": replica_slots, "peer_load_ttl_s": routing.peer_load_ttl_s,
+                              "account_replicas": routing.account_replicas,
+                              "owner_wait_s": routing.owner_wait_ms / 1000}
     if routing.policy == "ray_consistent_hash":
         kwargs = {"num_virtual_nodes": routing.vnodes}
     elif routing.policy == "round_robin":

@@ -105,6 +105,14 @@ class RoutingConfig(_Strict):
     policy: Literal["affinity", "power_of_two", "ray_consistent_hash", "round_robin"] = "affinity"
     load_factor: float = Field(1.25, ge=1, le=10)
     vnodes: int = Field(100, ge=1, le=1000)
+    # Account homes: how many replicas an account's sessions share before any alternate, so that
+    # what they have in common (a long system prompt) is cached on that many replicas, not on all.
+    # Helps with many accounts of similar traffic; a few hot accounts crowd their homes instead.
+    # None (the default): every session hashes over the whole pool.
+    account_replicas: int | None = Field(None, ge=1, le=1000)
+    # Delay scheduling: how long a request whose owner is at the load cap may wait for it before
+    # going to an alternate, where it would find none of its cached prefix. 0: move at once.
+    owner_wait_ms: float = Field(200.0, ge=0, le=5000)
     # How long an ingress trusts a replica's report of the other ingresses' requests on it (sent
     # with every request it accepts); after that only its own in-flight requests count.
     peer_load_ttl_s: float = Field(1.0, gt=0, le=60)

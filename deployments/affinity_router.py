@@ -12,10 +12,21 @@ the other callers' requests on that replica as the replica last reported them (e
 count), trusted for ``peer_load_ttl_s`` only. Serve's queue-length cache alone is not enough: it
 keeps other callers' finished requests until that replica is sent another request or 10 s pass,
 so with several ingress replicas an idle owner could look full and lose all its keys.
+
+Delay scheduling: when a key's owner is at the load cap, the request waits up to ``owner_wait_s``
+for the owner to free up (any completion wakes it to look again) before taking an alternate. Most
+owners are full for less than one request's time, and a request that moves loses its cached
+prefix, which costs more prefill than the short wait. The wait happens before placement, so no
+replica ever holds more than the cap.
+
+Serve hands the chosen replica to exactly the request it was chosen for (the base class's
+matching by request id, not ``FIFOMixin``'s oldest-first order): another request's owner is
+no use to this one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import OrderedDict, defaultdict
@@ -24,18 +35,26 @@ from typing import List, Optional
 from ray.serve._private.common import ReplicaID
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from policies.affinity import key_group
 from policies.consistent_hash import DEFAULT_LOAD_FACTOR, DEFAULT_VNODES, HashRing, place
 
 _DONE_EARLY_MAX = 4096
 _PLACING_TTL_S = 5.0
+_WAIT_SLICE_S = 0.02  # a waiting request looks again at least this often
 
 
-class AffinityRouter(FIFOMixin, RequestRouter):
+class AffinityRouter(RequestRouter):
     def initialize_state(self, load_factor: float = DEFAULT_LOAD_FACTOR, vnodes: int = DEFAULT_VNODES,
                          replica_slots: int | None = None, peer_load_ttl_s: float = 1.0,
+                         account_replicas: int | None = None, owner_wait_s: float = 0.0,
                          **_: object) -> None:
         if load_factor < 1:
             raise ValueError("load_factor must be >= 1")
+        if owner_wait_s < 0:
+            raise ValueError("owner_wait_s must be >= 0")
+        self._owner_wait_s = float(owner_wait_s)
+        # Set (and replaced) whenever loads may have dropped: wakes requests waiting for an owner.
+        self._loads_changed: asyncio.Event | None = None
         self._own: dict[str, set[str]] = defaultdict(set)  # replica -> this caller's request ids
         self._peers: dict[str, tuple[float, int]] = {}  # replica -> (reported at, others' requests)
         self._peer_ttl_s = float(peer_load_ttl_s)
@@ -47,6 +66,7 @@ class AffinityRouter(FIFOMixin, RequestRouter):
         self._placing: dict[str, tuple[str, float]] = {}
         self._load_factor = float(load_factor)
         self._replica_slots = replica_slots
+        self._account_replicas = account_replicas
         self._vnodes = int(vnodes)
         self._ring = HashRing([], self._vnodes)
         self._ring_ids: frozenset[str] = frozenset()
@@ -66,10 +86,19 @@ class AffinityRouter(FIFOMixin, RequestRouter):
             return []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ring = self._ring_for(frozenset(by_id))
-        loads = self._loads(by_id)
-        key = pending_request.metadata.session_id if pending_request is not None else ""
-        chosen = by_id[place(ring, loads, key or None, load_factor=self._load_factor,
-                             tie_break=random.getrandbits(16), replica_slots=self._replica_slots).replica]
+        key = (pending_request.metadata.session_id if pending_request is not None else "") or None
+        deadline = time.monotonic() + self._owner_wait_s
+        while True:
+            placed = place(ring, self._loads(by_id), key, load_factor=self._load_factor,
+                           tie_break=random.getrandbits(16), replica_slots=self._replica_slots,
+                           group=key_group(key) if key else None, group_replicas=self._account_replicas)
+            left = deadline - time.monotonic()
+            if placed.reason in ("owner", "keyless") or left <= 0:
+                break
+            if pending_request is not None and pending_request.future.done():
+                break  # cancelled while it waited
+            await self._wait_for_lower_loads(min(left, _WAIT_SLICE_S))
+        chosen = by_id[placed.replica]
         if pending_request is not None:
             self._placing[pending_request.metadata.internal_request_id] = (chosen.replica_id.unique_id,
                                                                            time.monotonic())
@@ -77,6 +106,19 @@ class AffinityRouter(FIFOMixin, RequestRouter):
         # asks again, and the placement (which already steers around full replicas) decides anew.
         # Offering "all the others" as a second rank would break affinity on every slow probe.
         return [[chosen]]
+
+    async def _wait_for_lower_loads(self, timeout: float) -> None:
+        if self._loads_changed is None:
+            self._loads_changed = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._loads_changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass  # peer reports and unconfirmed placements also expire with time: look again
+
+    def _wake_waiters(self) -> None:
+        if self._loads_changed is not None:
+            self._loads_changed.set()
+            self._loads_changed = None
 
     def _placing_counts(self, now: float) -> dict[str, int]:
         counts: dict[str, int] = defaultdict(int)
@@ -106,6 +148,7 @@ class AffinityRouter(FIFOMixin, RequestRouter):
         placing = sum(1 for on, at in self._placing.values() if on == uid and now - at <= _PLACING_TTL_S)
         mine = len(self._own.get(uid, ())) + placing
         self._peers[uid] = (now, max(0, num_ongoing_requests - mine))
+        self._wake_waiters()
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         rid = pending_request.metadata.internal_request_id
@@ -116,6 +159,7 @@ class AffinityRouter(FIFOMixin, RequestRouter):
         self._own[replica_id.unique_id].add(rid)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._wake_waiters()
         uid = replica_id.unique_id
         if self._placing.get(internal_request_id, ("",))[0] == uid:
             del self._placing[internal_request_id]  # rejected or failed before it was accepted

@@ -51,6 +51,7 @@ log = logging.getLogger("ember.ingress")
 API_PREFIXES = ("/v1/", "/inference/v1/")
 AFFINITY_HEADER = "x-session-affinity"
 REPLICA_HEADER = "x-ember-replica"  # which pool replica served a request: for operators and benchmarks
+REPLICA_SPAN_HEADER = "x-ember-replica-span"  # "start,end": when that replica held it (Unix seconds)
 SPEND_WARNING_HEADER = "x-ember-spend-warning"
 KEY_CACHE_TTL_S = 30.0  # how long a revoked key may still work on a replica that saw it
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -486,6 +487,8 @@ class Ingress:
             headers.update(perf_headers(out.usage, metrics))
             if out.replica:
                 headers[REPLICA_HEADER] = out.replica
+            if out.replica_span:
+                headers[REPLICA_SPAN_HEADER] = "{:.6f},{:.6f}".format(*out.replica_span)
             return Response(_dumps(body), media_type="application/json", headers=headers)
 
         dispatched = time.perf_counter()

@@ -10,6 +10,7 @@ keeps a replica's message rate flat however fast it generates.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import AsyncIterator
 
 from cluster.config import ModelConfig
@@ -29,12 +30,15 @@ class ModelPool:
         await self.engine.start()
 
     async def generate(self, request: EngineRequest) -> EngineOutput:
+        started = time.time()
         outs = [out async for out in self.engine.generate(request)]
         merged = merge_outputs(outs)
         merged.replica = self.replica_tag
+        merged.replica_span = (started, time.time())
         return merged
 
     async def generate_stream(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        started = time.time()
         queue: asyncio.Queue = asyncio.Queue()
         ended = asyncio.Event()  # the engine finished, failed or was cancelled
 
@@ -70,6 +74,7 @@ class ModelPool:
                     merged = merge_outputs(outs)
                     if merged.final:
                         merged.replica = self.replica_tag
+                        merged.replica_span = (started, time.time())
                     yield merged
                     last_sent = loop.time()
                 tail = batch[-1]

@@ -10,6 +10,9 @@ of a conversation never changes from turn to turn, so every turn of a multi-turn
 the replica holding its history, while different conversations of one account spread out.
 Example: turns ``[sys, u1]``, ``[sys, u1, a1, u2]`` and ``[sys, u1, a1, u2, a2, u3]`` all hash
 ``[sys, u1]``. A plain completion hashes its first ``DERIVED_PREFIX_TOKENS`` token ids.
+
+The account is also the key's placement group (``key_group``): an account's sessions share a few
+home replicas, where what they have in common (a system prompt, tool definitions) stays cached.
 """
 
 from __future__ import annotations
@@ -57,3 +60,8 @@ def session_key(
     else:
         derived = _digest(map(str, (prompt_ids or ())[:DERIVED_PREFIX_TOKENS]))
     return _SEP.join((account, "derived", derived))
+
+
+def key_group(key: str) -> str:
+    """The account a ``session_key`` belongs to (a key from elsewhere is its own group)."""
+    return key.split(_SEP, 1)[0]

@@ -14,6 +14,15 @@ onto its neighbour and cascade. If both alternates are full too, the least loade
 it; that one is always under the cap, because the minimum load is at most the mean. The bound is
 per replica: a full owner only diverts its own keys, and all other keys keep their affinity.
 
+Keys may belong to a *group* (Ember passes the account). A group's keys share its ``group_replicas``
+*homes*: the first distinct replicas clockwise from the group's own point on the ring. A key's
+owner is the home that ranks first for it by rendezvous hashing (highest ``hash(key, replica)``),
+and while that one is full the key goes to its next-ranked home before any alternate. What a
+group's sessions share (an account's system prompt and tools) is then cached on a few replicas,
+not on every one. Moving one replica in or out changes a group's homes with probability about
+``group_replicas / N``, and then about ``2 / group_replicas`` of its keys move (the leaving home's
+and the arriving one's), so about 2/N of grouped keys move against 1/N of plain ones.
+
 Worked example: 4 replicas with loads a=5, b=1, c=1, d=1 and c=1.25. The cap for the next request
 is ceil(1.25 * 9 / 4) + 1 = 4. A key owned by b goes to b (load 1 < 4). A key owned by a overflows:
 its alternates might be c and d, both at 1, and it lands on one of them. Requests with no key go
@@ -57,11 +66,26 @@ class HashRing:
         i = bisect.bisect_right(self._hashes, key_hash)
         return self._owners[i % len(self._owners)]
 
+    def successors(self, key_hash: int, count: int) -> list[str]:
+        """The first ``count`` distinct nodes clockwise from ``key_hash`` (all nodes if fewer)."""
+        if not self._hashes:
+            raise ValueError("the ring has no nodes")
+        count = min(count, len(self.nodes))
+        out: list[str] = []
+        start = bisect.bisect_right(self._hashes, key_hash)
+        for j in range(len(self._owners)):
+            node = self._owners[(start + j) % len(self._owners)]
+            if node not in out:
+                out.append(node)
+                if len(out) == count:
+                    break
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class Placement:
     replica: str
-    reason: Literal["owner", "alternate", "least_loaded", "keyless"]
+    reason: Literal["owner", "home", "alternate", "least_loaded", "keyless"]
     cap: int
 
 
@@ -83,6 +107,8 @@ def place(
     load_factor: float = DEFAULT_LOAD_FACTOR,
     tie_break: int = 0,
     replica_slots: int | None = None,
+    group: str | None = None,
+    group_replicas: int | None = None,
 ) -> Placement:
     """Pick the replica for one request, given each replica's in-flight count.
 
@@ -90,6 +116,8 @@ def place(
     between equally loaded replicas, so the function stays pure and deterministic.
     ``replica_slots`` (a replica's running slots, vLLM's max_num_seqs) tightens the cap: a request
     never joins a replica's queue while another replica has a free slot.
+    ``group`` with ``group_replicas`` places the key among its group's homes first (module doc);
+    without them, or when the group may use every replica, the key's owner is its ring owner.
     """
     nodes = ring.nodes
     if not nodes:
@@ -100,11 +128,15 @@ def place(
         cap = min(cap, replica_slots)
     if key is None:
         return Placement(_least_loaded(nodes, loads, tie_break), "keyless", cap)
-    h = stable_hash(key)
-    owner = ring.owner(h)
-    if loads.get(owner, 0) < cap:
-        return Placement(owner, "owner", cap)
-    others = [n for n in nodes if n != owner]
+    if group is not None and group_replicas is not None and group_replicas < len(nodes):
+        homes = ring.successors(stable_hash(group), group_replicas)
+        homes.sort(key=lambda n: stable_hash(f"{key}\x00{n}"), reverse=True)
+    else:
+        homes = [ring.owner(stable_hash(key))]
+    for rank, home in enumerate(homes):
+        if loads.get(home, 0) < cap:
+            return Placement(home, "owner" if rank == 0 else "home", cap)
+    others = [n for n in nodes if n not in homes]
     if others:
         a1 = others[stable_hash(key + "\x00alt1") % len(others)]
         a2 = others[stable_hash(key + "\x00alt2") % len(others)]

@@ -91,6 +91,8 @@ class EngineOutput:
     usage: Usage | None = None
     metrics: EngineMetrics | None = None
     replica: str | None = None  # set by the model pool on final outputs: which replica served it
+    # Also set there: when the replica started and finished the request (Unix seconds).
+    replica_span: tuple[float, float] | None = None
 
 
 class EngineRequestError(ValueError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from policies.affinity import session_key
+from policies.affinity import key_group, session_key
 
 
 def test_precedence_header_then_cache_key_then_user_then_derived():
@@ -35,3 +35,10 @@ def test_completion_prompts_derive_from_their_leading_tokens():
     a = list(range(500))
     assert session_key("acct", prompt_ids=a) == session_key("acct", prompt_ids=a[:200] + [7] * 50)
     assert session_key("acct", prompt_ids=a) != session_key("acct", prompt_ids=[1] + a[1:])
+
+
+def test_a_keys_group_is_its_account_whatever_its_source():
+    assert {key_group(session_key("acct-1", header="h")), key_group(session_key("acct-1", user="u")),
+            key_group(session_key("acct-1", messages=[("user", "x")]))} == {"acct-1"}
+    assert key_group(session_key("acct-2", header="h")) == "acct-2"
+    assert key_group("no-separator") == "no-separator"

@@ -28,10 +28,11 @@ class Replica:
     replica_id: ReplicaID
 
 
-def _router(ttl: float = 1.0) -> AffinityRouter:
+def _router(ttl: float = 1.0, account_replicas: int | None = None, owner_wait_s: float = 0.0) -> AffinityRouter:
     router = AffinityRouter(deployment_id=DEP, handle_source=DeploymentHandleSource.REPLICA,
                             use_replica_queue_len_cache=True)
-    router.initialize_state(load_factor=1.25, vnodes=100, replica_slots=8, peer_load_ttl_s=ttl)
+    router.initialize_state(load_factor=1.25, vnodes=100, replica_slots=8, peer_load_ttl_s=ttl,
+                            account_replicas=account_replicas, owner_wait_s=owner_wait_s)
     return router
 
 
@@ -149,3 +150,79 @@ def test_peer_ttl_must_be_positive_in_config(ttl):
     with pytest.raises(ValidationError):
         RoutingConfig(peer_load_ttl_s=ttl)
     assert RoutingConfig().peer_load_ttl_s == 1.0
+
+
+@pytest.mark.parametrize("k", [0, -2])
+def test_account_homes_need_at_least_one_replica(k):
+    from pydantic import ValidationError
+
+    from cluster.config import RoutingConfig
+
+    with pytest.raises(ValidationError):
+        RoutingConfig(account_replicas=k)
+    assert RoutingConfig().account_replicas is None and RoutingConfig(account_replicas=3).account_replicas == 3
+
+
+def test_an_accounts_sessions_share_its_home_replicas():
+    """Sessions placed one after another (each done before the next) stay on the account's homes."""
+    router = _router(account_replicas=3)
+    replicas = [Replica(ReplicaID(f"r{i}", DEP)) for i in range(8)]
+
+    async def run() -> dict[str, set[str]]:
+        used: dict[str, set[str]] = {"acct-a": set(), "acct-b": set()}
+        for i in range(60):
+            account = "acct-a" if i % 2 else "acct-b"
+            key = session_key(account, header=f"s{i}")
+            chosen = await _choose(router, replicas, f"q{i}", key)
+            await _accept(router, chosen, f"q{i}", key, 1, placed=True)
+            _complete(router, chosen, f"q{i}")
+            used[account].add(chosen.unique_id)
+        return used
+
+    used = asyncio.run(run())
+    assert len(used["acct-a"]) == 3 and len(used["acct-b"]) == 3
+
+
+async def _full_owner(router: AffinityRouter) -> tuple[list[Replica], ReplicaID, str]:
+    """Two replicas; five of ours on a, the key's owner: a is at the cap (ceil(1.25 * 6 / 2) + 1 = 5)."""
+    names = ["a", "b"]
+    replicas = [Replica(ReplicaID(u, DEP)) for u in names]
+    a, key = replicas[0].replica_id, _key_owned_by("a", names)
+    for i in range(5):
+        await _accept(router, a, f"r{i}", key, i + 1)
+    return replicas, a, key
+
+
+def test_a_request_waits_for_its_full_owner_and_takes_it_when_it_frees_up():
+    async def scenario():
+        router = _router(owner_wait_s=2.0)
+        replicas, a, key = await _full_owner(router)
+        waiting = asyncio.ensure_future(_choose(router, replicas, "w", key))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # a is full, and b is not where the session's cache is
+        t0 = asyncio.get_running_loop().time()
+        _complete(router, a, "r0")
+        assert await waiting == a
+        assert asyncio.get_running_loop().time() - t0 < 0.5  # woken by the completion, not the timeout
+
+    asyncio.run(scenario())
+
+
+def test_a_request_takes_an_alternate_when_its_owner_stays_full():
+    async def scenario():
+        router = _router(owner_wait_s=0.15)
+        replicas, a, key = await _full_owner(router)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert (await _choose(router, replicas, "w", key)).unique_id == "b"
+        assert loop.time() - t0 >= 0.14
+        _complete(router, ReplicaID("b", DEP), "w")  # (so that a is still at the cap)
+        # Without a wait it moves at once; a request with no key never waits.
+        router._owner_wait_s = 0.0
+        t0 = loop.time()
+        assert (await _choose(router, replicas, "w2", key)).unique_id == "b"
+        router._owner_wait_s = 5.0
+        assert (await _choose(router, replicas, "w3", "")).unique_id == "b"
+        assert loop.time() - t0 < 0.1
+
+    asyncio.run(scenario())

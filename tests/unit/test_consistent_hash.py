@@ -8,17 +8,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.consistent_hash import HashRing, load_cap, place
+from policies.consistent_hash import HashRing, load_cap, place, stable_hash
 
 node_names = st.lists(st.text("abcdefgh0123456789", min_size=1, max_size=8), min_size=1, max_size=12,
                       unique=True)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(node_names, st.lists(st.one_of(st.none(), st.integers(0, 60), st.just(-1)), max_size=300),
-       st.floats(1.0, 2.0))
-def test_no_placement_ever_exceeds_the_cap(nodes, ops, c):
-    """Ops: an int is a request for that session key, None is keyless, -1 completes one request."""
+       st.floats(1.0, 2.0), st.one_of(st.none(), st.integers(1, 5)))
+def test_no_placement_ever_exceeds_the_cap(nodes, ops, c, group_replicas):
+    """Ops: an int is a request for that session key, None is keyless, -1 completes one request.
+    With ``group_replicas`` the keys belong to three groups (accounts) with that many homes."""
     ring = HashRing(nodes)
     loads = {n: 0 for n in nodes}
     rng = random.Random(0)
@@ -28,7 +29,8 @@ def test_no_placement_ever_exceeds_the_cap(nodes, ops, c):
             if busy:
                 loads[rng.choice(busy)] -= 1
             continue
-        p = place(ring, loads, None if op is None else f"s{op}", load_factor=c, tie_break=rng.randrange(99))
+        p = place(ring, loads, None if op is None else f"s{op}", load_factor=c, tie_break=rng.randrange(99),
+                  group=None if op is None else f"account-{op % 3}", group_replicas=group_replicas)
         loads[p.replica] += 1
         assert loads[p.replica] <= p.cap == load_cap(sum(loads.values()) - 1, len(nodes), c)
 
@@ -101,3 +103,45 @@ def test_replica_slots_keep_requests_out_of_a_full_replicas_queue():
     assert place(ring, {"a": 8, "b": 5}, key, replica_slots=8).replica == "b"
     # When every replica is full, the plain bound applies again.
     assert place(ring, {"a": 8, "b": 8}, key, replica_slots=8).replica == "a"
+
+
+# -- account homes: a group's keys share a few replicas -------------------------------------------
+
+@settings(max_examples=50, deadline=None)
+@given(node_names, st.integers(1, 5))
+def test_every_ingress_computes_the_same_grouped_owner(nodes, k):
+    shuffled = list(nodes)
+    random.Random(len(nodes)).shuffle(shuffled)
+    a, b = HashRing(nodes), HashRing(shuffled)
+    for i in range(200):
+        kw = {"group": f"account-{i % 7}", "group_replicas": k}
+        assert place(a, {}, f"session-{i}", **kw) == place(b, {}, f"session-{i}", **kw)
+
+
+def test_a_groups_keys_share_its_homes_and_spill_to_the_next_home_first():
+    ring = HashRing([f"r{i}" for i in range(8)])
+    owners = {place(ring, {}, f"s{i}", group="acme", group_replicas=3).replica for i in range(300)}
+    assert len(owners) == 3
+    assert owners == set(ring.successors(stable_hash("acme"), 3))
+    # The key's owner is full: it goes to another home, which caches the account's prefix too.
+    first = place(ring, {}, "s0", group="acme", group_replicas=3)
+    loads = {n: 0 for n in ring.nodes} | {first.replica: 5}
+    second = place(ring, loads, "s0", group="acme", group_replicas=3)
+    assert second.reason == "home" and second.replica in owners - {first.replica}
+    # All homes full: an alternate outside them, as for ungrouped keys.
+    loads = {n: 0 for n in ring.nodes} | {n: 5 for n in owners}
+    third = place(ring, loads, "s0", group="acme", group_replicas=3)
+    assert third.reason == "alternate" and third.replica not in owners
+    # A group allowed the whole pool is plain consistent hashing.
+    assert place(ring, {}, "s0", group="acme", group_replicas=8) == place(ring, {}, "s0")
+
+
+@pytest.mark.parametrize("n,k", [(4, 2), (8, 3), (16, 3), (16, 8)])
+def test_adding_a_replica_moves_about_two_nths_of_grouped_keys(n, k):
+    keys = [(f"account-{g}", f"k{g}-{i}") for g in range(300) for i in range(20)]
+    before = HashRing([f"r{i}" for i in range(n)])
+    after = HashRing([f"r{i}" for i in range(n + 1)])
+    moved = sum(place(before, {}, key, group=g, group_replicas=k).replica
+                != place(after, {}, key, group=g, group_replicas=k).replica for g, key in keys)
+    expected = len(keys) * (2 - 1 / k) / (n + 1)  # a home set changes (k/(n+1)); 2/k - 1/k^2 of its keys move
+    assert 0.6 * expected <= moved <= 1.4 * expected
