@@ -87,11 +87,12 @@ class AffinityRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ring = self._ring_for(frozenset(by_id))
         key = (pending_request.metadata.session_id if pending_request is not None else "") or None
+        group = key_group(key) if key else None
         deadline = time.monotonic() + self._owner_wait_s
         while True:
             placed = place(ring, self._loads(by_id), key, load_factor=self._load_factor,
                            tie_break=random.getrandbits(16), replica_slots=self._replica_slots,
-                           group=key_group(key) if key else None, group_replicas=self._account_replicas)
+                           group=group, group_replicas=self._account_replicas)
             left = deadline - time.monotonic()
             if placed.reason in ("owner", "keyless") or left <= 0:
                 break
@@ -145,8 +146,7 @@ class AffinityRouter(RequestRouter):
         # Sent with every accept (or reject): the count includes the request just accepted, and
         # any of ours accepted before on_request_routed told us: all still in _placing.
         now = time.monotonic()
-        placing = sum(1 for on, at in self._placing.values() if on == uid and now - at <= _PLACING_TTL_S)
-        mine = len(self._own.get(uid, ())) + placing
+        mine = len(self._own.get(uid, ())) + self._placing_counts(now).get(uid, 0)
         self._peers[uid] = (now, max(0, num_ongoing_requests - mine))
         self._wake_waiters()
 

@@ -369,8 +369,7 @@ class Replay:
 
 async def replay(trace: list[Conversation], sim: SimParams, max_tokens: int, *, engines: int = 1,
                  capacity_tokens: int | None = None, name: str = "oracle",
-                 model_dir: Path | None = None, round_robin: bool = False,
-                 route: Any = None) -> Replay:
+                 model_dir: Path | None = None, round_robin: bool = False) -> Replay:
     """Send the trace's turns one at a time, in nominal order, through ``engines`` SimEngines.
 
     The prompt is built exactly as the ingress builds it, salted with the tenant's account; with
@@ -399,7 +398,7 @@ async def replay(trace: list[Conversation], sim: SimParams, max_tokens: int, *, 
         conv = by_id[cid]
         req = ChatCompletionRequest.model_validate(chat_body(conv, k, assistant[cid], max_tokens))
         ids = builder.chat(list(req.messages))
-        engine = pool[route(i, conv) if route else (i if round_robin else stable_hash(cid)) % engines]
+        engine = pool[(i if round_robin else stable_hash(cid)) % engines]
         out = merge_outputs([o async for o in engine.generate(EngineRequest(
             request_id=f"replay-{i}", prompt_token_ids=ids, sampling=req.sampling_params(req.requested_max_tokens),
             cache_salt=tenant_account(conv.tenant), use_cache=req.use_cache))])
