@@ -252,7 +252,10 @@ class IngressConfig(_Strict):
     # Upper bound on max_tokens a caller may ask for, whatever the context allows.
     max_completion_tokens: int = Field(4096, ge=1)
     max_n: int = Field(8, ge=1)
+    # Until a request's first output (non-streamed: its whole answer) arrives from the pool: 504.
     request_timeout_s: float = Field(600, gt=0)
+    # A stream that has started ends with an error event if no output comes for this long.
+    stream_idle_timeout_s: float = Field(30, gt=0)
     access_log: bool = True  # Serve's per-request log lines; benchmarks turn them off
     # Tiers and load shedding (policies/tiers.py): Standard runs in all but `priority_reserve` of
     # a pool's slots and is refused (503) once it would queue longer than `max_queue_wait_s`;
@@ -307,6 +310,10 @@ class RateLimitConfig(_Strict):
 
 class StoreConfig(_Strict):
     url: str = "memory://"
+    # Usage events are written here (SQLite, WAL) before a response ends and drained into the
+    # ledger in the background, so an ingress crash or a store outage delays billing but never
+    # loses it. Shared by the ingress replicas of one node. None: a folder under the temp dir.
+    outbox_dir: str | None = None
 
     @field_validator("url")
     @classmethod

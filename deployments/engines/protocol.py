@@ -10,9 +10,13 @@ Streaming convention (written down once, every engine follows it):
   more deltas come for that index.
 - The last output of the stream has ``final`` set and carries ``usage`` and ``metrics``. Nothing
   follows it. Usage counts the prompt once, however many choices there are.
+- The first output that carries a token also carries ``cached_tokens`` (how many prompt tokens
+  the prefix cache served), so a stream cut short is still billed at the cached rate.
 - ``abort(request_id)`` stops a running request; its stream then ends without a final output.
 - Errors in the request itself (for example a prompt longer than the model) raise
-  ``EngineRequestError``; everything else is an engine fault.
+  ``EngineRequestError``. An engine that can serve nothing more raises ``EngineDeadError`` (from
+  ``generate`` and from ``check_health``), so that Serve replaces its replica; everything else is
+  a fault of this one request.
 
 Example: a request with ``max_tokens=3`` and ``n=1`` may stream
 ``[ChoiceDelta(0, [5], "a")]``, ``[ChoiceDelta(0, [9, 2], " bc", finish_reason="length")]`` and then
@@ -90,6 +94,8 @@ class EngineOutput:
     final: bool = False
     usage: Usage | None = None
     metrics: EngineMetrics | None = None
+    # On the first output with a token: prompt tokens served from the prefix cache.
+    cached_tokens: int | None = None
     replica: str | None = None  # set by the model pool on final outputs: which replica served it
     # Also set there: when the replica started and finished the request (Unix seconds).
     replica_span: tuple[float, float] | None = None
@@ -103,6 +109,10 @@ class EngineRequestError(ValueError):
         self.param = param
 
 
+class EngineDeadError(RuntimeError):
+    """The engine can serve no more requests; its replica must be replaced."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     async def start(self) -> None:
@@ -113,6 +123,9 @@ class Engine(Protocol):
 
     async def abort(self, request_id: str) -> None:
         """Stop a running request and free its resources."""
+
+    async def check_health(self) -> None:
+        """Return if the engine can serve; raise ``EngineDeadError`` if it cannot."""
 
     async def shutdown(self) -> None:
         """Release the engine; no call may follow."""
@@ -149,6 +162,8 @@ def merge_outputs(outputs: list[EngineOutput]) -> EngineOutput:
             merged.usage = out.usage
         if out.metrics is not None:
             merged.metrics = out.metrics
+        if out.cached_tokens is not None and merged.cached_tokens is None:
+            merged.cached_tokens = out.cached_tokens
         if out.replica is not None:
             merged.replica = out.replica
     return merged

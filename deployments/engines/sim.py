@@ -25,6 +25,7 @@ from cluster.config import EngineConfig
 from deployments.engines.protocol import (
     ChoiceDelta,
     EngineMetrics,
+    EngineDeadError,
     EngineOutput,
     EngineRequest,
     EngineRequestError,
@@ -125,6 +126,12 @@ class SimEngine:
         seq = self._by_id.pop(request_id, None)
         if seq is not None:
             seq.aborted = True
+
+    async def check_health(self) -> None:
+        # The scheduler loop only ends by shutdown() or a bug; either way nothing more is served.
+        task = self._loop_task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise EngineDeadError(f"the sim scheduler failed: {task.exception()!r}")
 
     async def shutdown(self) -> None:
         if self._loop_task is not None:
@@ -257,16 +264,18 @@ class SimEngine:
                 lp = [TokenLogprob(text, _fake_logprob(tid),
                                    [(t, _fake_logprob(i)) for i, t in vocab[tid % 7: tid % 7 + sp.logprobs]])]
             deltas.append(ChoiceDelta(index, [tid], new_text, ch.finish_reason, lp))
+        cached = None
         if seq.first_token_at is None:
             seq.first_token_at = now
+            cached = seq.cached_tokens
         done = all(ch.finish_reason is not None for ch in seq.choices)
         if not done:
-            seq.queue.put_nowait(EngineOutput(deltas=deltas))
+            seq.queue.put_nowait(EngineOutput(deltas=deltas, cached_tokens=cached))
             return True
-        self._finish(seq, deltas, now)
+        self._finish(seq, deltas, now, cached)
         return False
 
-    def _finish(self, seq: _Seq, deltas: list[ChoiceDelta], now: float) -> None:
+    def _finish(self, seq: _Seq, deltas: list[ChoiceDelta], now: float, cached: int | None) -> None:
         req = seq.request
         if req.use_cache:
             # Every choice leaves the full blocks of prompt + output[:-1] behind.
@@ -281,7 +290,8 @@ class SimEngine:
         assert seq.first_token_at is not None
         metrics = EngineMetrics(seq.first_token_at - seq.received, now - seq.received)
         self._by_id.pop(req.request_id, None)
-        seq.queue.put_nowait(EngineOutput(deltas=deltas, final=True, usage=usage, metrics=metrics))
+        seq.queue.put_nowait(EngineOutput(deltas=deltas, final=True, usage=usage, metrics=metrics,
+                                          cached_tokens=cached))
 
 
 def _first_stop(text: str, stops: list[str], emitted: int) -> int | None:
