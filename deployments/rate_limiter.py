@@ -7,8 +7,22 @@ budget (``lease_fraction`` of the limit) in one actor call and admits requests a
 locally, in microseconds. Leased tokens are debited from the actor's bucket when granted, so N
 replicas can never admit more than the limit; unused slices go back after ``lease_idle_s``.
 
-State persists in the store (memory or Redis) after every change, and a restarted actor loads it
-back, so a restart never resets a limit.
+State persists in the store after every change. Ray restarts a dead actor (max_restarts=-1):
+
+- with ``redis://`` the restarted actor reloads each scope's state, so a restart never resets a
+  limit;
+- with ``memory://`` the store lived inside the dead actor and usage is forgotten, so the
+  restarted actor starts every scope it has no state for EMPTY (as if the account had used its
+  whole limit just before the restart; limit at the floor) and refills it at the normal rate:
+  for up to a minute after a restart, accounts get less than their limit, never more.
+
+Each scope's read-decide-write step runs under that scope's lock, so concurrent calls (an async
+actor interleaves them at every await) never start from the same state or save out of order.
+
+Ray may also retry a call whose answer was lost (max_task_retries=-1), re-running a change that
+was already applied. So every changing call carries an id from the client; the actor remembers
+the last ``OPS_KEPT`` ids of each scope (saved with the scope's state, so a restarted actor
+remembers them too) and answers a repeated id with the first answer, changing nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +30,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sys
 import time
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -39,6 +56,11 @@ from policies.rate_limit import (
 log = logging.getLogger("ember.rate_limit")
 
 ACTOR_NAMESPACE = "ember"
+
+# Change ids remembered per scope. A retry reaches the actor right after it restarts; by then only
+# the calls in flight with it can have landed on the same scope, at most a lease and a give-back
+# per ingress replica (the client serializes its own), so this is ample.
+OPS_KEPT = 100
 
 
 def model_bounds(model: ModelConfig, spend_tier: int) -> tuple[Budgets, Budgets]:
@@ -64,23 +86,37 @@ def _encode(states: dict[str, BudgetState]) -> dict:
     return {b: [s.limit, s.usage, s.available, s.updated_at] for b, s in states.items()}
 
 
-def _decode(raw: dict | None) -> dict[str, BudgetState]:
-    return {b: BudgetState(*v) for b, v in (raw or {}).items()}
+def _reconstructed() -> bool:
+    """Whether this process is a Ray actor that Ray restarted (False outside Ray)."""
+    ray = sys.modules.get("ray")  # not imported: certainly not running as a Ray actor
+    if ray is None or not ray.is_initialized():
+        return False
+    try:
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # a driver or task constructing the class directly, not an actor
+        return False
 
 
 class RateLimiter:
-    """One shard of limiter state. As a Ray actor its methods run on one event loop, so each
-    read-decide-write step is atomic with respect to the others."""
+    """One shard of limiter state (see the module docstring for locking, restarts and ids)."""
 
     def __init__(self, config: RateLimitConfig, store_url: str, clock: Callable[[], float] = time.time,
-                 store: LimitStore | None = None):
+                 store: LimitStore | None = None, restarted: bool | None = None):
         self.config = config
         self.rule = RampRule(**config.ramp.model_dump())
         self.store = store or limit_store(store_url)
         self.clock = clock
         self._states: dict[str, dict[str, BudgetState]] = {}
         self._rpm: dict[str, RequestBucket] = {}
+        self._ops: dict[str, OrderedDict[str, Any]] = {}  # scope → change id → its answer
+        self._locks: dict[str, asyncio.Lock] = {}
         self._store_down = False
+        # None: ask Ray. A restarted actor starts scopes the store has no state for empty.
+        self.restarted = _reconstructed() if restarted is None else restarted
+        self._started_at = clock()
+        if self.restarted:
+            log.warning("rate limiter restarted: scopes without saved state start empty and refill "
+                        "within a minute (with memory:// that is every scope)")
 
     async def _load(self, scope: str) -> dict | None:
         try:
@@ -106,56 +142,113 @@ class RateLimiter:
             raise StoreUnavailable("the rate-limit store is unreachable")
         return None
 
-    async def _states_for(self, scope: str) -> dict[str, BudgetState]:
+    def _lock(self, scope: str) -> asyncio.Lock:
+        lock = self._locks.get(scope)
+        if lock is None:
+            lock = self._locks[scope] = asyncio.Lock()
+        return lock
+
+    async def _load_scope(self, scope: str) -> dict | None:
+        """The scope's saved state, or None; also restores its remembered change ids. Called once
+        per scope, under its lock, so concurrent first calls share the one load."""
+        raw = await self._load(scope)
+        self._ops[scope] = OrderedDict((raw or {}).get("ops", []))
+        return raw
+
+    async def _states_for(self, scope: str, floor: Budgets) -> dict[str, BudgetState]:
+        """The scope's budgets; the caller holds the scope's lock."""
         if scope not in self._states:
-            self._states[scope] = _decode(await self._load(scope))
+            raw = await self._load_scope(scope)
+            if raw:
+                self._states[scope] = {b: BudgetState(*raw[b]) for b in BUDGETS if b in raw}
+            elif self.restarted:  # usage before the restart is unknown: assume the bucket was empty
+                self._states[scope] = {b: BudgetState(floor.get(b), 0.0, 0.0, self._started_at) for b in BUDGETS}
+            else:
+                self._states[scope] = {}  # decide() starts each budget full at the floor
         return self._states[scope]
 
-    async def lease(self, scope: str, model: ModelConfig, spend_tier: int, need: dict[str, float],
-                    want: dict[str, float]) -> Grant:
-        """Grant ``want`` tokens if the buckets hold them, else at least ``need``, else refuse."""
-        now = self.clock()
-        floor, ceiling = model_bounds(model, spend_tier)
-        states = await self._states_for(scope)
-        d = decide(states, want, now, floor, ceiling, self.rule)
-        granted = want
-        if not d.allowed and want != need:
-            d = decide(states, need, now, floor, ceiling, self.rule)
-            granted = need
-        if not d.allowed:
-            return Grant(None, d.limits, d.remaining, d.retry_after_s, d.exhausted)
-        self._states[scope] = d.states
-        await self._save(scope, _encode(d.states), now)
-        return Grant(granted, d.limits, d.remaining)
+    async def _rpm_for(self, key: str, now: float) -> RequestBucket:
+        """The account's request bucket; the caller holds the key's lock."""
+        if key not in self._rpm:
+            raw = await self._load_scope(key)
+            if raw:
+                self._rpm[key] = RequestBucket(*raw["b"])
+            elif self.restarted:
+                self._rpm[key] = RequestBucket(0.0, self._started_at)
+            else:
+                self._rpm[key] = RequestBucket.fresh(self.config.requests_per_minute, now)
+        return self._rpm[key]
 
-    async def give_back(self, scope: str, model: ModelConfig, spend_tier: int, tokens: dict[str, float]) -> None:
-        """Return unused leased tokens (negative values charge usage beyond what was leased)."""
+    def _remember(self, scope: str, op: str | None, answer: Any) -> list:
+        """Record a change's id and answer; the list to save with the scope's state."""
+        ops = self._ops[scope]
+        if op is not None:
+            ops[op] = answer
+            while len(ops) > OPS_KEPT:
+                ops.popitem(last=False)
+        return [[k, v] for k, v in ops.items()]
+
+    async def lease(self, scope: str, model: ModelConfig, spend_tier: int, need: dict[str, float],
+                    want: dict[str, float], op: str | None = None) -> Grant:
+        """Grant ``want`` tokens if the buckets hold them, else at least ``need``, else refuse.
+        A repeated ``op`` gets the first grant again and debits nothing."""
+        floor, ceiling = model_bounds(model, spend_tier)
+        async with self._lock(scope):
+            now = self.clock()  # read under the lock, so saves are stamped in order
+            states = await self._states_for(scope, floor)
+            if op is not None and op in self._ops[scope]:
+                return Grant(*self._ops[scope][op])
+            d = decide(states, want, now, floor, ceiling, self.rule)
+            granted = want
+            if not d.allowed and want != need:
+                d = decide(states, need, now, floor, ceiling, self.rule)
+                granted = need
+            if not d.allowed:  # nothing changed; a retry may decide afresh
+                return Grant(None, d.limits, d.remaining, d.retry_after_s, d.exhausted)
+            self._states[scope] = d.states
+            grant = Grant(dict(granted), d.limits, d.remaining)
+            ops = self._remember(scope, op, [grant.granted, grant.limits, grant.remaining])
+            await self._save(scope, {**_encode(d.states), "ops": ops}, now)
+            return grant
+
+    async def give_back(self, scope: str, model: ModelConfig, spend_tier: int, tokens: dict[str, float],
+                        op: str | None = None) -> None:
+        """Return unused leased tokens (negative values charge usage beyond what was leased).
+        A repeated ``op`` is a no-op."""
         if not any(tokens.values()):
             return
-        now = self.clock()
         floor, ceiling = model_bounds(model, spend_tier)
-        states = settle(await self._states_for(scope), tokens, now, floor, ceiling, self.rule)
-        self._states[scope] = states
-        await self._save(scope, _encode(states), now)
+        async with self._lock(scope):
+            now = self.clock()
+            states = await self._states_for(scope, floor)
+            if op is not None and op in self._ops[scope]:
+                return
+            states = settle(states, tokens, now, floor, ceiling, self.rule)
+            self._states[scope] = states
+            await self._save(scope, {**_encode(states), "ops": self._remember(scope, op, None)}, now)
 
-    async def take_requests(self, account: str, n: int) -> tuple[int, float]:
-        """Lease up to ``n`` requests of the account-wide RPM cap: (granted, retry_after_s)."""
-        now = self.clock()
-        rpm = self.config.requests_per_minute
+    async def take_requests(self, account: str, n: int, op: str | None = None) -> tuple[int, float]:
+        """Lease up to ``n`` requests of the account-wide RPM cap: (granted, retry_after_s).
+        A repeated ``op`` gets the first answer again and takes nothing."""
         key = account + "|*rpm"
-        bucket = self._rpm.get(key)
-        if bucket is None:
-            raw = await self._load(key)
-            bucket = RequestBucket(*raw["b"]) if raw else RequestBucket.fresh(rpm, now)
-        granted, wait, bucket = bucket.take(rpm, now, n)
-        self._rpm[key] = bucket
-        await self._save(key, {"b": [bucket.available, bucket.updated_at]}, now)
-        return granted, wait
+        async with self._lock(key):
+            now = self.clock()
+            bucket = await self._rpm_for(key, now)
+            if op is not None and op in self._ops[key]:
+                granted, wait = self._ops[key][op]
+                return granted, wait
+            granted, wait, bucket = bucket.take(self.config.requests_per_minute, now, n)
+            self._rpm[key] = bucket
+            # Only grants are remembered: a refusal took nothing, so a retry may decide afresh.
+            ops = self._remember(key, op if granted else None, [granted, wait])
+            await self._save(key, {"b": [bucket.available, bucket.updated_at], "ops": ops}, now)
+            return granted, wait
 
     async def forget(self) -> None:
         """Drop the in-memory copy (tests: simulates a restart that reloads from the store)."""
         self._states.clear()
         self._rpm.clear()
+        self._ops.clear()
 
 
 # -- the ingress side ---------------------------------------------------------------------
@@ -231,7 +324,8 @@ class LimiterClient:
                     # Top every budget up to one slice beyond this request.
                     chunk = self.config.lease_fraction
                     want = {b: max(need[b], cost[b] + limits[b] * chunk - lease.balance[b]) for b in BUDGETS}
-                    grant: Grant = await self._actor(account).lease.remote(scope, model, spend_tier, need, want)
+                    grant: Grant = await self._actor(account).lease.remote(
+                        scope, model, spend_tier, need, want, op=uuid.uuid4().hex)
                     lease.limits, lease.remaining = grant.limits, grant.remaining
                     if grant.granted is None:
                         self._rpm[account] = self._rpm.get(account, 0.0) + 1  # the request slot is unused
@@ -258,10 +352,11 @@ class LimiterClient:
             self._rpm[account] = left - 1
             return None
         chunk = max(1, int(self.config.requests_per_minute * self.config.lease_fraction))
-        granted, wait = await self._actor(account).take_requests.remote(account, chunk)
+        granted, wait = await self._actor(account).take_requests.remote(account, chunk, op=uuid.uuid4().hex)
         if granted == 0:
             return max(wait, 0.001)
-        self._rpm[account] = left + granted - 1
+        # Others may have taken or added slots during the await: count from what is there now.
+        self._rpm[account] = self._rpm.get(account, 0.0) + granted - 1
         return None
 
     def settle(self, admission: Admission, usage_prompt: int, usage_cached: int, usage_generated: int) -> None:
@@ -299,7 +394,8 @@ class LimiterClient:
             for b in BUDGETS:
                 lease.balance[b] = 0.0
             model, tier = self._models[scope]
-            await self._actor(scope.split("|", 1)[0]).give_back.remote(scope, model, tier, tokens)
+            await self._actor(scope.split("|", 1)[0]).give_back.remote(scope, model, tier, tokens,
+                                                                       op=uuid.uuid4().hex)
 
     async def close(self) -> None:
         if self._reaper is not None:
