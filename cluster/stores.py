@@ -6,6 +6,7 @@ API keys are stored only as SHA-256 hashes: a leaked store does not leak keys.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict, deque
 from typing import Protocol
 
 
@@ -257,6 +258,20 @@ class LedgerStore(Protocol):
 
     ``record`` returns False for a request id it has already recorded, so retrying a write whose
     answer was lost never bills twice.
+
+    Bounded by design. The running totals (per account, model and day, and spend per account all
+    time and per month) are kept forever: they are what is billed, and they are small. Raw events
+    are only a recent window for inspection and export:
+
+    - memory: the last ``max_events`` events (default 10,000) and the last ``dedupe_ids`` request
+      ids (default 100,000, insertion order);
+    - Redis: the stream ``<prefix>events`` is trimmed with ``XADD MAXLEN ~ max_events`` (default
+      100,000; approximate, so it may hold somewhat more), and each seen request id expires after
+      7 days.
+
+    So exactly-once holds for a retry that arrives within the dedupe window: 7 days on Redis, the
+    last 100,000 recorded requests in memory. The outbox retries within seconds to minutes of the
+    first attempt, and a memory ledger dies with its process anyway.
     """
 
     async def record(self, event: dict) -> bool: ...
@@ -267,12 +282,14 @@ class LedgerStore(Protocol):
 
 
 _COUNTERS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_usd")
+SEEN_TTL_S = 7 * 24 * 3600
 
 
 class MemoryLedgerStore:
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-        self._seen: set[str] = set()
+    def __init__(self, max_events: int = 10_000, dedupe_ids: int = 100_000) -> None:
+        self.events: deque[dict] = deque(maxlen=max_events)
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._dedupe_ids = dedupe_ids
         self._totals: dict[str, dict[tuple[str, str], dict]] = {}
         self._spend: dict[str, dict[str, float]] = {}
 
@@ -280,7 +297,9 @@ class MemoryLedgerStore:
         rid = event["request_id"]
         if rid in self._seen:
             return False
-        self._seen.add(rid)
+        self._seen[rid] = None
+        if len(self._seen) > self._dedupe_ids:
+            self._seen.popitem(last=False)
         self.events.append(dict(event))
         row = self._totals.setdefault(event["account"], {}).setdefault(
             (event["model"], event["day"]), dict.fromkeys(_COUNTERS, 0))
@@ -302,11 +321,14 @@ class MemoryLedgerStore:
 
 
 class RedisLedgerStore:
-    """Events go to a Redis stream; one Lua script dedupes by request id and updates the totals."""
+    """Events go to a Redis stream; one Lua script dedupes by request id and updates the totals.
+
+    ``prefix`` namespaces every key (tests use their own; deployments keep the default).
+    """
 
     _RECORD = """
-    if redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800) == false then return 0 end
-    redis.call('XADD', KEYS[2], '*', 'event', ARGV[1])
+    if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[9]) == false then return 0 end
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'event', ARGV[1])
     redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|requests', 1)
     redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|prompt_tokens', ARGV[3])
     redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|cached_tokens', ARGV[4])
@@ -317,22 +339,26 @@ class RedisLedgerStore:
     return 1
     """
 
-    def __init__(self, url: str, timeout_s: float = 1.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 1.0, max_events: int = 100_000,
+                 prefix: str = "ember:ledger:") -> None:
         self._r = _redis(url, timeout_s)
         self._record = self._r.register_script(self._RECORD)
+        self.max_events = max_events
+        self.prefix = prefix
+        self.stream = prefix + "events"
 
     async def record(self, event: dict) -> bool:
         import json
 
-        acct = event["account"]
-        keys = ["ember:ledger:seen:" + event["request_id"], "ember:ledger:events",
-                "ember:ledger:totals:" + acct, "ember:ledger:spend:" + acct]
+        acct, p = event["account"], self.prefix
+        keys = [p + "seen:" + event["request_id"], self.stream, p + "totals:" + acct, p + "spend:" + acct]
         args = [json.dumps(event), f"{event['model']}|{event['day']}", event["prompt_tokens"],
-                event["cached_tokens"], event["completion_tokens"], repr(event["cost_usd"]), event["day"][:7]]
+                event["cached_tokens"], event["completion_tokens"], repr(event["cost_usd"]), event["day"][:7],
+                self.max_events, SEEN_TTL_S]
         return bool(await _redis_call(self._record(keys=keys, args=args)))
 
     async def totals(self, account: str) -> list[dict]:
-        raw = await _redis_call(self._r.hgetall("ember:ledger:totals:" + account))
+        raw = await _redis_call(self._r.hgetall(self.prefix + "totals:" + account))
         rows: dict[tuple[str, str], dict] = {}
         for field, value in raw.items():
             model, day, counter = field.rsplit("|", 2)
@@ -341,7 +367,7 @@ class RedisLedgerStore:
         return [{"model": m, "day": d, **v} for (m, d), v in sorted(rows.items())]
 
     async def spend(self, account: str, month: str) -> tuple[float, float]:
-        raw = await _redis_call(self._r.hmget("ember:ledger:spend:" + account, "all", month))
+        raw = await _redis_call(self._r.hmget(self.prefix + "spend:" + account, "all", month))
         return float(raw[0] or 0.0), float(raw[1] or 0.0)
 
 

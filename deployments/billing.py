@@ -1,28 +1,63 @@
 """Accounts as the ingress sees them, and the usage ledger it writes.
 
 Every completed or client-closed request becomes one usage event keyed by its request id. The
-ingress writes it (not the replica, which may die after generating) with retries, and the
-store's idempotent ``record`` makes a retried write count once. Account records and spend are
-cached for a few seconds per replica, and spend is bumped locally on every event, so the hot
-path never waits on the store for them.
+ingress writes it (not the replica, which may die after generating). ``bill`` first puts it in a
+local SQLite outbox (``deployments.outbox``), durable before ``bill`` returns; a background
+drainer then moves it into the ledger store, retrying with backoff while the store is down. The
+outbox file is shared by the ingress processes of a node and outlives them, so events that a
+crashed or redeployed ingress could not deliver (say, during a Redis outage) are delivered by the
+next one to start. The store's idempotent ``record`` makes a redelivered event count once.
+
+With ``memory://`` the ledger is the ingress process's own memory, which is not durable: whatever
+reached it dies with the process. Its outbox is in memory too (``outbox_path``), since a file
+would only hand one process's events to another, unrelated ledger.
+
+Account records and spend are cached for a few seconds per replica, and spend is bumped locally
+on every event, so the hot path never waits on the store for them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import hashlib
 import logging
+import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from cluster.config import ModelConfig
+from cluster.config import ModelConfig, StoreConfig
 from cluster.stores import Stores, StoreUnavailable
+from deployments.outbox import Outbox
 from policies.pricing import Price, request_cost, spend_status, spend_tier
 
 log = logging.getLogger("ember.billing")
 
 ACCOUNT_CACHE_TTL_S = 5.0
-RECORD_ATTEMPTS = 8
+RETRY_MIN_S, RETRY_MAX_S = 0.05, 5.0
+# An idle drainer still looks this often for rows left by other processes (crashed, or whose
+# lease ran out).
+RESCAN_S = 30.0
+BATCH = 100
+CLOSE_FLUSH_S = 5.0
+
+
+def outbox_path(store: StoreConfig) -> Path:
+    """The outbox for a store: ``<outbox_dir or <tmp>/ember-outbox>/ledger-<hash of url>.sqlite``.
+
+    One file per store URL, so two stores never share one (hashed: a URL may hold a password).
+    ``memory://`` gets ``:memory:``, an outbox private to the process like its ledger.
+    """
+    if store.url == "memory://":
+        return Path(":memory:")
+    folder = Path(store.outbox_dir) if store.outbox_dir else Path(tempfile.gettempdir()) / "ember-outbox"
+    return folder / f"ledger-{hashlib.sha256(store.url.encode()).hexdigest()[:16]}.sqlite"
+
+
+_default_outbox_path = outbox_path  # Billing's parameter of that name hides it
 
 
 @dataclass
@@ -52,12 +87,26 @@ def _today() -> str:
 
 
 class Billing:
-    def __init__(self, stores: Stores, default_tier: int, fail_open: bool = True):
+    """Accounts (cached) and usage events (outbox, then ledger).
+
+    ``outbox_path`` defaults to ``outbox_path(StoreConfig(url=stores.url))``. The drainer starts
+    with the first ``bill``, ``flush`` or an explicit ``start()`` on a running event loop.
+    """
+
+    def __init__(self, stores: Stores, default_tier: int, fail_open: bool = True,
+                 outbox_path: str | Path | None = None):
         self.stores = stores
         self.default_tier = default_tier
         self.fail_open = fail_open
         self._cache: dict[str, AccountView] = {}
-        self._pending: set[asyncio.Task] = set()
+        if outbox_path is None:
+            outbox_path = _default_outbox_path(StoreConfig(url=stores.url))
+        self.outbox = Outbox(outbox_path)
+        self._unsaved: list[dict] = []  # events the outbox refused (disk full?): delivered from memory
+        self._drainer: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()  # one delivery pass at a time in this process
+        self._closed = False
 
     async def account(self, account: str) -> AccountView:
         view = self._cache.get(account)
@@ -91,7 +140,10 @@ class Billing:
 
     def bill(self, request_id: str, account: str, model: ModelConfig, tier: str, prompt: int, cached: int,
              completion: int) -> dict:
-        """Price one request and write its usage event in the background (retried, idempotent)."""
+        """Price one request and store its usage event durably; it reaches the ledger in the background.
+
+        Synchronous and never awaits: it runs on the request's exit path, even during cancellation.
+        """
         price, discount = price_for(model, tier)
         cost = request_cost(price, prompt, cached, completion, discount)
         event = {
@@ -99,31 +151,102 @@ class Billing:
             "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
             "cost_usd": cost, "day": _today(), "ts": time.time(),
         }
+        try:
+            self.outbox.put(event)
+        except sqlite3.Error:
+            log.exception("outbox %s refused usage event %s; it is kept in memory only",
+                          self.outbox.path, request_id)
+            self._unsaved.append(event)
         view = self._cache.get(account)
         if view is not None:
             view.total_usd += cost
             view.month_usd += cost
-        task = asyncio.get_running_loop().create_task(self._record(event))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        if not self._closed:
+            with contextlib.suppress(RuntimeError):  # no running loop: the next start() delivers it
+                self.start()
+                self._wake.set()
         return event
 
-    async def _record(self, event: dict) -> None:
-        # Retried until the store takes it: the event id makes a repeated write count once.
-        delay, attempt = 0.05, 0
+    def backlog(self) -> int:
+        """Usage events not yet in the ledger: this node's outbox (every process sharing the file)."""
+        return self.outbox.count() + len(self._unsaved)
+
+    def start(self) -> None:
+        """Start the drainer if it is not running. Its first pass delivers what the outbox already
+        holds, including events a crashed process left there."""
+        loop = asyncio.get_running_loop()
+        if self._drainer is None or self._drainer.done() or self._drainer.get_loop() is not loop:
+            # Fresh primitives: an earlier loop (a notebook's asyncio.run) may have bound the old ones.
+            self._wake, self._lock = asyncio.Event(), asyncio.Lock()
+            self._drainer = loop.create_task(self._drain_forever(), name="ember-billing-drainer")
+
+    async def _drain_forever(self) -> None:
+        delay = RETRY_MIN_S
         while True:
+            self._wake.clear()
             try:
-                await self.stores.ledger.record(event)
-                return
-            except StoreUnavailable:
-                attempt += 1
-                if attempt == RECORD_ATTEMPTS:
-                    log.error("usage event %s still not recorded after %d attempts; retrying",
-                              event["request_id"], attempt)
+                async with self._lock:
+                    await self._deliver()
+            except Exception as exc:  # mostly StoreUnavailable; the events stay in the outbox
+                log.warning("usage events not delivered (%d pending); retrying in %.2fs: %s",
+                            self.backlog(), delay, exc)
+                # Not woken early by new events: they must not hammer a store that is down.
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            delay = RETRY_MIN_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), RESCAN_S)
+
+    async def _deliver(self, limit: int | None = None) -> None:
+        """Move pending events into the ledger, oldest first; the first store error ends the pass."""
+        while self._unsaved:
+            await self.stores.ledger.record(self._unsaved[0])
+            self._unsaved.pop(0)
+        while limit is None or limit > 0:
+            batch = self.outbox.pending(BATCH if limit is None else min(BATCH, limit))
+            if not batch:
+                return
+            delivered: list[str] = []
+            try:
+                for event in batch:
+                    await self.stores.ledger.record(event)
+                    delivered.append(event["request_id"])
+            finally:
+                # Also on error or cancellation: the rest goes back at once, not when its lease ends.
+                self.outbox.done(delivered)
+                self.outbox.release(e["request_id"] for e in batch[len(delivered):])
+            if limit is not None:
+                limit -= len(batch)
 
     async def flush(self, timeout_s: float | None = None) -> None:
-        """Wait for pending usage writes (shutdown, reads of usage)."""
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=timeout_s)
+        """Deliver what is pending now (before reading usage, at shutdown), within ``timeout_s``.
+
+        Never raises for an unreachable store: what is left stays in the outbox for the drainer.
+        """
+        if not self._closed:
+            self.start()
+        lock = self._lock
+
+        async def deliver_now() -> None:
+            async with lock:
+                await self._deliver(limit=self.backlog())
+
+        try:
+            await asyncio.wait_for(deliver_now(), timeout_s)
+        except Exception as exc:  # timeout or StoreUnavailable
+            log.info("flush left %d usage events pending: %r", self.backlog(), exc)
+
+    async def close(self, timeout_s: float = CLOSE_FLUSH_S) -> None:
+        """Stop the drainer after a last flush; undelivered events stay in the outbox file for
+        the next process on this node."""
+        await self.flush(timeout_s)
+        self._closed = True
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
+        left = self.backlog()
+        if left:
+            log.warning("%d usage events left in outbox %s for the next ingress", left, self.outbox.path)
+        self.outbox.close()

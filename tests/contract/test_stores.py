@@ -10,8 +10,10 @@ import pytest
 
 from cluster.stores import (
     MemoryKeyStore,
+    MemoryLedgerStore,
     MemoryLimitStore,
     RedisKeyStore,
+    RedisLedgerStore,
     RedisLimitStore,
     StoreUnavailable,
     hash_key,
@@ -76,5 +78,113 @@ def test_unreachable_redis_raises_store_unavailable():
             await store.load("x")
         with pytest.raises(StoreUnavailable):
             await store.save("x", {}, 1.0)
+
+    _run(go())
+
+
+# -- the usage ledger ---------------------------------------------------------------------------
+
+@pytest.fixture
+def ledger_prefix():
+    """Redis keys of one test's ledger, removed afterwards (the seen ids would live 7 days)."""
+    import redis
+
+    prefix = f"ember:test:{uuid.uuid4().hex}:ledger:"
+    yield prefix
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(prefix + "*"))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+def _ledger(kind, prefix, max_events=10_000):
+    if kind == "memory":
+        return MemoryLedgerStore(max_events=max_events)
+    return RedisLedgerStore(REDIS_URL, max_events=max_events, prefix=prefix)
+
+
+def usage_event(account, n=0, model="accounts/t/models/m", day="2026-05-09", cost=0.25):
+    return {"request_id": uuid.uuid4().hex, "account": account, "model": model, "tier": "standard",
+            "prompt_tokens": 10 + n, "cached_tokens": n % 3, "completion_tokens": 2 * n, "cost_usd": cost,
+            "day": day, "ts": 0.0}
+
+
+def test_ledger_records_a_request_id_once(kind, ledger_prefix):
+    async def go():
+        ledger = _ledger(kind, ledger_prefix)
+        event = usage_event("acct-" + uuid.uuid4().hex, n=4)
+        assert await ledger.record(event) is True
+        assert await ledger.record(dict(event)) is False  # a retry whose answer was lost
+        [row] = await ledger.totals(event["account"])
+        assert (row["requests"], row["prompt_tokens"], row["cached_tokens"], row["completion_tokens"]) == (1, 14, 1, 8)
+        assert await ledger.spend(event["account"], "2026-05") == pytest.approx((0.25, 0.25))
+
+    _run(go())
+
+
+def test_ledger_totals_and_spend_add_up(kind, ledger_prefix):
+    async def go():
+        ledger = _ledger(kind, ledger_prefix)
+        acct, other = "acct-" + uuid.uuid4().hex, "acct-" + uuid.uuid4().hex
+        events = [usage_event(acct, 1, day="2026-04-30", cost=0.5), usage_event(acct, 2, day="2026-05-01"),
+                  usage_event(acct, 3, day="2026-05-01"), usage_event(acct, 4, model="accounts/t/models/x"),
+                  usage_event(other, 5, cost=9.0)]
+        for e in events:
+            assert await ledger.record(e)
+        rows = {(r["model"], r["day"]): r for r in await ledger.totals(acct)}
+        assert set(rows) == {("accounts/t/models/m", "2026-04-30"), ("accounts/t/models/m", "2026-05-01"),
+                             ("accounts/t/models/x", "2026-05-09")}
+        may1 = rows[("accounts/t/models/m", "2026-05-01")]
+        assert (may1["requests"], may1["prompt_tokens"], may1["cached_tokens"], may1["completion_tokens"]) == \
+            (2, 25, 2, 10)
+        assert may1["cost_usd"] == pytest.approx(0.5)
+        assert await ledger.spend(acct, "2026-05") == pytest.approx((1.25, 0.75))
+        assert await ledger.spend(acct, "2026-04") == pytest.approx((1.25, 0.5))
+        assert await ledger.spend(other, "2026-05") == pytest.approx((9.0, 9.0))
+        assert await ledger.spend("acct-nobody", "2026-05") == (0.0, 0.0)
+
+    _run(go())
+
+
+def test_ledger_trims_raw_events_but_keeps_totals_exact(kind, ledger_prefix):
+    keep, n = 10, 300
+
+    async def go():
+        ledger = _ledger(kind, ledger_prefix, max_events=keep)
+        acct = "acct-" + uuid.uuid4().hex
+        events = [usage_event(acct, i, cost=0.125) for i in range(n)]
+        for e in events:
+            assert await ledger.record(e)
+        [row] = await ledger.totals(acct)
+        assert row["requests"] == n
+        assert row["prompt_tokens"] == sum(e["prompt_tokens"] for e in events)
+        assert row["completion_tokens"] == sum(e["completion_tokens"] for e in events)
+        assert row["cost_usd"] == pytest.approx(0.125 * n)
+        assert await ledger.spend(acct, "2026-05") == pytest.approx((0.125 * n, 0.125 * n))
+        assert await ledger.record(events[-1]) is False  # still deduped after trimming
+        return ledger, events
+
+    ledger, events = _run(go())
+    if kind == "memory":
+        assert [e["request_id"] for e in ledger.events] == [e["request_id"] for e in events[-keep:]]
+    else:
+        import redis
+
+        r = redis.Redis.from_url(REDIS_URL)
+        # MAXLEN ~ trims whole stream nodes only, so up to one node's worth more may remain.
+        node = int(r.config_get("stream-node-max-entries")["stream-node-max-entries"])
+        assert keep <= r.xlen(ledger.stream) <= keep + node < n
+        r.close()
+
+
+def test_memory_ledger_dedupes_within_its_window_of_recent_ids():
+    async def go():
+        ledger = MemoryLedgerStore(dedupe_ids=5)
+        events = [usage_event("acct-w", i) for i in range(8)]
+        for e in events:
+            assert await ledger.record(e)
+        assert not await ledger.record(events[-1]) and not await ledger.record(events[3])
+        assert await ledger.record(events[0])  # older than the window: documented, counted again
 
     _run(go())
