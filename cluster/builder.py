@@ -39,6 +39,13 @@ class ServedModelPool(ModelPool):
         await self.shutdown()
 
 
+class ServedIngress(Ingress):
+    async def __init__(self, *args, **kwargs):  # type: ignore[misc]  # Serve awaits async inits
+        Ingress.__init__(self, *args, **kwargs)
+        # Deliver what a crashed replica left in this node's usage outbox, traffic or not.
+        self.rt.billing.start()
+
+
 def _scaling(num_replicas: int | None, autoscaling) -> dict[str, Any]:
     if autoscaling is not None:
         return {"autoscaling_config": autoscaling.to_serve()}
@@ -88,7 +95,8 @@ def pool_deployment(model: ModelConfig, config: EmberConfig):
         name=model.deployment_name,
         max_ongoing_requests=model.max_ongoing_requests,
         ray_actor_options={**model.resources.to_serve(), "runtime_env": {"env_vars": env}},
-        health_check_period_s=10,
+        # Cheap (the engine says whether it is alive): a dead engine is replaced within seconds.
+        health_check_period_s=2,
         graceful_shutdown_timeout_s=30,
         logging_config=_logging(config),
         **_router(model.routing, model.engine.max_num_seqs),
@@ -123,7 +131,7 @@ def build_app(args: dict | EmberConfig) -> Application:
                     or "autoscaled")
     pools = {m.id: pool_deployment(m, config) for m in config.models if m.served}
     ing = config.ingress
-    return serve.deployment(Ingress).options(
+    return serve.deployment(ServedIngress).options(
         name="ingress",
         max_ongoing_requests=ing.max_ongoing_requests,
         ray_actor_options={"num_cpus": ing.num_cpus, "runtime_env": {"env_vars": {

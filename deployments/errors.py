@@ -2,7 +2,9 @@
 
 Every error body is ``{"error": {"message", "type", "param", "code"}}``. Handlers raise
 ``ApiError`` (or let library exceptions escape); ``to_error`` decides the status, and
-``error_response`` / ``error_sse_event`` render it for plain and streaming responses.
+``error_response`` / ``error_sse_event`` render it for plain and streaming responses. The errors
+the platform itself raises (overload, timeouts, lost replicas) are built by the catalogue below,
+so each is spelled once.
 """
 
 from __future__ import annotations
@@ -14,8 +16,16 @@ import logging
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, TaskCancelledError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    RequestCancelledError,
+)
+
 from cluster.stores import StoreUnavailable
-from deployments.engines.protocol import EngineRequestError
+from deployments.engines.protocol import EngineDeadError, EngineRequestError
 
 log = logging.getLogger("ember.errors")
 
@@ -55,6 +65,50 @@ def not_found(message: str, param: str | None = None, code: str = "not_found") -
     return ApiError(404, message, param=param, code=code)
 
 
+# -- the catalogue of platform errors -----------------------------------------------------------
+
+RETRY_SOON = {"Retry-After": "1"}
+
+
+def overloaded(model_id: str, expected_wait_s: float | None = None) -> ApiError:
+    wait = f" (expected queue wait {expected_wait_s:.2f} s)" if expected_wait_s is not None else ""
+    return ApiError(503, f"{model_id} is overloaded{wait}; retry shortly", type="service_unavailable",
+                    code="overloaded", headers=RETRY_SOON)
+
+
+def replica_unavailable() -> ApiError:
+    return ApiError(503, "the model replica serving this request failed or is restarting; retry shortly",
+                    type="service_unavailable", code="replica_unavailable", headers=RETRY_SOON)
+
+
+def stream_interrupted() -> ApiError:
+    return ApiError(503, "the model stream ended early; the tokens sent so far are billed; retry the request",
+                    type="service_unavailable", code="stream_interrupted", headers=RETRY_SOON)
+
+
+def request_timeout() -> ApiError:
+    return ApiError(504, "the model did not answer in time", type="timeout_error", code="timeout")
+
+
+def stream_stalled(idle_s: float) -> ApiError:
+    return ApiError(504, f"the model sent nothing for {idle_s:g} s; the stream was ended",
+                    type="timeout_error", code="stream_timeout")
+
+
+def store_unavailable(what: str) -> ApiError:
+    return ApiError(503, f"{what} is unavailable; retry shortly", type="service_unavailable",
+                    code="store_unavailable", headers=RETRY_SOON)
+
+
+# A replica that is gone, stopping or refusing: the platform's fault, never the caller's.
+REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError,
+                DeploymentUnavailableError, EngineDeadError)
+
+
+def is_replica_loss(exc: BaseException) -> bool:
+    return isinstance(_unwrap(exc), REPLICA_LOST)
+
+
 def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     err = exc.errors(include_url=False)[0]
     loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "tagged-union"))]
@@ -87,16 +141,14 @@ def to_error(exc: BaseException) -> ApiError:
         return bad_request(f"request body is not valid JSON: {exc.msg} at position {exc.pos}",
                            code="invalid_json")
     if isinstance(exc, StoreUnavailable):
-        return ApiError(503, "rate limiting is unavailable; retry shortly", type="service_unavailable",
-                        code="limiter_unavailable")
+        return store_unavailable("the account and usage store")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return ApiError(504, "the model did not answer in time", type="timeout_error", code="timeout")
-    name = type(exc).__name__
-    # Overload and replica loss from Ray Serve: the platform's fault, not the caller's.
-    if name in {"BackPressureError", "DeploymentUnavailableError", "ActorDiedError",
-                "ActorUnavailableError", "RayActorError", "RequestCancelledError"}:
-        return ApiError(503, "the model is overloaded or restarting; retry shortly",
-                        type="service_unavailable", code="overloaded")
+        return request_timeout()
+    if isinstance(exc, BackPressureError):
+        return ApiError(503, "the model is overloaded; retry shortly", type="service_unavailable",
+                        code="overloaded", headers=RETRY_SOON)
+    if isinstance(exc, REPLICA_LOST + (RequestCancelledError, TaskCancelledError)):
+        return replica_unavailable()
     log.exception("unhandled error", exc_info=exc)
     return ApiError(500, "internal error", type="server_error", code="internal_error")
 

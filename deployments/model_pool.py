@@ -1,10 +1,15 @@
 """A model-pool replica: one engine, two ways to call it.
 
-``generate`` returns the whole result in one message (non-streamed requests). ``generate_stream``
-yields coalesced outputs: the first as soon as it exists (time to first token), then one message
-per ``engine.stream_interval_s`` holding everything produced meanwhile, and the final output as
-soon as the request ends. Each Serve message costs far more than a token (DESIGN.md §5), so this
-keeps a replica's message rate flat however fast it generates.
+``generate_stream`` yields coalesced outputs: the first as soon as it exists (time to first token,
+and the cached-token count), then one message per interval holding everything produced
+meanwhile, and the final output as soon as the request ends. Each Serve message costs far more
+than a token, so this keeps a replica's message rate flat however fast it generates. The ingress
+uses it for non-streamed requests too, with a longer interval: the progress it sees is what a
+request abandoned half-way is billed for. ``generate`` (the whole result in one message) is the
+bare passthrough the gateway benchmark compares against.
+
+When the caller cancels (the client left, a deadline passed), Serve cancels ``generate_stream``;
+its ``finally`` cancels the pump, whose engine generator aborts the request in the engine.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ class ModelPool:
         merged.replica_span = (started, time.time())
         return merged
 
-    async def generate_stream(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def generate_stream(self, request: EngineRequest,
+                              interval_s: float | None = None) -> AsyncIterator[EngineOutput]:
         started = time.time()
         queue: asyncio.Queue = asyncio.Queue()
         ended = asyncio.Event()  # the engine finished, failed or was cancelled
@@ -54,7 +60,7 @@ class ModelPool:
 
         loop = asyncio.get_running_loop()
         task = loop.create_task(pump())
-        interval = self.model.engine.stream_interval_s
+        interval = self.model.engine.stream_interval_s if interval_s is None else interval_s
         last_sent: float | None = None
         try:
             while True:
@@ -87,10 +93,18 @@ class ModelPool:
                 task.cancel()  # the engine's generator sees the cancel and aborts the request
 
     async def check_health(self) -> None:
-        # Serve calls this periodically; an exception marks the replica unhealthy.
-        health = getattr(self.engine, "check_health", None)
-        if health is not None:
-            await health()
+        # Serve calls this periodically; an exception marks the replica unhealthy and Serve
+        # replaces it (and stops routing to it).
+        await self.engine.check_health()
+
+    def stats(self) -> dict:
+        """What the engine holds now (for operators, fault tests and leak checks)."""
+        running = getattr(self.engine, "num_running", None)
+        waiting = getattr(self.engine, "num_waiting", None)
+        unfinished = getattr(self.engine, "num_unfinished_requests", None)
+        if unfinished is None:
+            unfinished = (running or 0) + (waiting or 0)
+        return {"replica": self.replica_tag, "unfinished": unfinished}
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()

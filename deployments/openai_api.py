@@ -19,6 +19,8 @@ from deployments.engines.protocol import (
 )
 
 MAX_STOP = 4
+INT64 = (-(2**63), 2**63 - 1)  # OpenAI's range for seed; beyond it vLLM's sampler dies
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]  # the vocabulary bound is checked per model
 
 
 class _Req(BaseModel):
@@ -50,12 +52,12 @@ class StreamOptions(_Req):
 
 class _Common(_Req):
     model: str = Field(min_length=1, max_length=512)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)
-    n: int = Field(1, ge=1)
-    seed: int | None = None
+    top_k: int = Field(0, ge=-1, le=1_000_000)
+    n: int = Field(1, ge=1, le=128)
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -105,7 +107,7 @@ class _Common(_Req):
 
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     service_tier: Literal["auto", "default", "priority", "flex", "scale", "fast"] | None = None
@@ -125,7 +127,7 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[Annotated[int, Field(ge=0)]], list[str], list[list[int]]]
+    prompt: Union[str, list[TokenId], list[str], list[list[TokenId]]]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None

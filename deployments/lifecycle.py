@@ -1,0 +1,287 @@
+"""What happens to a request: one object owns everything a generation request acquires.
+
+A ``RequestLife`` takes, in order: an admission (spend check and a rate-limit reservation), a slot
+at the pool's gate, and an engine stream on a pool replica. ``settle()`` gives back exactly what
+was taken, exactly once, on every way out:
+
+================================  ===========  ===============  ==========================  =========
+exit                              slot         engine request   rate-limit reservation      usage event
+================================  ===========  ===============  ==========================  =========
+normal end                        released     ended by itself  settled to usage            usage
+client leaves before dispatch     released*    —                refunded                    none
+client leaves after output began  released     aborted          prompt + generated so far   same
+deadline (504) or stalled stream  released     aborted          what ran (as above)         same
+replica lost before any output    retried once on another replica, then 503; nothing billed
+replica lost mid-stream           released     (gone)           what ran                    same
+ingress shutdown                  Serve cancels the request: as "client leaves"
+================================  ===========  ===============  ==========================  =========
+
+(* if it held one.) "What ran" is what the ingress has seen: the first output carries the
+prompt's cached-token count, later outputs the tokens generated so far (streams coalesce per
+``engine.stream_interval_s``, non-streamed requests report progress every
+``NON_STREAM_PROGRESS_S``). A request that produced no output is not billed: nothing shows that
+the engine ran it.
+
+``settle()`` is synchronous and never raises, so it is safe in ``finally`` blocks while the task
+is being cancelled; the usage event it writes is durable (``deployments.billing``'s outbox)
+before it returns. Streams call it from the response's own ``__call__`` (``LifeStream``), which
+Serve runs and cancels, because a generator's ``finally`` never runs if the client leaves before
+the first chunk, and a Starlette background task never runs on cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from starlette.responses import StreamingResponse
+
+from cluster.config import EmberConfig, ModelConfig
+from cluster.stores import StoreUnavailable
+from deployments.billing import Billing
+from deployments.engines.protocol import EngineMetrics, EngineOutput, Usage
+from deployments.errors import (
+    ApiError,
+    is_replica_loss,
+    request_timeout,
+    store_unavailable,
+    stream_interrupted,
+    stream_stalled,
+)
+from deployments.pool_gate import PoolGate
+from deployments.rate_limiter import Admission, LimiterClient, rate_limit_headers
+from deployments.serving import Job
+
+log = logging.getLogger("ember.lifecycle")
+
+NON_STREAM_PROGRESS_S = 0.5  # how often a non-streamed request's replica reports progress
+SPEND_WARNING_HEADER = "x-ember-spend-warning"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Runtime:
+    """What every request of one ingress replica shares."""
+
+    config: EmberConfig
+    pools: dict[str, Any]  # model id -> DeploymentHandle of its pool
+    gates: dict[str, PoolGate]
+    limiter: LimiterClient | None
+    billing: Billing
+
+
+def lifecycle_headers(model: ModelConfig) -> dict[str, str]:
+    """RFC 9745 `Deprecation` and RFC 8594 `Sunset` for a deprecated model."""
+    lc = model.lifecycle
+    if lc.status != "deprecated" or lc.deprecated_on is None or lc.removal_date is None:
+        return {}
+    import calendar
+    from email.utils import formatdate
+
+    noticed = calendar.timegm(lc.deprecated_on.timetuple())
+    sunset = calendar.timegm(lc.removal_date.timetuple())
+    h = {"Deprecation": f"@{noticed}", "Sunset": formatdate(sunset, usegmt=True)}
+    if lc.replacement:
+        h["Link"] = f'<{lc.replacement}>; rel="successor-version"'
+    return h
+
+
+class RequestLife:
+    def __init__(self, rt: Runtime, job: Job, account: str, started: float):
+        self.rt = rt
+        self.job = job
+        self.account = account
+        self.started = started  # perf_counter at arrival
+        self.admission: Admission | None = None
+        self.gate: PoolGate | None = None
+        self.stream: Any = None  # DeploymentResponseGenerator
+        self.dispatched_at = 0.0
+        self.cached: int | None = None
+        self.generated = 0
+        self.final: EngineOutput | None = None
+        self.settled = False
+        self.billed: dict | None = None  # the usage event, once written
+
+    # -- acquiring -----------------------------------------------------------------------------
+
+    async def admit(self) -> dict[str, str]:
+        """Spend limit (402) and rate limits (429), decided at once, never queued.
+
+        Returns the headers every response carries: rate limits, lifecycle, spend warnings.
+        """
+        model = self.job.model
+        headers = lifecycle_headers(model)
+        try:
+            acct = await self.rt.billing.account(self.account)
+        except StoreUnavailable:
+            raise store_unavailable("the account store") from None
+        if acct.status == "stop":
+            raise ApiError(402, f"the monthly spend limit of ${acct.monthly_limit_usd:.2f} is reached "
+                                f"(${acct.month_usd:.2f} spent this month); raise it to continue",
+                           type="billing_error", code="spend_limit_reached")
+        if acct.status == "warn":
+            headers[SPEND_WARNING_HEADER] = (f"{acct.month_usd / acct.monthly_limit_usd:.0%} of the monthly "
+                                             f"spend limit of ${acct.monthly_limit_usd:.2f} is used")
+        limiter = self.rt.limiter
+        if limiter is None:
+            return headers
+        req = self.job.engine_request
+        cost = limiter.reservation(len(req.prompt_token_ids), req.sampling.max_tokens, req.sampling.n)
+        try:
+            adm = await limiter.admit(self.account, model, acct.spend_tier, cost)
+        except StoreUnavailable:
+            raise store_unavailable("rate limiting") from None
+        headers.update(rate_limit_headers(adm, self.rt.config.rate_limit.requests_per_minute))
+        if not adm.allowed:
+            what = {"requests": "requests per minute", "prompt": "prompt tokens per minute",
+                    "uncached": "uncached (cache-adjusted) prompt tokens per minute",
+                    "generated": "generated tokens per minute"}.get(adm.exhausted or "", adm.exhausted)
+            raise ApiError(429, f"rate limit exceeded for {model.id}: {what}; retry after "
+                                f"{adm.retry_after_s:.3f} s", type="rate_limit_error",
+                           code="rate_limit_exceeded", param=adm.exhausted,
+                           headers={**headers, "Retry-After": str(max(1, math.ceil(adm.retry_after_s)))})
+        self.admission = adm
+        return headers
+
+    async def take_slot(self) -> None:
+        gate = self.rt.gates[self.job.model.id]
+        await gate.acquire(self.job.billed_tier, self.job.model.id)
+        self.gate = gate
+
+    async def start(self) -> EngineOutput:
+        """Dispatch to a replica and wait for the first output.
+
+        A replica lost before it sent anything (killed, restarting, its engine dead) costs the
+        caller nothing: the request goes once more, under a derived session key so that the ring
+        places it afresh if the lost replica still looks alive.
+        """
+        ing = self.rt.config.ingress
+        interval = None if self.job.stream else NON_STREAM_PROGRESS_S
+        for attempt in (0, 1):
+            session = self.job.session if attempt == 0 else self.job.session + "#retry"
+            # The proxy attaches a session id only on its own hop; this hop needs it set again.
+            pool = self.rt.pools[self.job.model.id].options(session_id=session, stream=True)
+            self.dispatched_at = time.perf_counter()
+            self.stream = pool.generate_stream.remote(self.job.engine_request, interval)
+            try:
+                return await self._next(ing.request_timeout_s, request_timeout())
+            except Exception as exc:
+                if attempt == 1 or not is_replica_loss(exc):
+                    raise
+                log.warning("replica lost before the first output of %s; retrying once",
+                            self.job.engine_request.request_id)
+                self.stream.cancel()
+                self.stream = None
+        raise AssertionError("unreachable")
+
+    async def next(self) -> EngineOutput:
+        """The next output of a started request, within the deadlines."""
+        ing = self.rt.config.ingress
+        if self.job.stream:
+            return await self._next(ing.stream_idle_timeout_s, stream_stalled(ing.stream_idle_timeout_s))
+        left = ing.request_timeout_s - (time.perf_counter() - self.started)
+        return await self._next(max(left, 0.0), request_timeout())
+
+    async def _next(self, timeout_s: float, on_timeout: ApiError) -> EngineOutput:
+        try:
+            async with asyncio.timeout(timeout_s):
+                out: EngineOutput = await self.stream.__anext__()
+        except TimeoutError:
+            raise on_timeout from None
+        except StopAsyncIteration:
+            raise stream_interrupted() from None
+        except Exception as exc:
+            if is_replica_loss(exc) and self.cached is not None:
+                raise stream_interrupted() from exc  # output began: what came is billed
+            raise
+        self._saw(out)
+        return out
+
+    def _saw(self, out: EngineOutput) -> None:
+        if out.cached_tokens is not None and self.cached is None:
+            self.cached = out.cached_tokens
+        for d in out.deltas:
+            self.generated += len(d.token_ids)
+        if self.cached is None and out.deltas:
+            self.cached = 0  # an engine that reports no cached count: bill the prompt uncached
+        if out.final:
+            self.final = out
+            if out.metrics is not None and self.gate is not None:
+                self.gate.observe(out.metrics.processing_time_s)
+
+    async def outputs(self, first: EngineOutput) -> AsyncIterator[EngineOutput]:
+        out = first
+        while True:
+            yield out
+            if out.final:
+                return
+            out = await self.next()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def usage(self) -> Usage | None:
+        """What the request is billed for: the engine's usage, or what ran before it ended early."""
+        if self.final is not None and self.final.usage is not None:
+            return self.final.usage
+        if self.cached is None:
+            return None  # no output: nothing shows the engine ran it
+        return Usage(len(self.job.engine_request.prompt_token_ids), self.generated, self.cached)
+
+    def server_metrics(self) -> EngineMetrics:
+        # Server time counts from the ingress receiving the request: time spent here before
+        # dispatch plus what the engine measured.
+        m = (self.final.metrics if self.final is not None else None) or EngineMetrics(0.0, 0.0)
+        before = self.dispatched_at - self.started
+        return EngineMetrics(before + m.time_to_first_token_s, time.perf_counter() - self.started)
+
+    # -- settling ------------------------------------------------------------------------------
+
+    def settle(self) -> None:
+        """Give back what was taken, once; safe to call on every path, never raises."""
+        if self.settled:
+            return
+        self.settled = True
+        usage = self.usage
+        if self.stream is not None and self.final is None:
+            _quietly(self.stream.cancel)  # Serve cancels the replica's generator: the engine aborts
+        if self.gate is not None:
+            _quietly(self.gate.release)
+        if self.admission is not None and self.rt.limiter is not None:
+            u = usage or Usage(0, 0, 0)
+            _quietly(self.rt.limiter.settle, self.admission, u.prompt_tokens, u.cached_tokens,
+                     u.completion_tokens)
+        if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
+            self.billed = _quietly(self.rt.billing.bill, self.job.engine_request.request_id, self.account,
+                                   self.job.model, self.job.billed_tier, usage.prompt_tokens,
+                                   usage.cached_tokens, usage.completion_tokens)
+
+
+def _quietly(fn, *args):
+    try:
+        return fn(*args)
+    except Exception:  # one failing step must not skip the others
+        log.exception("settling a request: %s failed", getattr(fn, "__qualname__", fn))
+        return None
+
+
+class LifeStream(StreamingResponse):
+    """A streamed response that settles its request however the response ends.
+
+    Serve awaits this object's ``__call__`` and cancels it when the client leaves; the ``finally``
+    runs then too, even if the body generator never started.
+    """
+
+    def __init__(self, life: RequestLife, body: AsyncIterator[bytes], headers: dict[str, str]):
+        super().__init__(body, media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
+        self.life = life
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.life.settle()
