@@ -109,6 +109,8 @@ class Ingress:
             path = path[len(root):]
         if path.startswith("/admin/"):
             return lambda req, rid: self.admin.handle(req, path[len("/admin/"):])
+        if path == "/openapi.json" and request.method == "GET":
+            return self.openapi
         for prefix in API_PREFIXES:
             if path.startswith(prefix):
                 tail = path[len(prefix):].rstrip("/")
@@ -215,6 +217,12 @@ class Ingress:
             life.settle()
 
     # -- other endpoints ----------------------------------------------------------------
+
+    async def openapi(self, request: Request, rid: str) -> Response:
+        """The API's description, generated from the request models (public, like a docs page)."""
+        from deployments.openapi import openapi_document
+
+        return JSONResponse(openapi_document(self.config))
 
     async def list_models(self, request: Request, rid: str) -> Response:
         await self.auth.account(request)
