@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_FILE = REPO_ROOT.parent / "shared" / "openai-schema" / "openai-subset.json"
+SCHEMA_FILE = REPO_ROOT / "tests" / "openai_schema" / "openai-subset.json"  # vendored, MIT
 DEMO_KEY = "ember-test-key-0001"
 ADMIN_TOKEN = "ember-test-admin-0001"
 SIM_MODEL = "accounts/ember/models/demo-sim"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Serve's proxy strips client control headers and answers in the OpenAI error shape, as under
+# `make run` (the Ray processes started below inherit it).
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deployments.proxy_guard:middlewares")
 
 
 def free_port() -> int:
