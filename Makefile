@@ -34,7 +34,8 @@ model: install
 run: model
 	@key="$${EMBER_DEMO_KEY:-$$($(PY) -c 'import secrets; print("ember-" + secrets.token_urlsafe(24))')}"; \
 	echo ""; echo "  Ember demo API key: $$key"; echo "  base_url: http://127.0.0.1:8000/v1"; echo ""; \
-	EMBER_DEMO_KEY="$$key" HF_HUB_OFFLINE=1 $(VENV)/bin/serve run $(CONFIG)
+	EMBER_DEMO_KEY="$$key" HF_HUB_OFFLINE=1 RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.proxy_guard:middlewares \
+	  $(VENV)/bin/serve run $(CONFIG)
 
 redis:
 	@redis-cli -h $(REDIS_HOST) -p $(REDIS_PORT) ping >/dev/null 2>&1 || { \

@@ -207,6 +207,9 @@ class ModelConfig(_Strict):
     lifecycle: LifecycleConfig = LifecycleConfig()
     max_ongoing_requests: int = Field(256, ge=1)
     owned_by: str | None = None
+    # Who may list and call it: a model is private to its owning account (the <owner> in its id)
+    # unless public. None: public when the platform account owns it (auth.platform_account).
+    public: bool | None = None
 
     @field_validator("id")
     @classmethod
@@ -249,6 +252,14 @@ class IngressConfig(_Strict):
     max_ongoing_requests: int = Field(512, ge=1)
     num_cpus: float = Field(0.5, ge=0)
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    # The whole body must arrive within this many seconds of the headers (408 otherwise), so a
+    # slow sender cannot hold an ingress slot.
+    body_read_timeout_s: float = Field(10.0, gt=0)
+    # Requests of one account in this ingress replica at once, counted before the body is read:
+    # one tenant cannot fill the replica's max_ongoing_requests for everyone (429 beyond it).
+    max_concurrent_per_account: int = Field(64, ge=1)
+    # Reads of /v1/usage per account and minute (they hit the store).
+    usage_requests_per_minute: int = Field(60, ge=1)
     # Upper bound on max_tokens a caller may ask for, whatever the context allows.
     max_completion_tokens: int = Field(4096, ge=1)
     max_n: int = Field(8, ge=1)
@@ -272,12 +283,57 @@ class IngressConfig(_Strict):
 
 
 class AuthConfig(_Strict):
-    demo_account: str = "demo"
+    """API keys, the demo key and the admin API (deployments/auth.py, deployments/admin.py).
+
+    Failed attempts are counted per source: the client address Serve's proxy puts in the request
+    (the TCP peer; uvicorn replaces it with the last untrusted X-Forwarded-For entry only when the
+    peer is in ``FORWARDED_ALLOW_IPS`` on the proxy, by default 127.0.0.1 and ::1).
+    """
+
+    # The demo key's account: created when the app starts, reserved (POST /admin/accounts → 409).
+    demo_account: str = Field("demo", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     # The demo key is read from this environment variable when the app is built; only its hash is
-    # kept. If the variable is unset, no demo key exists.
+    # kept. It becomes an ordinary, revocable key of the demo account. If the variable is unset,
+    # no demo key exists, and one seeded by an earlier start is removed from the store.
     demo_key_env: str = "EMBER_DEMO_KEY"
     # Likewise the admin API's token; unset, the admin API is off.
     admin_token_env: str = "EMBER_ADMIN_TOKEN"
+
+    # A verified key is cached by each ingress replica for `key_cache_ttl_s`, as long as the
+    # replica's revocation feed (Redis pub/sub) is live; otherwise for `revocation_max_delay_s`.
+    # A revoked key stops working everywhere within `revocation_max_delay_s`.
+    key_cache_ttl_s: float = Field(30.0, gt=0, le=3600)
+    revocation_max_delay_s: float = Field(1.0, gt=0, le=60)
+    key_cache_size: int = Field(100_000, ge=1)
+    # Unknown keys are remembered for this long (0: not at all), so a repeated bad key costs no
+    # store read.
+    unknown_key_cache_ttl_s: float = Field(2.0, ge=0, le=60)
+    unknown_key_cache_size: int = Field(10_000, ge=1)
+    # After `failed_auth_limit` bad keys from one source within `failed_auth_window_s`, its
+    # requests get 429 (code too_many_auth_failures, with Retry-After) until the window allows more.
+    failed_auth_limit: int = Field(20, ge=1)
+    failed_auth_window_s: float = Field(10.0, gt=0, le=3600)
+    failed_auth_sources: int = Field(10_000, ge=1)  # sources tracked per replica (least recent go)
+    # While the key store is unreachable, a key this replica verified within this many seconds
+    # keeps working (no revocation can reach the store meanwhile); 0: 503 at once (fail closed).
+    store_outage_grace_s: float = Field(300.0, ge=0)
+
+    # The admin API: off entirely with admin_enabled false (its routes do not exist), or moved to
+    # another path prefix. Failed admin tokens are throttled per source like API keys.
+    admin_enabled: bool = True
+    admin_prefix: str = "/admin/"
+    admin_failed_limit: int = Field(10, ge=1)
+    admin_failed_window_s: float = Field(60.0, gt=0, le=3600)
+
+    @field_validator("admin_prefix")
+    @classmethod
+    def _admin_prefix(cls, v: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+/", v):
+            raise ValueError("admin_prefix must look like /segment/ or /a/b/ (starting and ending with '/')")
+        for taken in ("/v1/", "/inference/", "/openapi.json"):
+            if v.startswith(taken) or taken.startswith(v):
+                raise ValueError(f"admin_prefix {v!r} overlaps the API route {taken!r}")
+        return v
 
 
 class RampConfig(_Strict):
@@ -297,8 +353,6 @@ class RateLimitConfig(_Strict):
     # admitted locally without a round trip; unused leases go back after `lease_idle_s`.
     lease_fraction: float = Field(0.02, gt=0, le=0.5)
     lease_idle_s: float = Field(1.0, gt=0)
-    # Generated tokens reserved at admission (at most max_tokens × n); settled to actual usage.
-    generated_reservation: int = Field(512, ge=1)
     requests_per_minute: int = Field(6000, ge=1)  # fixed account-wide cap
     # When the store (Redis) is unreachable: "open" keeps limiting from the actor's memory, serves
     # accounts from what the ingress last saw and queues usage events until the store is back;
@@ -343,7 +397,16 @@ class EmberConfig(_Strict):
                 raise ValueError(f"model {m.id!r}: replacement {repl!r} is not a served model in this config")
         if not any(m.served for m in self.models):
             raise ValueError("at least one model must be served (not removed)")
+        ing = self.ingress
+        if self.store.url == "memory://" and (ing.autoscaling is not None or (ing.num_replicas or 1) > 1):
+            raise ValueError("store memory:// lives in one ingress replica (keys, revocations, the ledger): "
+                             "use redis:// for more than one ingress replica")
         return self
+
+    def is_visible(self, model: ModelConfig, account: str) -> bool:
+        """Whether ``account`` may list and call ``model``: its owner always, others if public."""
+        public = model.public if model.public is not None else model.owner == self.auth.platform_account
+        return public or account == model.owner
 
     def model(self, model_id: str) -> ModelConfig | None:
         for m in self.models:

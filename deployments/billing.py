@@ -32,7 +32,7 @@ from pathlib import Path
 from cluster.config import ModelConfig, StoreConfig
 from cluster.stores import Stores, StoreUnavailable
 from deployments.outbox import Outbox
-from policies.pricing import Price, request_cost, spend_status, spend_tier
+from policies.pricing import Price, request_cost, spend_admits, spend_status, spend_tier
 
 log = logging.getLogger("ember.billing")
 
@@ -99,6 +99,7 @@ class Billing:
         self.default_tier = default_tier
         self.fail_open = fail_open
         self._cache: dict[str, AccountView] = {}
+        self._reserved: dict[str, float] = {}  # account -> worst-case cost of its running requests
         if outbox_path is None:
             outbox_path = _default_outbox_path(StoreConfig(url=stores.url))
         self.outbox = Outbox(outbox_path)
@@ -137,6 +138,22 @@ class Billing:
 
     def forget(self, account: str) -> None:
         self._cache.pop(account, None)
+
+    def reserve_spend(self, view: AccountView, usd: float) -> bool:
+        """Reserve a running request's worst-case cost against the monthly limit (this replica's
+        share: each ingress replica reserves what it runs)."""
+        reserved = self._reserved.get(view.id, 0.0)
+        if not spend_admits(view.month_usd, reserved, usd, view.monthly_limit_usd):
+            return False
+        self._reserved[view.id] = reserved + usd
+        return True
+
+    def release_spend(self, account: str, usd: float) -> None:
+        left = self._reserved.get(account, 0.0) - usd
+        if left > 1e-12:
+            self._reserved[account] = left
+        else:
+            self._reserved.pop(account, None)
 
     def bill(self, request_id: str, account: str, model: ModelConfig, tier: str, prompt: int, cached: int,
              completion: int) -> dict:

@@ -9,7 +9,10 @@ and calls it directly. Errors leave through ``deployments.errors`` only.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -30,12 +33,23 @@ from deployments.prompts import PromptBuilder
 from deployments.rate_limiter import ACTOR_NAMESPACE, LimiterClient, RateLimiter
 from deployments.serving import SSE_DONE, ChatServing, CompletionServing, Job, dumps
 from policies.consistent_hash import stable_hash
+from policies.rate_limit import RequestBucket
 
 log = logging.getLogger("ember.ingress")
 
 API_PREFIXES = ("/v1/", "/inference/v1/")
 REPLICA_HEADER = "x-ember-replica"  # which pool replica served a request: for operators and benchmarks
 REPLICA_SPAN_HEADER = "x-ember-replica-span"  # "start,end": when that replica held it (Unix seconds)
+INLINE_PREPARE_BYTES = 64 * 1024  # bodies below this are parsed on the event loop (a thread costs more)
+# An unescaped "model" key: inside a JSON string every quote is escaped, so this is a key.
+_MODEL_KEY = re.compile(rb'(?<!\\)"model"\s*:\s*"([^"\\]{1,512})"')
+
+
+def peek_model(body: bytes) -> str | None:
+    """The request's model id without parsing the body, if exactly one "model" key holds a plain
+    string (a nested "model" key, e.g. in a JSON schema, makes it ambiguous: None)."""
+    found = _MODEL_KEY.findall(body)
+    return found[0].decode("utf-8", "replace") if len(found) == 1 else None
 
 
 class Ingress:
@@ -61,6 +75,8 @@ class Ingress:
         self.chat = ChatServing(self.config, prompts, self._model)
         self.completion = CompletionServing(self.config, prompts, self._model)
         self._created = int(time.time())
+        self._heavy: dict[str, asyncio.Lock] = {}  # account -> its turn at preparing a large body
+        self._usage_reads: dict[str, RequestBucket] = {}
         self._routes: dict[tuple[str, str], Callable[[Request, str], Awaitable[Response]]] = {
             ("POST", "chat/completions"): lambda req, rid: self._generate(req, rid, self.chat),
             ("POST", "completions"): lambda req, rid: self._generate(req, rid, self.completion),
@@ -139,6 +155,16 @@ class Ingress:
     # -- shared steps -------------------------------------------------------------------
 
     async def _body(self, request: Request) -> bytes:
+        """The whole body, within its size limit (413) and its read deadline (408)."""
+        deadline = self.config.ingress.body_read_timeout_s
+        try:
+            async with asyncio.timeout(deadline):
+                return await self._read_body(request)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {deadline:g} s",
+                           code="body_timeout") from None
+
+    async def _read_body(self, request: Request) -> bytes:
         limit = self.config.ingress.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -153,9 +179,9 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _model(self, model_id: str) -> ModelConfig:
+    def _model(self, model_id: str, account: str) -> ModelConfig:
         model = self.config.model(model_id)
-        if model is None:
+        if model is None or not self.config.is_visible(model, account):  # another tenant's: not there
             raise not_found(f"the model `{model_id}` does not exist or you do not have access to it",
                             param="model", code="model_not_found")
         lc = model.lifecycle
@@ -170,9 +196,16 @@ class Ingress:
     async def _generate(self, request: Request, rid: str, serving) -> Response:
         started = time.perf_counter()
         account = await self.auth.account(request)
-        job: Job = serving.prepare(rid, account, await self._body(request), request.headers)
-        life = RequestLife(self.rt, job, account, started)
+        life = RequestLife(self.rt, account, started)
         try:
+            life.enter()  # before the body: one tenant's slow senders cannot fill this replica
+            body = await self._body(request)
+            model_id = peek_model(body)
+            model = self.config.model(model_id) if model_id else None
+            if model is not None and self.config.is_visible(model, account):
+                await life.precheck(model)  # refused already? then without parsing or tokenizing
+            job: Job = await self._prepare(serving, rid, account, body, request.headers)
+            life.job = job
             headers = await life.admit()
             await life.take_slot()
             first = await life.start()
@@ -184,6 +217,19 @@ class Ingress:
             raise
         life.settle()
         return self._whole(life, outs, headers)
+
+    async def _prepare(self, serving, rid: str, account: str, body: bytes, headers) -> Job:
+        """Parse, render and tokenize: on a worker thread for large bodies, so the event loop
+        keeps serving other tenants, and one such body at a time per account."""
+        if len(body) < INLINE_PREPARE_BYTES:
+            return serving.prepare(rid, account, body, headers)
+        lock = self._heavy.setdefault(account, asyncio.Lock())
+        try:
+            async with lock:
+                return await asyncio.to_thread(serving.prepare, rid, account, body, headers)
+        finally:
+            if not lock.locked() and not getattr(lock, "_waiters", None):
+                self._heavy.pop(account, None)
 
     def _whole(self, life: RequestLife, outs, headers: dict[str, str]) -> Response:
         job, usage, final = life.job, life.usage, life.final
@@ -225,10 +271,10 @@ class Ingress:
         return JSONResponse(openapi_document(self.config))
 
     async def list_models(self, request: Request, rid: str) -> Response:
-        await self.auth.account(request)
+        account = await self.auth.account(request)
         data = []
         for m in self.config.models:
-            if not m.served:
+            if not m.served or not self.config.is_visible(m, account):
                 continue
             lc = m.lifecycle
             data.append({
@@ -249,6 +295,15 @@ class Ingress:
     async def usage(self, request: Request, rid: str) -> Response:
         """The caller's own usage and cost, by model and day."""
         account = await self.auth.account(request)
+        # Each read costs store round trips and waits on pending writes: a per-account budget.
+        rpm = self.config.ingress.usage_requests_per_minute
+        now = time.monotonic()
+        bucket = self._usage_reads.get(account) or RequestBucket.fresh(rpm, now)
+        granted, wait, self._usage_reads[account] = bucket.take(rpm, now)
+        if not granted:
+            raise ApiError(429, f"usage is readable {rpm} times a minute; retry after {wait:.1f} s",
+                           type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(max(1, math.ceil(wait)))})
         await self.rt.billing.flush(timeout_s=2.0)  # this replica's own pending writes first
         rows = await self.stores.ledger.totals(account)
         self.rt.billing.forget(account)

@@ -1,8 +1,10 @@
 """What happens to a request: one object owns everything a generation request acquires.
 
-A ``RequestLife`` takes, in order: an admission (spend check and a rate-limit reservation), a slot
-at the pool's gate, and an engine stream on a pool replica. ``settle()`` gives back exactly what
-was taken, exactly once, on every way out:
+A ``RequestLife`` takes, in order: one of its account's concurrent-request places in this
+ingress (before the body is read), an admission (spend check and a rate-limit reservation), a
+slot at the pool's gate, and an engine stream on a pool replica. Cheap refusals come before
+costly work: the account's place and a remembered 429 are checked before the body is parsed and
+tokenized. ``settle()`` gives back exactly what was taken, exactly once, on every way out:
 
 ================================  ===========  ===============  ==========================  =========
 exit                              slot         engine request   rate-limit reservation      usage event
@@ -35,14 +37,14 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from starlette.responses import StreamingResponse
 
 from cluster.config import EmberConfig, ModelConfig
 from cluster.stores import StoreUnavailable
-from deployments.billing import Billing
+from deployments.billing import Billing, price_for
 from deployments.engines.protocol import EngineMetrics, EngineOutput, Usage
 from deployments.errors import (
     ApiError,
@@ -55,6 +57,7 @@ from deployments.errors import (
 from deployments.pool_gate import PoolGate
 from deployments.rate_limiter import Admission, LimiterClient, rate_limit_headers
 from deployments.serving import Job
+from policies.pricing import request_cost
 
 log = logging.getLogger("ember.lifecycle")
 
@@ -72,6 +75,7 @@ class Runtime:
     gates: dict[str, PoolGate]
     limiter: LimiterClient | None
     billing: Billing
+    in_flight: dict[str, int] = field(default_factory=dict)  # account -> requests in this replica
 
 
 def lifecycle_headers(model: ModelConfig) -> dict[str, str]:
@@ -91,11 +95,13 @@ def lifecycle_headers(model: ModelConfig) -> dict[str, str]:
 
 
 class RequestLife:
-    def __init__(self, rt: Runtime, job: Job, account: str, started: float):
+    def __init__(self, rt: Runtime, account: str, started: float):
         self.rt = rt
-        self.job = job
+        self.job: Job | None = None  # set once the body is parsed
         self.account = account
         self.started = started  # perf_counter at arrival
+        self.entered = False
+        self.spend_reserved = 0.0
         self.admission: Admission | None = None
         self.gate: PoolGate | None = None
         self.stream: Any = None  # DeploymentResponseGenerator
@@ -108,6 +114,32 @@ class RequestLife:
 
     # -- acquiring -----------------------------------------------------------------------------
 
+    def enter(self) -> None:
+        """Take one of the account's concurrent-request places (429 when they are all taken)."""
+        cap = self.rt.config.ingress.max_concurrent_per_account
+        held = self.rt.in_flight.get(self.account, 0)
+        if held >= cap:
+            raise ApiError(429, f"too many concurrent requests: at most {cap} per account at a time",
+                           type="rate_limit_error", code="concurrency_limit_exceeded",
+                           headers={"Retry-After": "1"})
+        self.rt.in_flight[self.account] = held + 1
+        self.entered = True
+
+    async def precheck(self, model: ModelConfig) -> None:
+        """The refusals that need no parsing: spend limit reached, a 429 moments ago."""
+        acct = await self._account_view()
+        _check_spend(acct)
+        if self.rt.limiter is not None:
+            refused = self.rt.limiter.refused(self.account, model)
+            if refused is not None:
+                raise _rate_limited(model, refused, lifecycle_headers(model), self.rt.config)
+
+    async def _account_view(self):
+        try:
+            return await self.rt.billing.account(self.account)
+        except StoreUnavailable:
+            raise store_unavailable("the account store") from None
+
     async def admit(self) -> dict[str, str]:
         """Spend limit (402) and rate limits (429), decided at once, never queued.
 
@@ -115,35 +147,31 @@ class RequestLife:
         """
         model = self.job.model
         headers = lifecycle_headers(model)
-        try:
-            acct = await self.rt.billing.account(self.account)
-        except StoreUnavailable:
-            raise store_unavailable("the account store") from None
-        if acct.status == "stop":
-            raise ApiError(402, f"the monthly spend limit of ${acct.monthly_limit_usd:.2f} is reached "
-                                f"(${acct.month_usd:.2f} spent this month); raise it to continue",
+        acct = await self._account_view()
+        _check_spend(acct)
+        req = self.job.engine_request
+        price, discount = price_for(model, self.job.billed_tier)
+        worst = request_cost(price, len(req.prompt_token_ids), 0, req.sampling.max_tokens * req.sampling.n, discount)
+        if not self.rt.billing.reserve_spend(acct, worst):
+            raise ApiError(402, f"this request may cost up to ${worst:.4f}, which would pass the monthly spend "
+                                f"limit of ${acct.monthly_limit_usd:.2f} (${acct.month_usd:.2f} spent and "
+                                "requests running); lower max_tokens or raise the limit",
                            type="billing_error", code="spend_limit_reached")
+        self.spend_reserved = worst
         if acct.status == "warn":
             headers[SPEND_WARNING_HEADER] = (f"{acct.month_usd / acct.monthly_limit_usd:.0%} of the monthly "
                                              f"spend limit of ${acct.monthly_limit_usd:.2f} is used")
         limiter = self.rt.limiter
         if limiter is None:
             return headers
-        req = self.job.engine_request
         cost = limiter.reservation(len(req.prompt_token_ids), req.sampling.max_tokens, req.sampling.n)
         try:
             adm = await limiter.admit(self.account, model, acct.spend_tier, cost)
         except StoreUnavailable:
             raise store_unavailable("rate limiting") from None
-        headers.update(rate_limit_headers(adm, self.rt.config.rate_limit.requests_per_minute))
         if not adm.allowed:
-            what = {"requests": "requests per minute", "prompt": "prompt tokens per minute",
-                    "uncached": "uncached (cache-adjusted) prompt tokens per minute",
-                    "generated": "generated tokens per minute"}.get(adm.exhausted or "", adm.exhausted)
-            raise ApiError(429, f"rate limit exceeded for {model.id}: {what}; retry after "
-                                f"{adm.retry_after_s:.3f} s", type="rate_limit_error",
-                           code="rate_limit_exceeded", param=adm.exhausted,
-                           headers={**headers, "Retry-After": str(max(1, math.ceil(adm.retry_after_s)))})
+            raise _rate_limited(model, adm, headers, self.rt.config)
+        headers.update(rate_limit_headers(adm, self.rt.config.rate_limit.requests_per_minute))
         self.admission = adm
         return headers
 
@@ -246,6 +274,16 @@ class RequestLife:
         if self.settled:
             return
         self.settled = True
+        if self.entered:
+            left = self.rt.in_flight.get(self.account, 1) - 1
+            if left > 0:
+                self.rt.in_flight[self.account] = left
+            else:
+                self.rt.in_flight.pop(self.account, None)
+        if self.job is None:
+            return  # nothing past the account's place was taken
+        if self.spend_reserved:
+            _quietly(self.rt.billing.release_spend, self.account, self.spend_reserved)
         usage = self.usage
         if self.stream is not None and self.final is None:
             _quietly(self.stream.cancel)  # Serve cancels the replica's generator: the engine aborts
@@ -259,6 +297,23 @@ class RequestLife:
             self.billed = _quietly(self.rt.billing.bill, self.job.engine_request.request_id, self.account,
                                    self.job.model, self.job.billed_tier, usage.prompt_tokens,
                                    usage.cached_tokens, usage.completion_tokens)
+
+
+def _check_spend(acct) -> None:
+    if acct.status == "stop":
+        raise ApiError(402, f"the monthly spend limit of ${acct.monthly_limit_usd:.2f} is reached "
+                            f"(${acct.month_usd:.2f} spent this month); raise it to continue",
+                       type="billing_error", code="spend_limit_reached")
+
+
+def _rate_limited(model: ModelConfig, adm: Admission, headers: dict[str, str], config: EmberConfig) -> ApiError:
+    what = {"requests": "requests per minute", "prompt": "prompt tokens per minute",
+            "uncached": "uncached (cache-adjusted) prompt tokens per minute",
+            "generated": "generated tokens per minute"}.get(adm.exhausted or "", adm.exhausted)
+    return ApiError(429, f"rate limit exceeded for {model.id}: {what}; retry after {adm.retry_after_s:.3f} s",
+                    type="rate_limit_error", code="rate_limit_exceeded", param=adm.exhausted,
+                    headers={**headers, **rate_limit_headers(adm, config.rate_limit.requests_per_minute),
+                             "Retry-After": str(max(1, math.ceil(adm.retry_after_s)))})
 
 
 def _quietly(fn, *args):

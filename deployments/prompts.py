@@ -5,11 +5,19 @@ prompt longer than the context with a 400, to reserve rate-limit budget, and to 
 affinity key from the leading blocks. It uses the fast ``tokenizers`` library and renders the
 model's jinja chat template itself, the way ``transformers`` does, without importing
 ``transformers`` into every ingress replica.
+
+Callers' text stays text: the template is rendered with a placeholder for each message's content,
+the template's own text is tokenized with its special tokens, and each content is tokenized with
+special tokens off, so a user who writes ``<|system|>`` sends those characters, not the role token.
+(vLLM's OpenAI server renders the template to one string and tokenizes it whole, so there the
+same text becomes a control token.)
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -35,6 +43,8 @@ class PromptBuilder:
                 "or point the model's `path` at a model directory"
             )
         self._tok = Tokenizer.from_file(str(tok_file))
+        self._text_tok = Tokenizer.from_file(str(tok_file))  # special-token strings stay plain text
+        self._text_tok.encode_special_tokens = True
         cfg_file = model_dir / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
         template = cfg.get("chat_template")
@@ -58,17 +68,28 @@ class PromptBuilder:
     def chat(self, messages: list[Message]) -> list[int]:
         if self._template is None:
             raise ValueError("this model has no chat template; use /v1/completions")
-        text = self._template.render(
+        nonce = secrets.token_hex(4)
+        marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
+        rendered = self._template.render(
             # OpenAI's "developer" role is the newer name for "system".
-            messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.text}
-                      for m in messages],
+            messages=[{"role": "system" if m.role == "developer" else m.role, "content": mark}
+                      for m, mark in zip(messages, marks)],
             add_generation_prompt=True,
             **self._specials,
         )
-        return self._tok.encode(text, add_special_tokens=False).ids
+        ids: list[int] = []
+        pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", rendered)
+        # pieces alternate: template text, content index, template text, ...
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                ids += self.text(messages[int(piece)].text)
+            elif piece:
+                ids += self._tok.encode(piece, add_special_tokens=False).ids
+        return ids
 
     def text(self, prompt: str) -> list[int]:
-        return self._tok.encode(prompt, add_special_tokens=False).ids
+        """A caller's text: any special-token string in it is tokenized as plain text."""
+        return self._text_tok.encode(prompt, add_special_tokens=False).ids
 
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()

@@ -293,11 +293,25 @@ class LimiterClient:
         return self._actor_for(stable_hash(account) % self.config.shards)
 
     def reservation(self, prompt_tokens: int, max_tokens: int, n: int) -> dict[str, float]:
+        """What a request may use: its prompt, and every token it may generate (``max_tokens`` is
+        already capped by the context), so no burst can run past the generated-token limit and
+        a refund after the request is the only correction (never a debt)."""
         return {
             "prompt": float(prompt_tokens),
             "uncached": float(prompt_tokens),  # settled down by the cached count
-            "generated": float(min(max_tokens * n, self.config.generated_reservation)),
+            "generated": float(max_tokens * n),
         }
+
+    def refused(self, account: str, model: ModelConfig) -> Admission | None:
+        """The refusal this replica gave the account's scope moments ago, if it still stands:
+        checked before a request's body is parsed, so a limited account costs no CPU."""
+        scope = f"{account}|{model.id}"
+        lease = self._leases.get(scope)
+        now = self._clock()
+        if lease is None or now >= lease.refused_until:
+            return None
+        return Admission(False, lease.limits, lease.remaining, {}, round(lease.refused_until - now, 3),
+                         lease.exhausted, scope)
 
     async def admit(self, account: str, model: ModelConfig, spend_tier: int, cost: dict[str, float]) -> Admission:
         self._ensure_reaper()

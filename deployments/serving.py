@@ -142,7 +142,7 @@ class _Serving:
     def __init__(self, config: EmberConfig, prompts: dict[str, PromptBuilder], model_for):
         self.config = config
         self.prompts = prompts
-        self._model_for = model_for  # id -> ModelConfig, or raises the 404
+        self._model_for = model_for  # (id, account) -> ModelConfig, or raises the 404
 
     def _max_tokens(self, model: ModelConfig, n_prompt: int, requested: int | None, param: str) -> int:
         ctx = model.context_length
@@ -190,7 +190,7 @@ class _Serving:
 class ChatServing(_Serving):
     def prepare(self, rid: str, account: str, body: bytes, headers) -> Job:
         req = ChatCompletionRequest.model_validate_json(body)
-        model = self._model_for(req.model)
+        model = self._model_for(req.model, account)
         tier, billed_tier = _tier(req.service_tier, model)
         try:
             prompt_ids = self.prompts[model.id].chat(req.messages)
@@ -209,7 +209,7 @@ class ChatServing(_Serving):
 class CompletionServing(_Serving):
     def prepare(self, rid: str, account: str, body: bytes, headers) -> Job:
         req = CompletionRequest.model_validate_json(body)
-        model = self._model_for(req.model)
+        model = self._model_for(req.model, account)
         builder = self.prompts[model.id]
         if isinstance(req.prompt, str):
             prompt_ids = builder.text(req.prompt)

@@ -47,3 +47,16 @@ def spend_status(month_usd: float, monthly_limit_usd: float | None) -> Literal["
     if month_usd >= WARN_FRACTION * monthly_limit_usd:
         return "warn"
     return "ok"
+
+
+def spend_admits(month_usd: float, reserved_usd: float, worst_usd: float, monthly_limit_usd: float | None) -> bool:
+    """Whether a request that may cost up to ``worst_usd`` fits under the monthly limit, counting
+    what requests still running have reserved. Reserving the worst case at admission (and settling
+    to the real cost at the end) is what keeps concurrent requests from overshooting the limit.
+
+    Example: limit $10, $9.50 spent, two requests running with $0.20 reserved: a request that may
+    cost $0.40 is refused (9.50 + 0.20 + 0.40 > 10); one that may cost $0.25 is admitted.
+    """
+    if monthly_limit_usd is None:
+        return True
+    return month_usd + reserved_usd + worst_usd <= monthly_limit_usd
