@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import DEMO_KEY
-from tests.faults.conftest import AUTH, FAULT_MODEL, fault_config
+from tests.faults.harness import AUTH, FAULT_MODEL, fault_config
 from tests.faults.drivers import PHASES, chat_body, fresh, storm, usage_totals
 
 

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.conftest import DEMO_KEY
-from tests.faults.conftest import FAULT_MODEL, fault_config
+from tests.faults.harness import FAULT_MODEL, fault_config
 from tests.faults.drivers import fresh, usage_totals
 
 LIMIT = 3000
