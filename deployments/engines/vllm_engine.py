@@ -15,11 +15,28 @@ Mapping onto vLLM (see ``deployments/engines/protocol.py`` for the convention):
 - The last deltas and the usage travel in one output with ``final`` set, so a stream costs one
   message fewer (every message counts when the stream crosses a Serve hop).
 - ``cached_tokens`` is vLLM's ``RequestOutput.num_cached_tokens`` from the first output, as vLLM's
-  own OpenAI server reports it. A cached prefix is always whole blocks and never the last prompt
-  token: a repeated 300-token prompt with block size 32 reports ``(300 - 1) // 32 * 32 = 288``.
+  own OpenAI server reports it; it goes out on the first output with a token and in the usage. A
+  cached prefix is always whole blocks and never the last prompt token: a repeated 300-token
+  prompt with block size 32 reports ``(300 - 1) // 32 * 32 = 288``.
 - A prompt plus ``max_tokens`` beyond the context is not an error in vLLM: generation stops at the
   context end with ``finish_reason="length"``. Only a prompt that leaves no room for one output
   token is rejected (``EngineRequestError``).
+- Text is decoded here from the token ids (``_ChoiceText``), not taken from vLLM, and stop strings
+  are applied here too. vLLM 0.32's detokenizer primes tokenizers' ``DecodeStream`` with the
+  prompt; when the prompt ends inside a UTF-8 character (a byte token, easy with token-id prompts
+  to /v1/completions) the stream's prefix stays empty and the first text vLLM emits is the whole
+  decoded prompt plus the new text (vllm-project/vllm#48853), which its stop-string check then
+  also searches. It also never flushes a trailing incomplete character when a choice ends. Here
+  the streamed text is exactly ``decode(token_ids)``. vLLM still detokenizes when logprobs are
+  asked for, for their token strings only.
+- Rejected before vLLM sees them (``EngineRequestError``): prompt token ids outside the model's
+  vocabulary and seeds outside int64, which vLLM's own OpenAI server also refuses (vLLM would fail
+  the request with an internal ``EngineGenerateError`` for seeds beyond 64 bits). Seeds go to vLLM
+  reduced modulo 2**64, the value torch seeds with anyway, so -1, which vLLM reads as "no seed", is
+  a seed like any other.
+- vLLM's ``EngineDeadError`` (engine core gone) becomes the protocol's ``EngineDeadError``, from
+  ``generate`` and ``check_health``; so does calling either before ``start()`` or after
+  ``shutdown()``, since such an engine can serve nothing.
 """
 
 from __future__ import annotations
@@ -30,13 +47,14 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster.config import EngineConfig
 from deployments.engines.protocol import (
     ChoiceDelta,
+    EngineDeadError,
     EngineMetrics,
     EngineOutput,
     EngineRequest,
@@ -58,6 +76,11 @@ _GIB = 1 << 30
 # vLLM finish reasons (vllm.v1.engine.FinishReason) → the protocol's. "abort" and "error" are
 # handled apart: an aborted stream ends without a final output, an errored one raises.
 _FINISH_REASONS = {"stop": "stop", "length": "length", "repetition": "stop"}
+# Prompt tokens that give the text decoder its context (as in vLLM's slow detokenizer): enough for
+# decoders that drop a leading space at the start of a decode (SentencePiece) to keep the first
+# output token's space.
+_PROMPT_CONTEXT_TOKENS = 5
+_INT64 = range(-(2**63), 2**63)
 
 
 class VLLMEngine:
@@ -75,6 +98,8 @@ class VLLMEngine:
         self.context_length = context_length
         self._llm: AsyncLLM | None = None
         self._start_lock = asyncio.Lock()
+        self._decode: Callable[[list[int]], str] | None = None  # set with the engine
+        self._vocab_size = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -154,7 +179,16 @@ class VLLMEngine:
             disable_log_stats=True,
             enable_log_requests=False,
         )
+        # No local variable holds the engine: this frame outlives the call (tracebacks of
+        # imports made under it keep it), and a local in it would keep the engine alive too.
         self._llm = AsyncLLM.from_engine_args(args)
+        tokenizer = self._llm.get_tokenizer()
+        # The Rust tokenizer decodes ~4x faster than the transformers wrapper, and it is what
+        # vLLM's own fast detokenizer uses; other tokenizers fall back to their decode().
+        backend = getattr(tokenizer, "backend_tokenizer", None) or tokenizer
+        self._decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
+        # The embedding's size, not the tokenizer's: an id beyond it must never reach the model.
+        self._vocab_size = self._llm.model_config.get_vocab_size()
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None
@@ -171,6 +205,19 @@ class VLLMEngine:
         """Requests vLLM still holds, waiting or running (for load reports and leak checks)."""
         return self._llm.get_num_unfinished_requests() if self._llm is not None else 0
 
+    async def check_health(self) -> None:
+        llm = self._llm
+        if llm is None:
+            raise EngineDeadError("the vLLM engine is not running (start() did not run or failed, "
+                                  "or shutdown() ran)")
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+
+        try:
+            # Raises when the engine core process died or AsyncLLM's output handler stopped.
+            await llm.check_health()
+        except VLLMEngineDeadError as exc:
+            raise EngineDeadError(f"the vLLM engine core died: {exc}") from exc
+
     async def abort(self, request_id: str) -> None:
         # vLLM aborts by the id we passed (it maps it to its internal ids, children of n>1
         # included); an unknown or finished id is a no-op.
@@ -182,6 +229,7 @@ class VLLMEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         received = time.perf_counter()
         llm = self._require_llm()
+        self._check_request(request)
         params = self._sampling_params(request)
 
         salt = request.cache_salt
@@ -190,16 +238,22 @@ class VLLMEngine:
 
         from vllm.exceptions import VLLMClientError
         from vllm.inputs.engine import tokens_input
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 
         # {"type": "token", "prompt_token_ids": [...], "cache_salt": salt}: an already-rendered
         # input. vLLM 0.32 deprecates the plain {"prompt_token_ids": ...} dict (it re-renders it);
         # both paths run the same validation (length, out-of-vocabulary ids).
         prompt = tokens_input(list(request.prompt_token_ids), cache_salt=salt)
 
-        stream = llm.generate(prompt, params, request.request_id, priority=request.priority)
         n = request.sampling.n
+        decode = self._decode
+        assert decode is not None  # set together with self._llm
+        context = _prompt_context(decode, request.prompt_token_ids)
+        texts = [_ChoiceText(decode, context, request.sampling.stop) for _ in range(n)]
+        stream = llm.generate(prompt, params, request.request_id, priority=request.priority)
         completion_tokens = 0
         cached_tokens: int | None = None
+        cached_sent = False
         first_token_at: float | None = None
         finished: set[int] = set()
         try:
@@ -210,6 +264,12 @@ class VLLMEngine:
                     return  # only after an abort: vLLM ends a finished stream with out.finished
                 except VLLMClientError as exc:
                     raise EngineRequestError(str(exc), getattr(exc, "parameter", None)) from exc
+                except Exception as exc:
+                    # vLLM raises its EngineDeadError when the engine core is gone; anything
+                    # else (EngineGenerateError) fails this request only, unless the engine died.
+                    if isinstance(exc, VLLMEngineDeadError) or llm.errored:
+                        raise EngineDeadError(f"the vLLM engine core died: {exc!r}") from exc
+                    raise
 
                 if cached_tokens is None:
                     cached_tokens = out.num_cached_tokens or 0
@@ -218,19 +278,26 @@ class VLLMEngine:
                     if co.finish_reason == "abort":
                         return  # aborted: the stream ends without a final output
                     if co.finish_reason == "error":
-                        raise RuntimeError(
-                            f"vLLM failed request {request.request_id} (internal error)")
+                        error = EngineDeadError if llm.errored else RuntimeError
+                        raise error(f"vLLM failed request {request.request_id} (internal error)")
                     if co.index in finished:
+                        # Also a choice that met a stop string here: vLLM, which does not know
+                        # our stop strings, runs it on until the whole request ends.
                         continue
-                    delta = self._delta(co, request.sampling.logprobs)
+                    delta = self._delta(co, texts[co.index], request.sampling.logprobs)
                     if delta is None:
                         continue
                     completion_tokens += len(delta.token_ids)
                     if delta.finish_reason is not None:
                         finished.add(co.index)
                     deltas.append(delta)
-                if first_token_at is None and any(d.token_ids for d in deltas):
+                has_token = any(d.token_ids for d in deltas)
+                if first_token_at is None and has_token:
                     first_token_at = time.perf_counter()
+                # The protocol: the first output with a token carries cached_tokens, so a stream
+                # cut short is still billed at the cached rate.
+                cached_now = cached_tokens if has_token and not cached_sent else None
+                cached_sent = cached_sent or has_token
 
                 if out.finished or len(finished) == n:
                     done = time.perf_counter()
@@ -246,20 +313,37 @@ class VLLMEngine:
                             time_to_first_token_s=(first_token_at or done) - received,
                             processing_time_s=done - received,
                         ),
+                        cached_tokens=cached_now,
                     )
                     return
                 if deltas:
-                    yield EngineOutput(deltas=deltas)
+                    yield EngineOutput(deltas=deltas, cached_tokens=cached_now)
         finally:
-            # If our consumer stopped early (GeneratorExit, CancelledError), closing vLLM's
-            # generator runs its handler that aborts the request; after a normal end it is a
-            # no-op.
+            # If our consumer stopped early (GeneratorExit, CancelledError), or every choice met a
+            # stop string, closing vLLM's generator runs its handler that aborts the request;
+            # after a normal end it is a no-op.
             await stream.aclose()
 
     def _require_llm(self) -> AsyncLLM:
         if self._llm is None:
-            raise RuntimeError("VLLMEngine.generate called before start() (or after shutdown())")
+            raise EngineDeadError(
+                "VLLMEngine.generate called before start() (or after shutdown())")
         return self._llm
+
+    def _check_request(self, request: EngineRequest) -> None:
+        # vLLM 0.32 rejects out-of-vocabulary prompt ids too (cleanly), but against the larger of
+        # the tokenizer's and the model's vocabulary; the model's embedding is the real bound.
+        ids = request.prompt_token_ids
+        if ids:
+            lo, hi = min(ids), max(ids)
+            if lo < 0 or hi >= self._vocab_size:
+                raise EngineRequestError(
+                    f"token id {lo if lo < 0 else hi} is out of vocabulary "
+                    f"(ids are 0..{self._vocab_size - 1})", param="prompt")
+        seed = request.sampling.seed
+        if seed is not None and seed not in _INT64:
+            raise EngineRequestError(
+                f"seed {seed} is out of range (a signed 64-bit integer)", param="seed")
 
     def _sampling_params(self, request: EngineRequest) -> VLLMSamplingParams:
         from vllm.exceptions import VLLMClientError
@@ -273,8 +357,12 @@ class VLLMEngine:
                 temperature=s.temperature,
                 top_p=s.top_p,
                 top_k=s.top_k,  # 0 disables top-k in vLLM too (so does -1)
-                seed=s.seed,
-                stop=list(s.stop) or None,
+                # torch seeds with seed mod 2**64 anyway; reducing it here keeps -1 (vLLM's
+                # "no seed") a seed. _check_request has bounded it to int64.
+                seed=s.seed % 2**64 if s.seed is not None else None,
+                # Stop strings are applied to our own text (see _ChoiceText), and vLLM's text is
+                # not used; its detokenizer runs only for the token strings of logprobs.
+                detokenize=s.logprobs is not None,
                 logprobs=s.logprobs,
                 ignore_eos=s.ignore_eos,
                 max_tokens=s.max_tokens,
@@ -286,15 +374,101 @@ class VLLMEngine:
             raise EngineRequestError(str(exc), getattr(exc, "parameter", None)) from exc
 
     @staticmethod
-    def _delta(co: CompletionOutput, num_logprobs: int | None) -> ChoiceDelta | None:
-        finish_reason = _FINISH_REASONS.get(co.finish_reason) if co.finish_reason else None
+    def _delta(co: CompletionOutput, text: _ChoiceText,
+               num_logprobs: int | None) -> ChoiceDelta | None:
         token_ids = list(co.token_ids)
-        if not token_ids and not co.text and finish_reason is None:
+        del token_ids[text.push(token_ids):]  # tokens after one that completed a stop string
+        if text.stopped:
+            finish_reason: str | None = "stop"
+        else:
+            finish_reason = _FINISH_REASONS.get(co.finish_reason) if co.finish_reason else None
+            if finish_reason is not None:
+                text.finish()
+        piece = text.take(final=finish_reason is not None)
+        if not token_ids and not piece and finish_reason is None:
             return None
         logprobs = None
         if num_logprobs is not None:
             logprobs = _convert_logprobs(token_ids, co.logprobs, num_logprobs)
-        return ChoiceDelta(co.index, token_ids, co.text, finish_reason, logprobs)
+        return ChoiceDelta(co.index, token_ids, piece, finish_reason, logprobs)
+
+
+def _prompt_context(decode: Callable[[list[int]], str], prompt_token_ids: list[int]) -> list[int]:
+    """The prompt tail that the output text continues, or nothing if it ends inside a character.
+
+    A tail that decodes to an incomplete UTF-8 character ("...\ufffd") gives no context: output
+    bytes that would complete that character belong to no output token's text, and
+    ``decode(token_ids)`` shows them as U+FFFD too.
+    """
+    tail = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+    return [] if decode(tail).endswith("\ufffd") else tail
+
+
+class _ChoiceText:
+    """One choice's text, decoded from its token ids as they arrive, with stop strings applied.
+
+    The text is ``decode(token_ids)`` (special tokens skipped), continuing the prompt's context.
+    Decoding is incremental over a short window, as in vLLM's slow detokenizer and TGI: decode
+    ``ids[prefix:]``, subtract the decode of ``ids[prefix:read]`` (text already produced), and wait
+    while the result ends in U+FFFD, the mark of a character whose bytes have not all arrived.
+    When the choice ends, that wait ends too: a trailing partial character stays U+FFFD, as in
+    ``decode``. Example: byte tokens E2, 82, AC give "", "", "€".
+
+    Stop strings follow vLLM's rules: the text ends before the first stop string, the token that
+    completed it is the last one, and while the choice runs the last ``len(longest stop) - 1``
+    characters are held back, since they may be the start of a stop string.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], context: list[int],
+                 stop: list[str]) -> None:
+        self._decode = decode
+        self._ids = list(context)
+        self._prefix = 0  # ids[_prefix:_read] decode to text already produced (or prompt)
+        self._read = len(self._ids)
+        self._stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self._sent = 0  # characters of text handed out by take()
+        self.stopped = False
+
+    def push(self, token_ids: list[int]) -> int:
+        """Decode new tokens; return how many of them count (fewer after a stop string)."""
+        for i, token_id in enumerate(token_ids):
+            self._ids.append(token_id)
+            start = len(self.text)
+            self.text += self._step(final=False)
+            if self._stop and self._cut_at_stop(start):
+                return i + 1
+        return len(token_ids)
+
+    def finish(self) -> None:
+        if not self.stopped:
+            self.text += self._step(final=True)
+
+    def take(self, final: bool) -> str:
+        """The text not handed out yet, less what may still turn into a stop string."""
+        end = len(self.text) if final else max(self._sent, len(self.text) - self._hold)
+        piece, self._sent = self.text[self._sent:end], end
+        return piece
+
+    def _step(self, final: bool) -> str:
+        done = self._decode(self._ids[self._prefix:self._read])
+        window = self._decode(self._ids[self._prefix:])
+        if not final and (len(window) <= len(done) or window.endswith("\ufffd")):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return window[len(done):]
+
+    def _cut_at_stop(self, start: int) -> bool:
+        # Search only where new text (from `start`) can complete a stop string; the one that
+        # ends first wins.
+        hits = [(at + len(s), at) for s in self._stop
+                if (at := self.text.find(s, max(0, start - len(s) + 1))) >= 0]
+        if not hits:
+            return False
+        self.text = self.text[:min(hits)[1]]
+        self.stopped = True
+        return True
 
 
 def _convert_logprobs(

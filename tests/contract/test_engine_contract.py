@@ -119,6 +119,30 @@ def test_salts_isolate_accounts_and_caching_can_be_turned_off(engine, run):
     assert again.cached_tokens == (200 - 1) // BLOCK * BLOCK
 
 
+def test_first_output_with_a_token_carries_the_cached_tokens(engine, run):
+    prompt = _prompt(9, 100)
+    for rid in ("first-cached-1", "first-cached-2"):  # cold, then a hit of (100 - 1) // 32 blocks
+        outs = run(_collect(engine, _req(rid, prompt, salt="acct-first-cached")))
+        first = next(o for o in outs if any(d.token_ids for d in o.deltas))
+        assert first.cached_tokens == outs[-1].usage.cached_tokens
+    assert first.cached_tokens == (100 - 1) // BLOCK * BLOCK
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**63), 2**63 - 1])
+def test_every_int64_seed_is_reproducible(engine, run, seed):
+    # -1 included: vLLM reads it as "no seed" unless the engine passes it on as a real seed.
+    def text(rid):
+        outs = run(_collect(engine, _req(rid, _prompt(10, 20), max_tokens=8, seed=seed, use_cache=False)))
+        return "".join(d.text for o in outs for d in o.deltas)
+
+    assert text(f"seed{seed}-a") == text(f"seed{seed}-b")
+
+
+def test_check_health_passes_on_a_live_engine(engine, run):
+    run(_collect(engine, _req("health-1", _prompt(11, 10), max_tokens=2)))
+    run(engine.check_health())
+
+
 def test_prompt_longer_than_the_context_is_a_request_error(engine, run):
     with pytest.raises(EngineRequestError):
         run(_collect(engine, _req("long-1", _prompt(7, 5000))))
