@@ -286,6 +286,7 @@ class LimiterClient:
         self._clock = clock
         self._leases: dict[str, _Lease] = {}
         self._rpm: dict[str, float] = {}  # account → leased requests left
+        self._rpm_refused: dict[str, tuple[float, float]] = {}  # account → (until, retry_after_s)
         self._models: dict[str, tuple[ModelConfig, int]] = {}
         self._reaper: asyncio.Task | None = None
 
@@ -306,8 +307,13 @@ class LimiterClient:
         """The refusal this replica gave the account's scope moments ago, if it still stands:
         checked before a request's body is parsed, so a limited account costs no CPU."""
         scope = f"{account}|{model.id}"
-        lease = self._leases.get(scope)
         now = self._clock()
+        until, wait = self._rpm_refused.get(account, (0.0, 0.0))
+        if now < until:
+            floor, _ = model_bounds(model, 1)
+            return Admission(False, {b: int(floor.get(b)) for b in BUDGETS}, {}, {}, round(until - now + wait, 3),
+                             "requests", scope)
+        lease = self._leases.get(scope)
         if lease is None or now >= lease.refused_until:
             return None
         return Admission(False, lease.limits, lease.remaining, {}, round(lease.refused_until - now, 3),
@@ -368,7 +374,10 @@ class LimiterClient:
         chunk = max(1, int(self.config.requests_per_minute * self.config.lease_fraction))
         granted, wait = await self._actor(account).take_requests.remote(account, chunk, op=uuid.uuid4().hex)
         if granted == 0:
+            # Remembered briefly (never past the wait), so the next ones are refused unparsed.
+            self._rpm_refused[account] = (self._clock() + min(wait, 1.0), max(0.0, wait - 1.0))
             return max(wait, 0.001)
+        self._rpm_refused.pop(account, None)
         # Others may have taken or added slots during the await: count from what is there now.
         self._rpm[account] = self._rpm.get(account, 0.0) + granted - 1
         return None

@@ -35,18 +35,23 @@ def deploy(base_url: str, name: str, config: dict) -> App:
     return App(name, f"{base_url}/{name}/v1", config)
 
 
-def capacity_back_s(app: App, t0: float, replicas: int) -> float:
-    """Seconds from ``t0`` until the gate is empty, every replica is up and fresh requests all pass."""
-    while True:
-        gate = app.wait_idle(timeout_s=60)
-        live = len(app.pool_stats())
-        if gate["in_flight"] == 0 and live == replicas:
-            probe = asyncio.run(fresh(app.base, FAULT_MODEL, n=8))
-            if probe.outcomes == {"completed": 8}:
-                return time.monotonic() - t0
+def capacity_back_s(app: App, t0: float, replicas: int) -> tuple[float, int]:
+    """(seconds from ``t0`` until every replica of the pool answers again, requests billed by the
+    8-request probe sent afterwards).
+
+    Then, untimed: the gate drains to empty, no engine holds a request, fresh requests all pass.
+    """
+    while len(app.pool_stats(probes=24)) < replicas:
         if time.monotonic() - t0 > 120:
-            return float("inf")
-        time.sleep(0.1)
+            return float("inf"), 0
+        time.sleep(0.05)
+    back = time.monotonic() - t0
+    gate = app.wait_idle(timeout_s=60)
+    assert gate["in_flight"] == 0 and gate["waiting"] == 0, gate
+    assert not any(app.pool_stats().values()), "an engine still holds a request"
+    probe = asyncio.run(fresh(app.base, FAULT_MODEL, n=8))
+    assert probe.outcomes == {"completed": 8}, probe.outcomes
+    return back, probe.saw_output
 
 
 def row(name: str, tally: Tally, events: int, back_s: float, note: str = "") -> dict:
@@ -61,8 +66,8 @@ def scenario_disconnects(base: str, n: int) -> dict:
     app = deploy(base, "f-disconnect", fault_config(seqs=8))
     tally = asyncio.run(storm(app.base, FAULT_MODEL, n=n, concurrency=48, seed=7))
     t0 = time.monotonic()
-    back = capacity_back_s(app, t0, 2)
-    events = usage_totals(app.base).get("requests", 0) - 8  # less the 8 probes capacity_back_s sent
+    back, probes = capacity_back_s(app, t0, 2)
+    events = usage_totals(app.base).get("requests", 0) - probes
     return row(f"{n} disconnects over {len(PHASES)} phases", tally, events, back,
                "phases: " + ", ".join(PHASES))
 
@@ -70,8 +75,8 @@ def scenario_disconnects(base: str, n: int) -> dict:
 def scenario_gate_waiters(base: str, n: int = 300) -> dict:
     app = deploy(base, "f-gate", fault_config(replicas=1, seqs=2))
     tally = asyncio.run(storm(app.base, FAULT_MODEL, n=n, concurrency=40, seed=11, phases=("queued",)))
-    back = capacity_back_s(app, time.monotonic(), 1)
-    events = usage_totals(app.base).get("requests", 0) - 8
+    back, probes = capacity_back_s(app, time.monotonic(), 1)
+    events = usage_totals(app.base).get("requests", 0) - probes
     return row(f"{n} waiters cancelled in the gate queue", tally, events, back, "two slots, 40 clients")
 
 
@@ -107,13 +112,15 @@ def _busy_replica(app: App) -> str:
         time.sleep(0.02)
 
 
-def scenario_kill_before_first_token(base: str, n: int = 10) -> dict:
+def scenario_kill_before_first_token(base: str, n: int = 6) -> dict:
     import concurrent.futures
 
     import httpx
 
     cfg = fault_config(replicas=2, seqs=8)
-    cfg["models"][0]["engine"]["latency"] = {"prefill_base_s": 3.0, "step_base_s": 0.01}
+    # The sim charges each admitted request's prefill to the step: 1 s each, so a few requests
+    # sit before their first token for seconds.
+    cfg["models"][0]["engine"]["latency"] = {"prefill_base_s": 1.0, "step_base_s": 0.01}
     app = deploy(base, "f-killfirst", cfg)
     tally = Tally()
 
@@ -129,8 +136,8 @@ def scenario_kill_before_first_token(base: str, n: int = 10) -> dict:
         for f in futures:
             tally.add("kill", "completed" if f.result() == 200 else "error")
     tally.saw_output = tally.outcomes["completed"]
-    back = capacity_back_s(app, t0, 2)
-    events = usage_totals(app.base).get("requests", 0) - 8
+    back, probes = capacity_back_s(app, t0, 2)
+    events = usage_totals(app.base).get("requests", 0) - probes
     return row("replica killed before the first token", tally, events, back,
                "retried once on another replica")
 
@@ -174,8 +181,8 @@ def scenario_kill_mid_stream(base: str, n: int = 12) -> dict:
                 tally.add("kill", "error")
             else:
                 tally.add("kill", "hung")
-    back = capacity_back_s(app, t0, 2)
-    events = usage_totals(app.base).get("requests", 0) - 8
+    back, probes = capacity_back_s(app, t0, 2)
+    events = usage_totals(app.base).get("requests", 0) - probes
     return row("replica killed mid-stream", tally, events, back,
                "streams on the killed replica end with an error event")
 
