@@ -1,6 +1,19 @@
 """Composition: validate the config once, then bind the deployments.
 
 ``ray_configs/*.yaml`` point at ``cluster.builder:build_app`` with the config as ``args``.
+
+Autoscaling (deployments/autoscaling.py): a pool whose config has ``autoscaling`` with
+``policy: ember`` gets ``pool_autoscaling_config`` (Serve's delays 0, metrics every second,
+``EmberPoolPolicy`` as its deployment-level policy, so plain ``serve.run`` scales it on Ember's
+metrics) and reports them from ``ModelPool.record_autoscaling_stats``. The ingress then gets an
+``autoscaling_config`` too (min = max = its replica count when it is fixed), since only an
+autoscaled deployment's ``record_autoscaling_stats`` reaches the controller: its gate queues per
+pool and tier feed ``EmberAppPolicy`` when the app is started from a config file that names it
+(``autoscaling_policy:`` on the application, as ``ray_configs/sim.yaml`` does).
+
+Pools drain on scale-down: ``graceful_shutdown_timeout_s`` is the model's, else the ingress's
+``request_timeout_s`` (a stopping replica leaves as soon as its last stream ends; the bound only
+matters for streams that run longer).
 """
 
 from __future__ import annotations
@@ -13,8 +26,10 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from cluster.config import EmberConfig, EngineConfig, ModelConfig, RoutingConfig
+from cluster.config import AutoscalingConfig, EmberConfig, EngineConfig, ModelConfig, RoutingConfig
 from cluster.stores import hash_key
+from deployments.autoscaling import ingress_autoscaling_config, pool_autoscaling_config
+from deployments.capacity import gate_stats
 from deployments.ingress import Ingress
 from deployments.model_pool import ModelPool
 
@@ -44,12 +59,41 @@ class ServedIngress(Ingress):
         Ingress.__init__(self, *args, **kwargs)
         # Deliver what a crashed replica left in this node's usage outbox, traffic or not.
         self.rt.billing.start()
+        # Start each pool handle's router now, not on the first request: it reports the pool's
+        # running replicas to the gates (deployments.capacity) from the start.
+        for handle in self.rt.pools.values():
+            try:
+                if not handle.is_initialized:
+                    handle._init()
+            except Exception:  # a handle that cannot start early starts on its first request
+                log.warning("could not start the router of %s early", handle, exc_info=True)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Requests held at each gate, per pool and tier (deployments/autoscaling.py)."""
+        return gate_stats(self.rt.gates)
 
 
-def _scaling(num_replicas: int | None, autoscaling) -> dict[str, Any]:
-    if autoscaling is not None:
-        return {"autoscaling_config": autoscaling.to_serve()}
-    return {"num_replicas": num_replicas or 1}
+def _scaling(num_replicas: int | None, autoscaling: AutoscalingConfig | None) -> dict[str, Any]:
+    if autoscaling is None:
+        return {"num_replicas": num_replicas or 1}
+    if autoscaling.policy == "ember":
+        return {"autoscaling_config": pool_autoscaling_config(
+            autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.initial_replicas,
+            metrics_interval_s=autoscaling.metrics_interval_s,
+            look_back_period_s=autoscaling.look_back_period_s, policy_kwargs=autoscaling.knobs())}
+    return {"autoscaling_config": autoscaling.to_serve()}
+
+
+def _ingress_scaling(config: EmberConfig) -> dict[str, Any]:
+    ing = config.ingress
+    if ing.autoscaling is not None:
+        cfg = {**ing.autoscaling.to_serve(), "metrics_interval_s": ing.autoscaling.metrics_interval_s,
+               "look_back_period_s": ing.autoscaling.look_back_period_s}
+        return {"autoscaling_config": cfg}
+    if any(m.served and m.autoscaling is not None and m.autoscaling.policy == "ember" for m in config.models):
+        n = ing.num_replicas or 1  # a fixed size, but autoscaled so that its metrics are pushed
+        return {"autoscaling_config": ingress_autoscaling_config(n, n)}
+    return {"num_replicas": ing.num_replicas or 1}
 
 
 def _logging(config: EmberConfig) -> dict[str, Any]:
@@ -64,8 +108,9 @@ _ROUTERS = {
 
 
 def _router(routing: RoutingConfig, replica_slots: int) -> dict[str, Any]:
-    if routing.policy == "power_of_two":
-        return {}  # Serve's default
+    if routing.policy == "power_of_two":  # Serve's default, publishing the live replica count
+        return {"request_router_config": RequestRouterConfig(
+            request_router_class="deployments.affinity_router.PowerOfTwoRouter")}
     kwargs: dict[str, Any] = {"vnodes": routing.vnodes, "load_factor": routing.load_factor,
                               "replica_slots": replica_slots, "peer_load_ttl_s": routing.peer_load_ttl_s,
                               "account_replicas": routing.account_replicas,
@@ -89,6 +134,14 @@ def engine_env(engine: EngineConfig) -> dict[str, str]:
     return env
 
 
+def pool_shutdown_timeout_s(model: ModelConfig, config: EmberConfig) -> float:
+    """How long a stopping pool replica may finish its streams: the model's own setting, else
+    the ingress's request_timeout_s (never below Serve's 20 s default)."""
+    if model.graceful_shutdown_timeout_s is not None:
+        return model.graceful_shutdown_timeout_s
+    return max(20.0, config.ingress.request_timeout_s)
+
+
 def pool_deployment(model: ModelConfig, config: EmberConfig):
     env = engine_env(model.engine)
     return serve.deployment(ServedModelPool).options(
@@ -97,7 +150,8 @@ def pool_deployment(model: ModelConfig, config: EmberConfig):
         ray_actor_options={**model.resources.to_serve(), "runtime_env": {"env_vars": env}},
         # Cheap (the engine says whether it is alive): a dead engine is replaced within seconds.
         health_check_period_s=2,
-        graceful_shutdown_timeout_s=30,
+        # Scale-down drains: the replica serves its streams to the end (see the module doc).
+        graceful_shutdown_timeout_s=pool_shutdown_timeout_s(model, config),
         logging_config=_logging(config),
         **_router(model.routing, model.engine.max_num_seqs),
         **_scaling(model.num_replicas, model.autoscaling),
@@ -137,5 +191,5 @@ def build_app(args: dict | EmberConfig) -> Application:
         ray_actor_options={"num_cpus": ing.num_cpus, "runtime_env": {"env_vars": {
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}},
         logging_config=_logging(config),
-        **_scaling(ing.num_replicas, ing.autoscaling),
+        **_ingress_scaling(config),
     ).bind(config, pools, demo_hash, admin_hash)

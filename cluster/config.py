@@ -66,12 +66,39 @@ class EngineConfig(_Strict):
 
 
 class AutoscalingConfig(_Strict):
+    """Replica bounds and the autoscaling policy (deployments/autoscaling.py, policies/autoscale.py).
+
+    ``policy: ember`` (pools; the default) scales on Ember's metrics: the sequences each replica
+    runs and queues plus the requests held at the ingress gates; ``target_utilization``,
+    ``hysteresis``, ``downscale_delay_s``, ``downscale_step_interval_s`` and ``idle_to_zero_s``
+    are its knobs (``policies.autoscale.Knobs``) and Serve's own delays are 0. ``policy: serve``
+    is Serve's default (``target_ongoing_requests`` with ``upscale_delay_s`` /
+    ``downscale_delay_s``), the baseline; the ingress always uses it.
+
+    The ingress gate in front of an autoscaled pool sizes its slots from the pool's running
+    replicas (``gate_follows_replicas``; off: fixed at the starting size, the old behaviour).
+    While the pool is below ``max_replicas`` requests wait for new replicas up to
+    ``replica_start_s`` (about how long a replica takes to start) before being refused; a pool
+    scaled to zero holds requests up to ``cold_start_hold_s`` for its first replica, then answers
+    503 with a Retry-After of the start time still expected.
+    """
+
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
     target_ongoing_requests: float = Field(8, gt=0)
     upscale_delay_s: float = Field(10, ge=0)
     downscale_delay_s: float = Field(300, ge=0)
+    policy: Literal["ember", "serve"] = "ember"
+    target_utilization: float = Field(0.8, gt=0, le=1)
+    hysteresis: float = Field(0.15, ge=0, lt=1)
+    downscale_step_interval_s: float = Field(10, ge=0)
+    idle_to_zero_s: float = Field(300, ge=0)
+    metrics_interval_s: float = Field(1.0, gt=0, le=60)
+    look_back_period_s: float = Field(5.0, gt=0, le=600)
+    gate_follows_replicas: bool = True
+    replica_start_s: float = Field(30.0, ge=0, le=3600)
+    cold_start_hold_s: float = Field(60.0, ge=0, le=3600)
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingConfig":
@@ -83,7 +110,19 @@ class AutoscalingConfig(_Strict):
             raise ValueError("initial_replicas must lie within [min_replicas, max_replicas]")
         return self
 
+    def knobs(self) -> dict:
+        """``policies.autoscale.Knobs`` as policy_kwargs."""
+        return {"target_utilization": self.target_utilization, "hysteresis": self.hysteresis,
+                "downscale_delay_s": self.downscale_delay_s,
+                "downscale_step_interval_s": self.downscale_step_interval_s,
+                "idle_to_zero_s": self.idle_to_zero_s}
+
+    @property
+    def starting_replicas(self) -> int:
+        return self.initial_replicas if self.initial_replicas is not None else self.min_replicas
+
     def to_serve(self) -> dict:
+        """Serve's ``autoscaling_config`` under Serve's default policy (``policy: serve``)."""
         return {
             "min_replicas": self.min_replicas,
             "max_replicas": self.max_replicas,
@@ -206,6 +245,12 @@ class ModelConfig(_Strict):
     pricing: PricingConfig = PricingConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
     max_ongoing_requests: int = Field(256, ge=1)
+    # How long a replica being stopped (scale-down, redeploy) may keep serving its streams before
+    # Serve kills it. It takes no new requests meanwhile and leaves as soon as its last stream
+    # ends, so a long bound costs nothing when streams are short. None: the ingress's
+    # request_timeout_s (600 s by default), which bounds a request's wait for its first output;
+    # raise it if streams may run longer than that.
+    graceful_shutdown_timeout_s: float | None = Field(None, gt=0)
     owned_by: str | None = None
     # Who may list and call it: a model is private to its owning account (the <owner> in its id)
     # unless public. None: public when the platform account owns it (auth.platform_account).
@@ -298,6 +343,9 @@ class AuthConfig(_Strict):
     demo_key_env: str = "EMBER_DEMO_KEY"
     # Likewise the admin API's token; unset, the admin API is off.
     admin_token_env: str = "EMBER_ADMIN_TOKEN"
+    # The account that owns the platform's own models (accounts/<it>/models/...): those are public
+    # unless a model says otherwise (ModelConfig.public); other owners' models are private to them.
+    platform_account: str = "ember"
 
     # A verified key is cached by each ingress replica for `key_cache_ttl_s`, as long as the
     # replica's revocation feed (Redis pub/sub) is live; otherwise for `revocation_max_delay_s`.

@@ -22,6 +22,12 @@ replica ever holds more than the cap.
 Serve hands the chosen replica to exactly the request it was chosen for (the base class's
 matching by request id, not ``FIFOMixin``'s oldest-first order): another request's owner is
 no use to this one.
+
+Every router here also publishes the pool's running replica count to
+``deployments.capacity`` whenever Serve updates the replica set (``PublishesCapacity``), so the
+ingress's gate sizes its slots from the live pool. ``PowerOfTwoRouter`` is Serve's default router
+with only that added: what ``routing.policy: power_of_two`` uses, so that policy follows the pool
+too (Ray's experimental consistent-hash router does not publish: its gate stays on the config).
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ from collections import OrderedDict, defaultdict
 from typing import List, Optional
 
 from ray.serve._private.common import ReplicaID
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from deployments.capacity import publish_replicas
 
 from policies.affinity import key_group
 from policies.consistent_hash import DEFAULT_LOAD_FACTOR, DEFAULT_VNODES, HashRing, place
@@ -43,7 +52,19 @@ _PLACING_TTL_S = 5.0
 _WAIT_SLICE_S = 0.02  # a waiting request looks again at least this often
 
 
-class AffinityRouter(RequestRouter):
+class PublishesCapacity:
+    """Mixin for a ``RequestRouter``: publish the running replica count on every update.
+
+    Serve calls ``update_replicas`` on the router's own loop (a separate thread by default);
+    the registry is thread-safe and subscribers hand the update to their own loop.
+    """
+
+    def update_replicas(self, replicas: List[RunningReplica]) -> None:
+        super().update_replicas(replicas)  # type: ignore[misc]
+        publish_replicas(self._deployment_id, len(replicas))  # type: ignore[attr-defined]
+
+
+class AffinityRouter(PublishesCapacity, RequestRouter):
     def initialize_state(self, load_factor: float = DEFAULT_LOAD_FACTOR, vnodes: int = DEFAULT_VNODES,
                          replica_slots: int | None = None, peer_load_ttl_s: float = 1.0,
                          account_replicas: int | None = None, owner_wait_s: float = 0.0,
@@ -179,7 +200,11 @@ class AffinityRouter(RequestRouter):
         self._peers.pop(replica_id.unique_id, None)
 
 
-class RoundRobinRouter(FIFOMixin, RequestRouter):
+class PowerOfTwoRouter(PublishesCapacity, PowerOfTwoChoicesRequestRouter):
+    """Serve's default router (power of two choices), publishing the live replica count."""
+
+
+class RoundRobinRouter(PublishesCapacity, FIFOMixin, RequestRouter):
     """Baseline for benchmarks: replicas in turn, blind to sessions and load."""
 
     def initialize_state(self, **_: object) -> None:

@@ -19,6 +19,7 @@ import time
 from typing import AsyncIterator
 
 from cluster.config import ModelConfig
+from deployments.autoscaling import pool_stats
 from deployments.engines import make_engine
 from deployments.engines.protocol import EngineOutput, EngineRequest, merge_outputs
 
@@ -105,6 +106,22 @@ class ModelPool:
         if unfinished is None:
             unfinished = (running or 0) + (waiting or 0)
         return {"replica": self.replica_tag, "unfinished": unfinished}
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) sequences in the engine. SimEngine counts both; vLLM says how many
+        requests it holds, of which at most ``max_num_seqs`` run and the rest wait."""
+        running = getattr(self.engine, "num_running", None)
+        waiting = getattr(self.engine, "num_waiting", None)
+        if running is not None and waiting is not None:
+            return int(running), int(waiting)
+        held = int(getattr(self.engine, "num_unfinished_requests", 0) or 0)
+        cap = self.model.engine.max_num_seqs
+        return min(held, cap), max(0, held - cap)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve samples this on autoscaled pools; ``deployments.autoscaling``'s policies read it."""
+        running, waiting = self.load()
+        return pool_stats(running, waiting, self.model.engine.max_num_seqs)
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()

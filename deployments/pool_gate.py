@@ -7,16 +7,39 @@ A slot is handed over, never left free for a moment: ``release`` gives the freed
 the next waiter that may use it (Priority's queue first), and counts it as taken before that
 waiter even resumes. A waiter that is cancelled or times out after it was handed a slot passes
 the slot on, so no wakeup is ever lost and ``in_flight`` always equals the slots held.
+
+Capacity follows the pool. The gate's slots are ``running replicas × max_num_seqs // ingress
+replicas`` (at least 1), with the running replicas as the pool's request router last saw them
+(``deployments.capacity``: Ember's routers publish every change of the replica set, within a
+second of a replica joining or leaving). Until the router has reported, the config's count is
+the prior (``num_replicas``, or autoscaling ``initial_replicas``/``min_replicas``). When slots
+grow, waiting requests get the new slots at once (Priority's queue first); when they shrink,
+nobody is interrupted: new requests wait until ``in_flight`` falls below the new size. The number
+of ingress replicas is the config's (the live count is not known here).
+
+While the pool runs fewer replicas than it may (``autoscaling.max_replicas``), requests wait for
+the replicas on their way up to ``replica_start_s`` rather than ``max_queue_wait_s``
+(``policies.tiers.shed``): load is shed early only at the maximum size. A pool with no running
+replica (scaled to zero) lets one request through, which wakes it (Serve's cold start sees it in
+the handle), and holds the rest up to ``cold_start_hold_s``; then 503 with a Retry-After of the
+start time still expected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
+import time
+import weakref
 
 from cluster.config import EmberConfig, ModelConfig
+from deployments.capacity import REGISTRY, CapacityRegistry, Subscriber, current_app_name
 from deployments.errors import overloaded
 from policies.tiers import shed, usable_slots
+
+_DEFAULT = object()
+DEFAULT_REPLICA_START_S = 30.0  # a fixed-size pool's replicas are restarts, not scale-ups
 
 
 class PoolGate:
@@ -28,18 +51,64 @@ class PoolGate:
     Nobody waits longer than the shedding rule allows.
     """
 
-    def __init__(self, model: ModelConfig, config: EmberConfig):
-        replicas = model.num_replicas or (model.autoscaling.min_replicas if model.autoscaling else 1) or 1
+    def __init__(self, model: ModelConfig, config: EmberConfig,
+                 registry: CapacityRegistry | None = _DEFAULT,  # type: ignore[assignment]
+                 app: str | None = _DEFAULT):  # type: ignore[assignment]
+        """``registry``: where the pool's live replica count comes from (the process's
+        ``deployments.capacity.REGISTRY`` by default; None: the config's count, fixed).
+        ``app``: the Serve application of the pool (default: this replica's; None: any)."""
+        auto = model.autoscaling
         ing = config.ingress
-        ingresses = ing.num_replicas or (ing.autoscaling.min_replicas if ing.autoscaling else 1) or 1
-        self.slots = max(1, replicas * model.engine.max_num_seqs // ingresses)
+        self.model_id = model.id
+        self.deployment = model.deployment_name
         self.ingress = ing
+        self.ingresses = ing.num_replicas or (ing.autoscaling.min_replicas if ing.autoscaling else 1) or 1
+        self.seqs_per_replica = model.engine.max_num_seqs
+        self.max_replicas = auto.max_replicas if auto else (model.num_replicas or 1)
+        self.replica_start_s = auto.replica_start_s if auto else DEFAULT_REPLICA_START_S
+        self.cold_start_hold_s = auto.cold_start_hold_s if auto else 0.0
+        self.replicas = model.num_replicas or (auto.starting_replicas if auto else 1)
+        self.reported = False  # whether the pool's router has said how many replicas run
+        self.slots = self._slots_for(self.replicas)
         # Slots held back for Priority; a model that offers no Priority tier keeps none idle.
         self.reserve = ing.priority_reserve if model.pricing.priority is not None else 0.0
         self.in_flight = 0
         self.service_time_s = 0.5  # prior until the first request finishes
         self._queues: dict[str, collections.deque[asyncio.Future]] = {
             "priority": collections.deque(), "standard": collections.deque()}
+        self._batch: weakref.WeakSet[asyncio.Future] = weakref.WeakSet()  # Batch waits among Standard
+        self._cold_since: float | None = time.monotonic() if self.replicas == 0 else None
+        self._subscriber: Subscriber | None = None
+        self._unsubscribe = None
+        if registry is _DEFAULT:
+            registry = REGISTRY
+        if registry is not None and (auto is None or auto.gate_follows_replicas):
+            self._subscriber = Subscriber(self.set_replicas)
+            self._unsubscribe = registry.subscribe(
+                self.deployment, self._subscriber, current_app_name() if app is _DEFAULT else app)
+
+    def _slots_for(self, replicas: int) -> int:
+        return max(1, replicas * self.seqs_per_replica // self.ingresses)
+
+    def set_replicas(self, replicas: int) -> None:
+        """The pool now runs ``replicas``: resize, and hand any new slots to waiters at once.
+        Call it on the gate's event loop (``deployments.capacity.Subscriber`` does)."""
+        replicas = max(0, int(replicas))
+        self.reported = True
+        if replicas == 0 and self.replicas > 0:
+            self._cold_since = time.monotonic()
+        elif replicas > 0:
+            self._cold_since = None
+        old = self.slots
+        self.replicas = replicas
+        self.slots = self._slots_for(replicas)
+        if self.slots > old:
+            self._hand_over()
+
+    def close(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
 
     def observe(self, seconds: float) -> None:
         self.service_time_s += 0.1 * (seconds - self.service_time_s)
@@ -48,9 +117,16 @@ class PoolGate:
         queues = self._queues.values() if tier is None else [self._queue(tier)]
         return sum(1 for q in queues for f in q if not f.done())
 
+    def queued_by_tier(self) -> dict[str, int]:
+        """Requests waiting here, by tier (the ingress's autoscaling metric)."""
+        batch = sum(1 for f in self._batch if not f.done())
+        return {"priority": self.waiting("priority"), "standard": self.waiting("standard") - batch,
+                "batch": batch}
+
     def state(self) -> dict:
         return {"slots": self.slots, "in_flight": self.in_flight, "waiting": self.waiting(),
-                "waiting_priority": self.waiting("priority")}
+                "waiting_priority": self.waiting("priority"), "replicas": self.replicas,
+                "max_replicas": self.max_replicas, "reported": self.reported}
 
     def _queue(self, tier: str) -> collections.deque[asyncio.Future]:
         return self._queues["priority" if tier == "priority" else "standard"]
@@ -58,24 +134,41 @@ class PoolGate:
     def _usable(self, tier: str) -> int:
         return usable_slots("priority" if tier == "priority" else "standard", self.slots, self.reserve)
 
+    def _cold_retry_after(self) -> int:
+        since = self._cold_since if self._cold_since is not None else time.monotonic()
+        return max(1, math.ceil(self.replica_start_s - (time.monotonic() - since)))
+
     async def acquire(self, tier: str, model_id: str) -> None:
         """Take a slot (waiting within the shedding bound) or raise 503 ``overloaded``."""
+        if self._subscriber is not None:
+            self._subscriber.bind_loop()
         ing = self.ingress
-        ahead = self.in_flight + self.waiting("priority") + (self.waiting("standard") if tier != "priority" else 0)
-        d = shed(tier, ahead, self.slots, self.service_time_s, ing.max_queue_wait_s,  # type: ignore[arg-type]
-                 ing.priority_headroom, self.reserve)
-        if not d.admit:
-            raise overloaded(model_id, d.expected_wait_s)
+        cold = self.replicas == 0
+        if cold:
+            # Scaled to zero: one request goes through and wakes the pool; the others wait for
+            # its first replica, up to cold_start_hold_s.
+            bound_s = self.cold_start_hold_s
+        else:
+            ahead = self.in_flight + self.waiting("priority") + (self.waiting("standard") if tier != "priority" else 0)
+            growing = self.replica_start_s if self.replicas < self.max_replicas else None
+            d = shed(tier, ahead, self.slots, self.service_time_s, ing.max_queue_wait_s,  # type: ignore[arg-type]
+                     ing.priority_headroom, self.reserve, growing)
+            if not d.admit:
+                raise overloaded(model_id, d.expected_wait_s)
+            bound_s = 2 * d.bound_s  # the estimate said it fits the bound; twice it is the hard stop
         queue = self._queue(tier)
         if self.in_flight < self._usable(tier) and not self.waiting("priority") and (
                 tier == "priority" or not self.waiting("standard")):
             self.in_flight += 1
             return
+        if cold and bound_s <= 0:
+            raise self._cold_error(model_id)
         fut = asyncio.get_running_loop().create_future()
         queue.append(fut)
+        if tier == "batch":
+            self._batch.add(fut)
         try:
-            # The estimate said it fits the bound; twice the bound is the hard stop.
-            async with asyncio.timeout(max(0.05, 2 * d.bound_s)):
+            async with asyncio.timeout(max(0.05, bound_s)):
                 await asyncio.shield(fut)
         except BaseException as exc:
             if fut.done() and not fut.cancelled():
@@ -83,8 +176,17 @@ class PoolGate:
             else:
                 fut.cancel()
             if isinstance(exc, TimeoutError):
+                if self.replicas == 0:
+                    raise self._cold_error(model_id) from None
                 raise overloaded(model_id) from None
             raise
+
+    def _cold_error(self, model_id: str):
+        err = overloaded(model_id)
+        retry = self._cold_retry_after()
+        err.message = f"{model_id} is starting (scaled to zero); retry in about {retry} s"
+        err.headers = {**err.headers, "Retry-After": str(retry)}
+        return err
 
     def release(self) -> None:
         self.in_flight -= 1

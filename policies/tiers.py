@@ -14,6 +14,13 @@ Worked example: 16 slots, reserve 0.25 → Standard may use 12. With 14 requests
 Standard waiting and a mean service time of 0.6 s, a new Standard request is 5th in line for 12
 slots: it would wait about 5 × 0.6 / 12 = 0.25 s, admitted under a 0.5 s bound. A Priority
 request finds 2 free slots and starts at once.
+
+Growing pools: while the pool runs fewer replicas than its maximum (an autoscaled pool that is
+still scaling up, or will), more slots are on the way, so Standard and Priority wait for them up
+to ``scale_up_wait_s`` (about the time a new replica takes to start: ``replica_start_s`` in the
+model's autoscaling config) instead of ``max_queue_wait_s``; Priority still gets
+``priority_headroom`` times that. Load is shed early only at the pool's maximum size. Batch does
+not make a pool grow (it fills idle capacity), so it is still refused whenever it would wait.
 """
 
 from __future__ import annotations
@@ -45,13 +52,17 @@ def expected_wait_s(ahead: int, slots: int, service_time_s: float) -> float:
 
 
 def shed(tier: Tier, ahead: int, slots: int, service_time_s: float, max_queue_wait_s: float,
-         priority_headroom: float, priority_reserve: float = 0.0) -> ShedDecision:
+         priority_headroom: float, priority_reserve: float = 0.0,
+         scale_up_wait_s: float | None = None) -> ShedDecision:
+    """Admit or refuse; ``scale_up_wait_s`` (not None) says the pool is below its maximum size
+    and may wait that long for the replicas on their way (see the module doc)."""
     usable = usable_slots(tier, slots, priority_reserve)
     wait = expected_wait_s(ahead, usable, service_time_s)
+    base = max_queue_wait_s if scale_up_wait_s is None else max(max_queue_wait_s, scale_up_wait_s)
     if tier == "priority":
-        bound = max_queue_wait_s * priority_headroom
+        bound = base * priority_headroom
     elif tier == "batch":
         bound = 0.0
     else:
-        bound = max_queue_wait_s
+        bound = base
     return ShedDecision(wait <= bound, wait, bound)

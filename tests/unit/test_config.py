@@ -69,3 +69,35 @@ def test_lifecycle_needs_14_days_notice_and_a_served_replacement():
         EmberConfig.model_validate({"models": [{**MODEL, "lifecycle": {**ok, "replacement": "accounts/x/models/y"}}]})
     with pytest.raises(ValidationError, match="needs deprecated_on"):
         EmberConfig.model_validate({"models": [{**MODEL, "lifecycle": {"status": "removed"}}]})
+
+
+def test_shipped_configs_offer_priority_a_fast_variant_and_autoscaling():
+    for path in CONFIGS:
+        for app in yaml.safe_load(path.read_text())["applications"]:
+            cfg = EmberConfig.model_validate(app["args"])
+            assert any(m.pricing.priority is not None for m in cfg.models), path.name
+            fast = [m for m in cfg.models if m.id.startswith("accounts/ember/routers/") and m.id.endswith("-fast")]
+            assert fast, path.name
+            base = {m.id.split("/")[-1]: m for m in cfg.models if "/models/" in m.id}
+            for f in fast:
+                slug = f.id.split("/")[-1][: -len("-fast")]
+                assert slug in base and f.engine.max_num_seqs < base[slug].engine.max_num_seqs
+            assert any(m.autoscaling is not None and m.autoscaling.policy == "ember" for m in cfg.models)
+    sim = yaml.safe_load((CONFIGS[0].parent / "sim.yaml").read_text())["applications"][0]
+    model = EmberConfig.model_validate(sim["args"]).models[0]
+    assert (model.autoscaling.min_replicas, model.autoscaling.max_replicas) == (1, 4)
+    assert sim["autoscaling_policy"]["policy_function"] == "deployments.autoscaling:EmberAppPolicy"
+
+
+def test_autoscaling_knobs():
+    auto = EmberConfig.model_validate({"models": [{**MODEL, "autoscaling": {"max_replicas": 3}}]}).models[0].autoscaling
+    assert auto.policy == "ember" and auto.gate_follows_replicas and auto.replica_start_s == 30
+    assert auto.starting_replicas == 1 and set(auto.knobs()) >= {"target_utilization", "hysteresis"}
+    from policies.autoscale import Knobs
+
+    Knobs.from_dict(auto.knobs())  # every knob is one the policy knows
+    for bad in ({"policy": "other"}, {"target_utilization": 0}, {"hysteresis": 1}, {"replica_start_s": -1}):
+        with pytest.raises(ValidationError):
+            EmberConfig.model_validate({"models": [{**MODEL, "autoscaling": bad}]})
+    with pytest.raises(ValidationError):
+        EmberConfig.model_validate({"models": [{**MODEL, "graceful_shutdown_timeout_s": 0}]})

@@ -1,0 +1,220 @@
+"""Autoscaling under a load step: Ember's policy with a gate that follows the pool, against Serve's
+default autoscaling with the gate fixed at the config's minimum (the behaviour before live capacity).
+
+One SimEngine model autoscaling 1..4 replicas gets Poisson arrivals at 0.8x one replica's capacity
+(warm-up), then a step to 4x for ``--step-s``. Each variant is deployed, driven and deleted in
+turn, in one Ray session:
+
+- ``ember``: ``policy: ember`` (``EmberPoolPolicy``, deployment level as under ``serve.run``:
+  it sees the pool's running and waiting sequences, not the gate's queue), gate following the
+  running replicas, waiting up to ``replica_start_s`` while the pool is below its maximum;
+- ``serve``: Serve's default policy (``target_ongoing_requests`` = 0.8 x max_num_seqs,
+  ``upscale_delay_s`` 5 s, metrics every 10 s as Serve defaults), gate fixed at one replica.
+
+Reported per variant: seconds from the step until 4 replicas run, throughput once 4 run against
+4x one replica's capacity, the share of requests refused (503) during the step, and
+replica-seconds during the step against an oracle that runs 4 replicas from the step's start.
+
+    python tests/benchmarks/autoscale.py            # ~4 min
+    python tests/benchmarks/autoscale.py --small    # ~2.5 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.benchmarks._common import print_table, start_ray_serve, stop_ray_serve, write_json  # noqa: E402
+
+MODEL = "accounts/ember/models/autoscale"
+DEPLOYMENT = "pool-ember-models-autoscale"
+ADMIN = "bench-admin-token"
+MAX_TOKENS = 32
+SEQS = 4
+MAX_REPLICAS = 4
+LATENCY = {"step_base_s": 0.03, "decode_s_per_seq": 0.0005, "prefill_base_s": 0.002,
+           "prefill_s_per_token": 0.00001}
+
+
+def config(variant: str) -> dict:
+    if variant == "ember":
+        auto = {"min_replicas": 1, "max_replicas": MAX_REPLICAS, "policy": "ember", "downscale_delay_s": 60,
+                "replica_start_s": 30}
+    else:
+        auto = {"min_replicas": 1, "max_replicas": MAX_REPLICAS, "policy": "serve",
+                "target_ongoing_requests": 0.8 * SEQS, "upscale_delay_s": 5, "downscale_delay_s": 60,
+                "gate_follows_replicas": False}
+    return {
+        "models": [{
+            "id": MODEL, "context_length": 1024, "autoscaling": auto, "resources": {"num_cpus": 0.1},
+            "engine": {"kind": "sim", "block_size": 32, "max_num_seqs": SEQS, "latency": LATENCY},
+        }],
+        "ingress": {"num_cpus": 0.2, "access_log": False, "max_queue_wait_s": 2.0,
+                    "max_concurrent_per_account": 4096},  # one benchmark account: no per-account cap
+        "rate_limit": {"enabled": False},
+    }
+
+
+def service_time_s() -> float:
+    return MAX_TOKENS * (LATENCY["step_base_s"] + LATENCY["decode_s_per_seq"] * SEQS)
+
+
+def replica_capacity_rps() -> float:
+    return SEQS / service_time_s()
+
+
+async def open_loop(http, url: str, key: str, rate: float, duration_s: float, seed: int,
+                    t_origin: float, phase: str) -> list[dict]:
+    rng = random.Random(seed)
+    results: list[dict] = []
+    tasks = []
+
+    async def one(i: int) -> None:
+        body = {"model": MODEL, "max_tokens": MAX_TOKENS, "seed": i,
+                "messages": [{"role": "user", "content": f"Request {i} of {phase}."}]}
+        rec: dict = {"phase": phase, "sent_at": time.perf_counter() - t_origin}
+        try:
+            r = await http.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
+            rec["status"] = r.status_code
+        except Exception as exc:
+            rec["status"] = type(exc).__name__
+        rec["done_at"] = time.perf_counter() - t_origin
+        results.append(rec)
+
+    start = time.perf_counter()
+    i = 0
+    while (now := time.perf_counter() - start) < duration_s:
+        tasks.append(asyncio.create_task(one(seed * 1_000_000 + i)))
+        i += 1
+        await asyncio.sleep(max(0.0, rng.expovariate(rate) - (time.perf_counter() - start - now)))
+    await asyncio.gather(*tasks)
+    return results
+
+
+async def watch_replicas(app: str, t_origin: float, stop: asyncio.Event, out: list) -> None:
+    from ray import serve
+
+    while not stop.is_set():
+        try:
+            st = await asyncio.to_thread(serve.status)
+            dep = st.applications[app].deployments[DEPLOYMENT]
+            running = dep.replica_states.get("RUNNING", 0)
+            out.append((time.perf_counter() - t_origin, int(running)))
+        except Exception:
+            pass
+        await asyncio.sleep(0.25)
+
+
+def analyse(variant: str, results: list[dict], timeline: list[tuple[float, int]], warm_s: float,
+            step_s: float) -> dict:
+    step_start, step_end = warm_s, warm_s + step_s
+    step = [r for r in results if r["phase"] == "step"]
+    reach = next((t for t, n in timeline if t >= step_start and n >= MAX_REPLICAS), None)
+    ok_done = sorted(r["done_at"] for r in results if r["status"] == 200)
+    if reach is not None and step_end - reach > 2:
+        completed = sum(1 for t in ok_done if reach <= t <= step_end)
+        thr = completed / (step_end - reach)
+    else:
+        thr = None
+    # Replica-seconds during the step (step function over the sampled timeline).
+    rs = 0.0
+    pts = [(t, n) for t, n in timeline if step_start <= t <= step_end]
+    prev_t, prev_n = step_start, next((n for t, n in reversed(timeline) if t <= step_start), 1)
+    for t, n in pts:
+        rs += prev_n * (t - prev_t)
+        prev_t, prev_n = t, n
+    rs += prev_n * (step_end - prev_t)
+    oracle = MAX_REPLICAS * step_s
+    target = MAX_REPLICAS * replica_capacity_rps()
+    return {
+        "variant": variant,
+        "time_to_target_s": None if reach is None else reach - step_start,
+        "max_replicas_seen": max((n for _, n in timeline), default=0),
+        "throughput_at_target_rps": thr,
+        "target_throughput_rps": target,
+        "throughput_ratio": None if thr is None else thr / target,
+        "step_sent": len(step),
+        "step_refused_share": sum(1 for r in step if r["status"] == 503) / max(1, len(step)),
+        "step_other_errors": sum(1 for r in step if r["status"] not in (200, 503)),
+        "step_statuses": {str(k): sum(1 for r in step if r["status"] == k) for k in {r["status"] for r in step}},
+        "replica_seconds": rs,
+        "oracle_replica_seconds": oracle,
+        "replica_seconds_ratio": rs / oracle,
+        "timeline": timeline,
+    }
+
+
+async def run_variant(http, base: str, key: str, variant: str, args) -> dict:
+    from ray import serve
+
+    from cluster.builder import build_app
+
+    app = f"autoscale-{variant}"
+    serve.run(build_app(config(variant)), name=app, route_prefix=f"/{app}")
+    url = f"{base}/{app}/v1/chat/completions"
+    try:
+        cap = replica_capacity_rps()
+        t0 = time.perf_counter()
+        stop = asyncio.Event()
+        timeline: list[tuple[float, int]] = []
+        watcher = asyncio.create_task(watch_replicas(app, t0, stop, timeline))
+        warm = await open_loop(http, url, key, 0.8 * cap, args.warm_s, 1, t0, "warm")
+        step = await open_loop(http, url, key, 4 * cap, args.step_s, 2, t0, "step")
+        stop.set()
+        await watcher
+        return analyse(variant, warm + step, timeline, args.warm_s, args.step_s)
+    finally:
+        serve.delete(app)
+
+
+async def run(args) -> list[dict]:
+    import httpx
+
+    os.environ["EMBER_ADMIN_TOKEN"] = ADMIN
+    base, _ = start_ray_serve()
+    try:
+        limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+        async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as http:
+            # Each app has its own memory:// store; the demo key is seeded in every one of them.
+            return [await run_variant(http, base, os.environ["EMBER_DEMO_KEY"], v, args) for v in args.variants]
+    finally:
+        stop_ray_serve()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--warm-s", type=float, default=15)
+    ap.add_argument("--step-s", type=float, default=75)
+    ap.add_argument("--timeout", type=float, default=120)
+    ap.add_argument("--variants", nargs="+", default=["ember", "serve"], choices=["ember", "serve"])
+    ap.add_argument("--out", default="bench_results/autoscale.json")
+    args = ap.parse_args()
+    if args.small:
+        args.warm_s, args.step_s = 8, 40
+    os.environ.setdefault("EMBER_DEMO_KEY", "bench-demo-key-0001")
+    res = asyncio.run(run(args))
+
+    print(f"\none replica ~{replica_capacity_rps():.1f} req/s; step 0.8x -> 4x of it; pool 1..{MAX_REPLICAS}\n")
+
+    def f(v, fmt="{:.2f}"):
+        return "-" if v is None else fmt.format(v)
+
+    print_table(["variant", "t to 4 replicas s", "max replicas", "rps at 4", "rps target", "ratio",
+                 "step sent", "refused %", "other err", "replica-s", "oracle", "ratio"],
+                [[r["variant"], f(r["time_to_target_s"]), r["max_replicas_seen"], f(r["throughput_at_target_rps"]),
+                  f(r["target_throughput_rps"]), f(r["throughput_ratio"]), r["step_sent"],
+                  f(100 * r["step_refused_share"], "{:.1f}"), r["step_other_errors"], f(r["replica_seconds"], "{:.0f}"),
+                  f(r["oracle_replica_seconds"], "{:.0f}"), f(r["replica_seconds_ratio"])] for r in res])
+    print("wrote", write_json(args.out, {"args": vars(args), "results": res}))
+
+
+if __name__ == "__main__":
+    main()
