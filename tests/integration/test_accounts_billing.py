@@ -157,7 +157,9 @@ def test_spend_tier_rises_with_spend(app):
 
 
 def test_monthly_spend_limit_warns_at_80_percent_then_stops_with_402(app):
-    client = _new_account(app, "acct-capped", "--monthly-limit", "20")
+    # ~$2.60 a request against $40: warned from $32, refused once a request could pass $40 (each
+    # request reserves its worst-case cost at admission).
+    client = _new_account(app, "acct-capped", "--monthly-limit", "40")
     warned = False
     with pytest.raises(openai.APIStatusError) as e:
         for _ in range(100):
