@@ -30,6 +30,7 @@ from cluster.config import AutoscalingConfig, EmberConfig, EngineConfig, ModelCo
 from cluster.stores import hash_key
 from deployments.autoscaling import ingress_autoscaling_config, pool_autoscaling_config
 from deployments.capacity import gate_stats
+from deployments.admin import admin_token_digest
 from deployments.ingress import Ingress
 from deployments.model_pool import ModelPool
 
@@ -178,7 +179,7 @@ def build_app(args: dict | EmberConfig) -> Application:
     demo_key = os.environ.get(config.auth.demo_key_env)
     demo_hash = hash_key(demo_key) if demo_key else None
     admin_token = os.environ.get(config.auth.admin_token_env)
-    admin_hash = hash_key(admin_token) if admin_token else None
+    admin_hash = admin_token_digest(admin_token) if admin_token else None
     if config.store.url == "memory://" and (config.ingress.num_replicas or 2) > 1:
         log.warning("store memory:// is per ingress replica: accounts, keys and the ledger are not shared "
                     "between %s ingress replicas; use redis:// for more than one", config.ingress.num_replicas

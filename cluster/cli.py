@@ -7,7 +7,8 @@
     ember keys list acme
     ember keys revoke key_0123456789abcdef
 
-The server and token come from --url/--admin-token or EMBER_URL/EMBER_ADMIN_TOKEN.
+The server and token come from --url/--admin-token or EMBER_URL/EMBER_ADMIN_TOKEN; an admin API
+moved with ``auth.admin_prefix`` needs --admin-prefix or EMBER_ADMIN_PREFIX (default /admin/).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ember", description="Ember admin CLI")
     p.add_argument("--url", default=os.environ.get("EMBER_URL", "http://127.0.0.1:8000"))
     p.add_argument("--admin-token", default=os.environ.get("EMBER_ADMIN_TOKEN"))
+    p.add_argument("--admin-prefix", default=os.environ.get("EMBER_ADMIN_PREFIX", "/admin/"),
+                   help="the admin API's path prefix (auth.admin_prefix in the config)")
     sub = p.add_subparsers(dest="noun", required=True)
 
     acc = sub.add_parser("accounts").add_subparsers(dest="verb", required=True)
@@ -49,15 +52,19 @@ def _request(args) -> tuple[str, str, dict | None]:
         if getattr(args, "monthly_limit", None) is not None:
             body["monthly_spend_limit_usd"] = args.monthly_limit
         if args.verb == "create":
-            return "POST", "/admin/accounts", {"id": args.account, **body}
+            return "POST", "accounts", {"id": args.account, **body}
         if args.verb == "update":
-            return "PATCH", f"/admin/accounts/{args.account}", body
-        return "GET", f"/admin/accounts/{args.account}", None
+            return "PATCH", f"accounts/{args.account}", body
+        return "GET", f"accounts/{args.account}", None
     if args.verb == "create":
-        return "POST", f"/admin/accounts/{args.account}/keys", {}
+        return "POST", f"accounts/{args.account}/keys", {}
     if args.verb == "list":
-        return "GET", f"/admin/accounts/{args.account}/keys", None
-    return "DELETE", f"/admin/keys/{args.key_id}", None
+        return "GET", f"accounts/{args.account}/keys", None
+    return "DELETE", f"keys/{args.key_id}", None
+
+
+def _prefix(prefix: str) -> str:
+    return "/" + prefix.strip("/") + "/"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     method, path, body = _request(args)
     try:
-        r = httpx.request(method, args.url.rstrip("/") + path, json=body, timeout=30,
+        r = httpx.request(method, args.url.rstrip("/") + _prefix(args.admin_prefix) + path, json=body, timeout=30,
                           headers={"Authorization": f"Bearer {args.admin_token}"})
     except httpx.HTTPError as exc:
         print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
@@ -77,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         payload = {"error": {"message": r.text}}
     if r.status_code >= 400:
-        print(f"error ({r.status_code}): {payload.get('error', {}).get('message', payload)}", file=sys.stderr)
+        error = payload.get("error", {}) if isinstance(payload, dict) else {}
+        message = error.get("message", payload) if isinstance(error, dict) else payload
+        retry = f" (retry after {r.headers['retry-after']} s)" if "retry-after" in r.headers else ""
+        print(f"error ({r.status_code}): {message}{retry}", file=sys.stderr)
         return 1
     print(json.dumps(payload, indent=2))
     return 0

@@ -5,9 +5,11 @@ API keys are stored only as SHA-256 hashes: a leaked store does not leak keys.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 from collections import OrderedDict, deque
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 class StoreUnavailable(RuntimeError):
@@ -32,17 +34,65 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# -- API keys ---------------------------------------------------------------------------------
+#
+# Redis layout (shared with the account store below):
+#   ember:key:<hash>             -> account          the lookup on every request's path
+#   ember:keyid:<key id>         -> hash             revoke by the public key id
+#   ember:acct:<id>              -> record (JSON)
+#   ember:acct:<id>:keys         set of hashes       the account's key index (listing)
+#   ember:acct:<id>:seeded       set of hashes       keys seeded from the environment (the demo key)
+#   ember:acct:<id>:seed-revoked set of hashes       seeded keys an admin revoked: never seeded again
+# Every revocation is published on REVOCATION_CHANNEL (the key hash), so that each ingress
+# replica drops it from its cache at once.
+
+KEY_PREFIX = "ember:key:"
+KEYID_PREFIX = "ember:keyid:"
+ACCT_PREFIX = "ember:acct:"
+REVOCATION_CHANNEL = "ember:keys:revoked"
+
+# Seeding outcomes (``AccountStore.seed``).
+SEEDED = "seeded"  # the key is (now) an env-seeded key of the account
+SEED_REVOKED = "revoked"  # an admin revoked this key: it stays revoked while the variable holds it
+SEED_TAKEN = "taken"  # the key belongs to another account, or is an admin-created key: left alone
+
+
 class KeyStore(Protocol):
+    """Key hash → account: the lookup on every request's path.
+
+    ``shared`` says whether other processes use the same store (Redis): their revocations then
+    arrive through ``revocation_feed()``. A store that is not shared tells the listeners added with
+    ``add_revocation_listener`` about every revocation, synchronously.
+    """
+
+    shared: bool
+
     async def put(self, key_hash: str, account: str) -> None: ...
 
     async def account_for(self, key_hash: str) -> str | None: ...
 
     async def revoke(self, key_hash: str) -> None: ...
 
+    def add_revocation_listener(self, listener: Callable[[str], None]) -> None: ...
+
+    @property
+    def accounts(self) -> "AccountStore": ...  # the account store over the same keys
+
 
 class MemoryKeyStore:
+    shared = False
+
     def __init__(self) -> None:
         self._keys: dict[str, str] = {}
+        self._listeners: list[Callable[[str], None]] = []
+        self._accounts: MemoryAccountStore | None = None  # set by MemoryAccountStore(self)
+
+    @property
+    def accounts(self) -> "MemoryAccountStore":
+        if self._accounts is None:
+            MemoryAccountStore(self)
+        assert self._accounts is not None
+        return self._accounts
 
     async def put(self, key_hash: str, account: str) -> None:
         self._keys[key_hash] = account
@@ -51,14 +101,97 @@ class MemoryKeyStore:
         return self._keys.get(key_hash)
 
     async def revoke(self, key_hash: str) -> None:
-        self._keys.pop(key_hash, None)
+        self._remove(key_hash, tombstone=True)
+
+    def add_revocation_listener(self, listener: Callable[[str], None]) -> None:
+        self._listeners.append(listener)
+
+    def _remove(self, key_hash: str, tombstone: bool) -> str | None:
+        account = self._keys.pop(key_hash, None)
+        if self._accounts is not None:
+            self._accounts._unindex(key_hash, account, tombstone)
+        for listener in self._listeners:
+            listener(key_hash)
+        return account
+
+
+# Revoke one key everywhere: its lookup, its id, the account's index; a seeded key revoked this way
+# is remembered (ARGV[3] == '1'), so that the environment does not bring it back. Publishes the hash.
+# ARGV: 1 key hash ('' = find it by id), 2 key id, 3 tombstone, 4 channel. Returns the account.
+_REVOKE_LUA = """
+local h = ARGV[1]
+if h == '' then
+  h = redis.call('GET', 'ember:keyid:' .. ARGV[2])
+  if not h then return false end
+end
+local acct = redis.call('GET', 'ember:key:' .. h)
+redis.call('DEL', 'ember:key:' .. h)
+local kid = 'ember:keyid:key_' .. string.sub(h, 1, 16)
+if redis.call('GET', kid) == h then redis.call('DEL', kid) end
+if acct then
+  redis.call('SREM', 'ember:acct:' .. acct .. ':keys', h)
+  if redis.call('SREM', 'ember:acct:' .. acct .. ':seeded', h) == 1 and ARGV[3] == '1' then
+    redis.call('SADD', 'ember:acct:' .. acct .. ':seed-revoked', h)
+  end
+end
+redis.call('PUBLISH', ARGV[4], h)
+return acct
+"""
+
+# Make a key an env-seeded key of an account, creating the account if it is missing.
+# ARGV: 1 account, 2 key hash, 3 account record (JSON), 4 key id. Returns SEEDED/SEED_*.
+_SEED_LUA = """
+local a, h = 'ember:acct:' .. ARGV[1], ARGV[2]
+redis.call('SET', a, ARGV[3], 'NX')
+if redis.call('SISMEMBER', a .. ':seed-revoked', h) == 1 then return 'revoked' end
+local owner = redis.call('GET', 'ember:key:' .. h)
+if owner and owner ~= ARGV[1] then return 'taken' end
+if owner and redis.call('SISMEMBER', a .. ':keys', h) == 1
+   and redis.call('SISMEMBER', a .. ':seeded', h) == 0 then return 'taken' end
+redis.call('SET', 'ember:key:' .. h, ARGV[1])
+redis.call('SET', 'ember:keyid:' .. ARGV[4], h)
+redis.call('SADD', a .. ':keys', h)
+redis.call('SADD', a .. ':seeded', h)
+return 'seeded'
+"""
+
+# Remove an account's env-seeded keys except ARGV[2] ('' = all); publishes each. No tombstone: set
+# the variable again and the key comes back. ARGV: 1 account, 2 keep, 3 channel. Returns the hashes.
+_UNSEED_LUA = """
+local a = 'ember:acct:' .. ARGV[1]
+local removed = {}
+for _, h in ipairs(redis.call('SMEMBERS', a .. ':seeded')) do
+  if h ~= ARGV[2] then
+    redis.call('SREM', a .. ':seeded', h)
+    redis.call('SREM', a .. ':keys', h)
+    if redis.call('GET', 'ember:key:' .. h) == ARGV[1] then redis.call('DEL', 'ember:key:' .. h) end
+    local kid = 'ember:keyid:key_' .. string.sub(h, 1, 16)
+    if redis.call('GET', kid) == h then redis.call('DEL', kid) end
+    redis.call('PUBLISH', ARGV[3], h)
+    table.insert(removed, h)
+  end
+end
+return removed
+"""
 
 
 class RedisKeyStore:
-    PREFIX = "ember:key:"
+    shared = True
+    PREFIX = KEY_PREFIX
 
     def __init__(self, url: str, timeout_s: float = 0.5) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
         self._r = _redis(url, timeout_s)
+        self._revoke = self._r.register_script(_REVOKE_LUA)
+        self._listeners: list[Callable[[str], None]] = []
+        self._accounts: RedisAccountStore | None = None
+
+    @property
+    def accounts(self) -> "RedisAccountStore":
+        if self._accounts is None:
+            self._accounts = RedisAccountStore(self.url, self.timeout_s, client=self._r)
+        return self._accounts
 
     async def put(self, key_hash: str, account: str) -> None:
         await _redis_call(self._r.set(self.PREFIX + key_hash, account))
@@ -67,10 +200,84 @@ class RedisKeyStore:
         return await _redis_call(self._r.get(self.PREFIX + key_hash))
 
     async def revoke(self, key_hash: str) -> None:
-        await _redis_call(self._r.delete(self.PREFIX + key_hash))
+        await _redis_call(self._revoke(args=[key_hash, "", "1", REVOCATION_CHANNEL]))
+        for listener in self._listeners:
+            listener(key_hash)
+
+    def add_revocation_listener(self, listener: Callable[[str], None]) -> None:
+        self._listeners.append(listener)
+
+    def revocation_feed(self) -> "RedisRevocationFeed":
+        return RedisRevocationFeed(self.url, self.timeout_s)
 
     async def close(self) -> None:
         await self._r.aclose()
+
+
+class RedisRevocationFeed:
+    """One subscription to REVOCATION_CHANNEL on a connection of its own, which never reconnects
+    by itself: a dropped connection raises StoreUnavailable, so that the caller knows that it may
+    have missed revocations (redis-py would otherwise reconnect and resubscribe silently).
+
+    ``ping(token)`` is answered by ``("pong", token)`` in order with the messages: a pong for a ping
+    sent at time t proves that every revocation published before t has been received.
+    """
+
+    def __init__(self, url: str, timeout_s: float = 0.5) -> None:
+        import redis.asyncio as redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # Bytes, not str: redis-py mis-parses the answer to PING <message> when it decodes.
+        self._client = redis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=timeout_s,
+                                            socket_timeout=None, retry=Retry(NoBackoff(), 0),
+                                            health_check_interval=0)
+        self._pubsub = self._client.pubsub()
+        self._timeout_s = timeout_s
+        self.client_id: int | None = None  # the connection's CLIENT ID (tests kill it by id)
+
+    async def open(self) -> None:
+        """Subscribe, and return once Redis has confirmed the subscription."""
+        async def connect() -> int:
+            await self._pubsub.connect()
+            conn = self._pubsub.connection
+            await conn.send_command("CLIENT", "SETNAME", "ember-key-revocations")
+            await conn.read_response()
+            await conn.send_command("CLIENT", "ID")
+            return int(await conn.read_response())
+
+        self.client_id = await _redis_call(connect())
+        await _redis_call(self._pubsub.subscribe(REVOCATION_CHANNEL))
+        deadline = asyncio.get_running_loop().time() + max(self._timeout_s, 1.0)
+        while True:
+            msg = await _redis_call(self._pubsub.get_message(timeout=self._timeout_s))
+            if msg is not None and msg["type"] in (b"subscribe", "subscribe"):
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise StoreUnavailable("redis: no confirmation of the revocation subscription")
+
+    async def ping(self, token: str) -> None:
+        await _redis_call(self._pubsub.ping(token))
+
+    async def get(self, timeout: float) -> tuple[str, str] | None:
+        """The next event, ("revoked", key hash) or ("pong", token), or None after ``timeout``."""
+        msg = await _redis_call(self._pubsub.get_message(timeout=timeout))
+        if msg is None:
+            return None
+        kind = msg["type"].decode() if isinstance(msg["type"], bytes) else msg["type"]
+        data = msg["data"].decode() if isinstance(msg["data"], bytes) else str(msg["data"])
+        if kind == "message":
+            return "revoked", data
+        if kind == "pong":
+            return "pong", data
+        return None
+
+    async def close(self) -> None:
+        for close in (self._pubsub.aclose, self._client.aclose):
+            try:
+                await close()
+            except Exception:  # closing a broken connection may fail too; nothing to do about it
+                pass
 
 
 def key_store(url: str) -> KeyStore:
@@ -158,14 +365,31 @@ class AccountStore(Protocol):
 
     async def keys(self, account: str) -> list[str]: ...  # key hashes
 
+    async def seeded_keys(self, account: str) -> list[str]: ...  # those of keys() seeded from the environment
+
     async def revoke_key(self, kid: str) -> str | None: ...  # the account it belonged to
+
+    async def seed(self, account: str, key_hash: str, record: dict) -> str:
+        """Make ``key_hash`` an env-seeded key of ``account`` (created with ``record`` if missing),
+        indexed like any other key. Returns SEEDED, or SEED_REVOKED for a seeded key an admin
+        revoked (it is not brought back), or SEED_TAKEN for a key that belongs to another account
+        or that an admin created (left as it is). Idempotent."""
+        ...
+
+    async def unseed(self, account: str, keep: str | None = None) -> list[str]:
+        """Remove the env-seeded keys of ``account`` other than ``keep``; returns their hashes.
+        Keys created through ``add_key`` are never touched."""
+        ...
 
 
 class MemoryAccountStore:
     def __init__(self, keys: MemoryKeyStore) -> None:
         self._accounts: dict[str, dict] = {}
         self._keys_of: dict[str, list[str]] = {}
+        self._seeded: dict[str, set[str]] = {}
+        self._seed_revoked: dict[str, set[str]] = {}
         self._key_store = keys
+        keys._accounts = self
 
     async def create(self, account: str, record: dict) -> bool:
         if account in self._accounts:
@@ -184,42 +408,75 @@ class MemoryAccountStore:
         return dict(self._accounts[account])
 
     async def add_key(self, account: str, key_hash: str) -> None:
-        self._keys_of.setdefault(account, []).append(key_hash)
+        hashes = self._keys_of.setdefault(account, [])
+        if key_hash not in hashes:
+            hashes.append(key_hash)
         await self._key_store.put(key_hash, account)
 
     async def keys(self, account: str) -> list[str]:
         return list(self._keys_of.get(account, []))
 
+    async def seeded_keys(self, account: str) -> list[str]:
+        return sorted(self._seeded.get(account, set()))
+
     async def revoke_key(self, kid: str) -> str | None:
-        for account, hashes in self._keys_of.items():
+        for hashes in self._keys_of.values():
             for h in hashes:
                 if key_id(h) == kid:
-                    hashes.remove(h)
-                    await self._key_store.revoke(h)
-                    return account
+                    return self._key_store._remove(h, tombstone=True)
         return None
+
+    async def seed(self, account: str, key_hash: str, record: dict) -> str:
+        self._accounts.setdefault(account, dict(record))
+        if key_hash in self._seed_revoked.get(account, set()):
+            return SEED_REVOKED
+        owner = await self._key_store.account_for(key_hash)
+        seeded = self._seeded.setdefault(account, set())
+        if owner is not None and (owner != account or (key_hash in self._keys_of.get(account, [])
+                                                       and key_hash not in seeded)):
+            return SEED_TAKEN
+        await self.add_key(account, key_hash)
+        seeded.add(key_hash)
+        return SEEDED
+
+    async def unseed(self, account: str, keep: str | None = None) -> list[str]:
+        removed = sorted(h for h in self._seeded.get(account, set()) if h != keep)
+        for h in removed:
+            if self._key_store._keys.get(h) == account:
+                self._key_store._remove(h, tombstone=False)
+            else:
+                self._unindex(h, account, tombstone=False)
+        return removed
+
+    def _unindex(self, key_hash: str, account: str | None, tombstone: bool) -> None:
+        for acct in ([account] if account is not None else list(self._keys_of)):
+            hashes = self._keys_of.get(acct)
+            if hashes and key_hash in hashes:
+                hashes.remove(key_hash)
+            seeded = self._seeded.get(acct)
+            if seeded and key_hash in seeded:
+                seeded.discard(key_hash)
+                if tombstone:
+                    self._seed_revoked.setdefault(acct, set()).add(key_hash)
 
 
 class RedisAccountStore:
-    PREFIX = "ember:acct:"
+    PREFIX = ACCT_PREFIX
 
-    def __init__(self, url: str, timeout_s: float = 0.5) -> None:
-        self._r = _redis(url, timeout_s)
+    def __init__(self, url: str, timeout_s: float = 0.5, client=None) -> None:
+        self._r = client if client is not None else _redis(url, timeout_s)
+        self._revoke = self._r.register_script(_REVOKE_LUA)
+        self._seed = self._r.register_script(_SEED_LUA)
+        self._unseed = self._r.register_script(_UNSEED_LUA)
 
     async def create(self, account: str, record: dict) -> bool:
-        import json
-
         return bool(await _redis_call(self._r.set(self.PREFIX + account, json.dumps(record), nx=True)))
 
     async def get(self, account: str) -> dict | None:
-        import json
-
         raw = await _redis_call(self._r.get(self.PREFIX + account))
         return None if raw is None else json.loads(raw)
 
     async def update(self, account: str, changes: dict) -> dict | None:
-        import json
-
         # Read-modify-write of one small JSON document; admin updates are rare and serial.
         rec = await self.get(account)
         if rec is None:
@@ -231,24 +488,24 @@ class RedisAccountStore:
     async def add_key(self, account: str, key_hash: str) -> None:
         pipe = self._r.pipeline(transaction=True)
         pipe.sadd(self.PREFIX + account + ":keys", key_hash)
-        pipe.set(RedisKeyStore.PREFIX + key_hash, account)
-        pipe.set("ember:keyid:" + key_id(key_hash), key_hash)
+        pipe.set(KEY_PREFIX + key_hash, account)
+        pipe.set(KEYID_PREFIX + key_id(key_hash), key_hash)
         await _redis_call(pipe.execute())
 
     async def keys(self, account: str) -> list[str]:
         return sorted(await _redis_call(self._r.smembers(self.PREFIX + account + ":keys")))
 
+    async def seeded_keys(self, account: str) -> list[str]:
+        return sorted(await _redis_call(self._r.smembers(self.PREFIX + account + ":seeded")))
+
     async def revoke_key(self, kid: str) -> str | None:
-        key_hash = await _redis_call(self._r.get("ember:keyid:" + kid))
-        if key_hash is None:
-            return None
-        account = await _redis_call(self._r.get(RedisKeyStore.PREFIX + key_hash))
-        pipe = self._r.pipeline(transaction=True)
-        pipe.delete(RedisKeyStore.PREFIX + key_hash, "ember:keyid:" + kid)
-        if account:
-            pipe.srem(self.PREFIX + account + ":keys", key_hash)
-        await _redis_call(pipe.execute())
-        return account
+        return await _redis_call(self._revoke(args=["", kid, "1", REVOCATION_CHANNEL]))
+
+    async def seed(self, account: str, key_hash: str, record: dict) -> str:
+        return await _redis_call(self._seed(args=[account, key_hash, json.dumps(record), key_id(key_hash)]))
+
+    async def unseed(self, account: str, keep: str | None = None) -> list[str]:
+        return list(await _redis_call(self._unseed(args=[account, keep or "", REVOCATION_CHANNEL])))
 
 
 # -- the usage ledger ---------------------------------------------------------------------------

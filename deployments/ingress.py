@@ -60,8 +60,10 @@ class Ingress:
         rl = self.config.rate_limit
         billing = Billing(self.stores, rl.default_spend_tier, fail_open=rl.on_store_error == "open",
                           outbox_path=outbox_path(self.config.store))
-        self.auth = KeyAuth(self.stores.keys, demo_key_hash, self.config.auth.demo_account)
-        self.admin = AdminApi(self.stores, billing, admin_token_hash, self.auth.forget)
+        self.auth = KeyAuth(self.stores.keys, demo_key_hash, self.config.auth.demo_account,
+                            config=self.config.auth, accounts=self.stores.accounts)
+        self.admin = AdminApi(self.stores, billing, admin_token_hash, self.auth.forget,
+                              config=self.config.auth, auth=self.auth)
         self._limiter_actors: dict[int, Any] = {}
         served = [m for m in self.config.models if m.served]
         self.rt = Runtime(
@@ -104,6 +106,7 @@ class Ingress:
         if self.rt.limiter is not None:
             await self.rt.limiter.close()
         await self.rt.billing.close()
+        await self.auth.close()
 
     # -- entry point --------------------------------------------------------------------
 
@@ -123,8 +126,9 @@ class Ingress:
         root = request.scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
-        if path.startswith("/admin/"):
-            return lambda req, rid: self.admin.handle(req, path[len("/admin/"):])
+        admin = self.admin.route(path)
+        if admin is not None:
+            return admin
         if path == "/openapi.json" and request.method == "GET":
             return self.openapi
         for prefix in API_PREFIXES:

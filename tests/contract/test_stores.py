@@ -9,6 +9,9 @@ import uuid
 import pytest
 
 from cluster.stores import (
+    SEED_REVOKED,
+    SEED_TAKEN,
+    SEEDED,
     MemoryKeyStore,
     MemoryLedgerStore,
     MemoryLimitStore,
@@ -17,6 +20,7 @@ from cluster.stores import (
     RedisLimitStore,
     StoreUnavailable,
     hash_key,
+    key_id,
 )
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -186,5 +190,162 @@ def test_memory_ledger_dedupes_within_its_window_of_recent_ids():
             assert await ledger.record(e)
         assert not await ledger.record(events[-1]) and not await ledger.record(events[3])
         assert await ledger.record(events[0])  # older than the window: documented, counted again
+
+    _run(go())
+
+
+# -- API keys and accounts ----------------------------------------------------------------------
+
+@pytest.fixture
+def key_space(kind):
+    """Stores of one kind, a fresh account id and a key maker; on Redis, what the test wrote is
+    removed afterwards."""
+    from cluster.stores import Stores
+
+    stores = Stores("memory://" if kind == "memory" else REDIS_URL)
+    made: list[str] = []
+    acct = "t-" + uuid.uuid4().hex[:12]
+
+    def new_key() -> str:
+        made.append(hash_key("ember-" + uuid.uuid4().hex))
+        return made[-1]
+
+    yield stores, acct, new_key
+    if kind == "redis":
+        import redis
+
+        r = redis.Redis.from_url(REDIS_URL)
+        doomed = [k for a in (acct, acct + "-other") for k in r.scan_iter(f"ember:acct:{a}*")]
+        doomed += [f"ember:key:{h}" for h in made] + [f"ember:keyid:{key_id(h)}" for h in made]
+        r.delete(*doomed)
+        r.close()
+
+
+def test_account_keys_are_indexed_listed_and_revoked_by_id(key_space):
+    stores, acct, new_key = key_space
+
+    async def go():
+        h = new_key()
+        assert await stores.accounts.create(acct, {"id": acct}) is True
+        assert await stores.accounts.create(acct, {"id": acct}) is False
+        await stores.accounts.add_key(acct, h)
+        assert await stores.accounts.keys(acct) == [h] and await stores.accounts.seeded_keys(acct) == []
+        assert await stores.keys.account_for(h) == acct
+        assert await stores.accounts.revoke_key(key_id(h)) == acct
+        assert await stores.keys.account_for(h) is None and await stores.accounts.keys(acct) == []
+        assert await stores.accounts.revoke_key(key_id(h)) is None
+
+    _run(go())
+
+
+def test_seeding_creates_the_account_and_indexes_the_key_idempotently(key_space):
+    stores, acct, new_key = key_space
+
+    async def go():
+        h = new_key()
+        record = {"id": acct, "demo": True}
+        assert await stores.accounts.seed(acct, h, record) == SEEDED
+        assert await stores.accounts.seed(acct, h, record) == SEEDED
+        assert await stores.accounts.get(acct) == record
+        assert await stores.accounts.keys(acct) == [h] and await stores.accounts.seeded_keys(acct) == [h]
+        assert await stores.keys.account_for(h) == acct
+        assert await stores.accounts.create(acct, {"id": acct}) is False  # the id is taken
+
+    _run(go())
+
+
+def test_a_seeded_key_an_admin_revoked_is_not_seeded_again(key_space):
+    stores, acct, new_key = key_space
+
+    async def go():
+        h, h2 = new_key(), new_key()
+        await stores.accounts.seed(acct, h, {"id": acct})
+        assert await stores.accounts.revoke_key(key_id(h)) == acct
+        assert await stores.accounts.seed(acct, h, {"id": acct}) == SEED_REVOKED
+        assert await stores.keys.account_for(h) is None and await stores.accounts.keys(acct) == []
+        assert await stores.accounts.seed(acct, h2, {"id": acct}) == SEEDED  # a new key is fine
+
+    _run(go())
+
+
+def test_unseeding_removes_only_seeded_keys_and_does_not_tombstone(key_space):
+    stores, acct, new_key = key_space
+
+    async def go():
+        seeded, admin_made = new_key(), new_key()
+        await stores.accounts.seed(acct, seeded, {"id": acct})
+        await stores.accounts.add_key(acct, admin_made)
+        assert await stores.accounts.unseed(acct, keep=seeded) == []
+        assert await stores.accounts.unseed(acct) == [seeded]
+        assert await stores.keys.account_for(seeded) is None
+        assert await stores.keys.account_for(admin_made) == acct
+        assert await stores.accounts.keys(acct) == [admin_made] and await stores.accounts.seeded_keys(acct) == []
+        assert await stores.accounts.revoke_key(key_id(seeded)) is None
+        assert await stores.accounts.seed(acct, seeded, {"id": acct}) == SEEDED  # the variable set again
+
+    _run(go())
+
+
+def test_seeding_leaves_other_accounts_keys_and_admin_made_keys_alone(key_space):
+    stores, acct, new_key = key_space
+
+    async def go():
+        theirs, admin_made = new_key(), new_key()
+        await stores.accounts.add_key(acct + "-other", theirs)
+        await stores.accounts.add_key(acct, admin_made)
+        assert await stores.accounts.seed(acct, theirs, {"id": acct}) == SEED_TAKEN
+        assert await stores.accounts.seed(acct, admin_made, {"id": acct}) == SEED_TAKEN
+        assert await stores.keys.account_for(theirs) == acct + "-other"
+        assert await stores.accounts.unseed(acct) == []
+        assert await stores.keys.account_for(admin_made) == acct
+
+    _run(go())
+
+
+def test_the_key_store_reports_every_revocation(key_space, kind):
+    """Memory: to its listeners, at once. Redis: on the revocation channel, to every process."""
+    stores, acct, new_key = key_space
+
+    async def go():
+        a, b, c = new_key(), new_key(), new_key()
+        heard: list[str] = []
+        feed = None
+        if kind == "memory":
+            stores.keys.add_revocation_listener(heard.append)
+        else:
+            feed = stores.keys.revocation_feed()
+            await feed.open()
+        await stores.accounts.add_key(acct, a)
+        await stores.accounts.seed(acct, b, {"id": acct})
+        await stores.keys.put(c, acct)
+        await stores.accounts.revoke_key(key_id(a))
+        await stores.accounts.unseed(acct)
+        await stores.keys.revoke(c)
+        if feed is not None:
+            while len(heard) < 3:
+                event = await feed.get(timeout=2.0)
+                assert event is not None, f"heard only {heard}"
+                if event[0] == "revoked" and event[1] in (a, b, c):  # others may revoke keys too
+                    heard.append(event[1])
+            await feed.close()
+        assert heard == [a, b, c]
+
+    _run(go())
+
+
+def test_a_dropped_revocation_feed_raises_instead_of_reconnecting_silently():
+    async def go():
+        import redis
+
+        feed = RedisKeyStore(REDIS_URL).revocation_feed()
+        await feed.open()
+        r = redis.Redis.from_url(REDIS_URL)
+        r.client_kill_filter(_id=feed.client_id)
+        r.close()
+        with pytest.raises(StoreUnavailable):
+            for _ in range(20):
+                await feed.ping("1")
+                await feed.get(timeout=0.1)
+        await feed.close()
 
     _run(go())
