@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
@@ -111,12 +112,21 @@ def is_replica_loss(exc: BaseException) -> bool:
 
 def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     err = exc.errors(include_url=False)[0]
-    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "tagged-union"))]
+    # Drop pydantic's union-member tags ("str", "list[int]", "function-after[...]"): callers
+    # name fields, not the types a union tried.
+    loc = [str(p) for p in err.get("loc", ()) if not _is_union_tag(p)]
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")
     more = len(exc.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more > 0 else ""
     return (f"{param}: {msg}{suffix}" if param else f"{msg}{suffix}"), param
+
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|bytes|none|list|dict|tuple|set)(\[.*\])?$|^function-|^tagged-union|^[A-Z]\w*$")
+
+
+def _is_union_tag(part) -> bool:
+    return isinstance(part, str) and bool(_TYPE_TAG.match(part))
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deployments.engines.protocol import (
     ChoiceDelta,
@@ -25,6 +26,33 @@ TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]  # the vocabulary bound is c
 
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+def _require_strict_json(title: str, data: str | bytes | bytearray) -> None:
+    """Refuse `NaN`, `Infinity` and `-Infinity` literals anywhere in a body, ignored fields included.
+
+    pydantic's JSON parser accepts them (range checks catch them only in fields Ember reads), but
+    they are not JSON, and a body that is not strict JSON is a 400. The strict parse runs only
+    when a literal's name appears in the body at all.
+    """
+    if isinstance(data, str):
+        suspect = "NaN" in data or "Infinity" in data
+    else:
+        data = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+        suspect = b"NaN" in data or b"Infinity" in data
+    if not suspect:
+        return
+    try:
+        pydantic_core.from_json(data, allow_inf_nan=False)
+    except ValueError as exc:
+        try:
+            pydantic_core.from_json(data)
+        except ValueError:
+            return  # malformed anyway: the model's own parse reports it
+        raise ValidationError.from_exception_data(title, [{
+            "type": "json_invalid", "loc": (), "input": data,
+            "ctx": {"error": f"{exc} (NaN and Infinity are not valid JSON numbers)"},
+        }]) from None
 
 
 class TextPart(_Req):
@@ -66,6 +94,11 @@ class _Common(_Req):
     prompt_cache_max_len: int | None = Field(None, ge=0)
     perf_metrics_in_response: bool = False
     ignore_eos: bool = False
+
+    @classmethod
+    def model_validate_json(cls, json_data, *args, **kwargs):
+        _require_strict_json(cls.__name__, json_data)
+        return super().model_validate_json(json_data, *args, **kwargs)
 
     @field_validator("stop")
     @classmethod
