@@ -43,7 +43,7 @@ def serve_rss_mb() -> dict[str, float]:
     for p in psutil.process_iter(["cmdline", "memory_info"]):
         cmd = " ".join(p.info["cmdline"] or [])
         if "ServeReplica:soak" in cmd:
-            role = "ingress" if "#ingress" in cmd else "pool"
+            role = "ingress" if ":ingress" in cmd else "pool"
             out[role] = out.get(role, 0.0) + p.info["memory_info"].rss / 2**20
     return out
 
