@@ -155,8 +155,7 @@ def to_error(exc: BaseException) -> ApiError:
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return request_timeout()
     if isinstance(exc, BackPressureError):
-        return ApiError(503, "the model is overloaded; retry shortly", type="service_unavailable",
-                        code="overloaded", headers=RETRY_SOON)
+        return overloaded("the model")
     if isinstance(exc, REPLICA_LOST + (RequestCancelledError, TaskCancelledError)):
         return replica_unavailable()
     log.exception("unhandled error", exc_info=exc)
