@@ -225,6 +225,7 @@ def scenario_limiter_kill(base: str, store_name: str, redis: PrivateRedis) -> di
     config = EmberConfig.model_validate(cfg)
     digest = stable_hash(config.rate_limit.model_dump_json() + config.store.url)
     ray.kill(ray.get_actor(f"ember-ratelimit-{digest:016x}-0", namespace="ember"), no_restart=False)
+    time.sleep(1.5)  # past the ingress's memory of its last refusal: the next request asks the actor
     # After the restart, send until refused again: a reset limit admits a full bucket (~60 of
     # these requests); a kept one only what refilled since the limit was hit.
     admitted_after = 0
