@@ -192,6 +192,11 @@ class ChatServing(_Serving):
         req = ChatCompletionRequest.model_validate_json(body)
         model = self._model_for(req.model, account)
         tier, billed_tier = _tier(req.service_tier, model)
+        if len(req.messages) >= model.context_length:
+            # Every message costs at least its role token: this cannot fit, so say so before the
+            # (costly) rendering and tokenizing.
+            raise bad_request(f"{len(req.messages)} messages cannot fit this model's context of "
+                              f"{model.context_length} tokens", param="messages", code="context_length_exceeded")
         try:
             prompt_ids = self.prompts[model.id].chat(req.messages)
         except ValueError as exc:  # the template rejected the conversation

@@ -197,3 +197,10 @@ def test_memory_store_refuses_more_than_one_ingress_replica():
     cfg["ingress"]["num_replicas"] = 2
     with pytest.raises(ValidationError, match="redis://"):
         EmberConfig.model_validate(cfg)
+
+
+def test_more_messages_than_the_context_holds_is_400_before_rendering(app):
+    too_many = [{"role": "user", "content": "x"}] * 8200  # the model's context is 8,192 tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        _client(app).chat.completions.create(model=MODEL, messages=too_many, max_tokens=1)
+    assert e.value.body["code"] == "context_length_exceeded" and "8200 messages" in e.value.body["message"]
