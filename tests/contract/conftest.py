@@ -1,4 +1,4 @@
-"""Fixtures for the engine contract tests: one vLLM engine shared by the session.
+"""Fixtures for the contract tests: one vLLM engine shared by the session, a Redis ledger prefix.
 
 The vLLM engine takes ~15 s to start on 2 cores, so one instance serves the whole session. It lives
 on an event loop in a background thread: vLLM's output task is bound to the loop of its first
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import threading
+import uuid
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -70,3 +72,17 @@ def vllm_engine(demo_model_dir: Path, engine_loop: EngineLoop):
     engine_loop.run(engine.start(), timeout=300)
     yield engine
     engine_loop.run(engine.shutdown(), timeout=120)
+
+
+@pytest.fixture
+def ledger_prefix():
+    """Redis keys of one test's ledger, removed afterwards (the seen ids would live 7 days)."""
+    import redis
+
+    prefix = f"ember:test:{uuid.uuid4().hex}:ledger:"
+    yield prefix
+    r = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"))
+    keys = list(r.scan_iter(prefix + "*"))
+    if keys:
+        r.delete(*keys)
+    r.close()

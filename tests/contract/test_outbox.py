@@ -26,18 +26,6 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 MODEL = ModelConfig(id="accounts/test/models/outbox")
 
 
-@pytest.fixture
-def ledger_prefix():
-    """Redis keys of one test's ledger, removed afterwards (the seen ids would live 7 days)."""
-    import redis
-
-    prefix = f"ember:test:{uuid.uuid4().hex}:ledger:"
-    yield prefix
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(prefix + "*"))
-    if keys:
-        r.delete(*keys)
-    r.close()
 
 
 def _event(i: int, account: str = "acct-o") -> dict:

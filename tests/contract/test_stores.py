@@ -88,18 +88,6 @@ def test_unreachable_redis_raises_store_unavailable():
 
 # -- the usage ledger ---------------------------------------------------------------------------
 
-@pytest.fixture
-def ledger_prefix():
-    """Redis keys of one test's ledger, removed afterwards (the seen ids would live 7 days)."""
-    import redis
-
-    prefix = f"ember:test:{uuid.uuid4().hex}:ledger:"
-    yield prefix
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(prefix + "*"))
-    if keys:
-        r.delete(*keys)
-    r.close()
 
 
 def _ledger(kind, prefix, max_events=10_000):
