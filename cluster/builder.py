@@ -36,7 +36,7 @@ from deployments.model_pool import ModelPool
 
 log = logging.getLogger("ember.builder")
 
-# vLLM in a Serve replica: an in-process engine core (DESIGN.md §5: separate processes pin cores
+# vLLM in a Serve replica: an in-process engine core (separate processes pin cores
 # and cost 40% throughput here) and never a model hub.
 _ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

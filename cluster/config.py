@@ -45,7 +45,7 @@ class EngineConfig(_Strict):
     cache_capacity_tokens: int = Field(1 << 16, ge=1)
     latency: SimLatencyConfig = SimLatencyConfig()
     # Streams leave the replica as one message per this interval (the first token at once): each
-    # Serve message costs far more than a token (DESIGN.md §5). 0 sends whatever is ready.
+    # Serve message costs far more than a token. 0 sends whatever is ready.
     stream_interval_s: float = Field(0.05, ge=0, le=1)
     # vLLM only.
     enforce_eager: bool = True

@@ -143,7 +143,7 @@ class VLLMEngine:
 
     def _build_llm(self) -> None:
         # Must be set before vLLM reads it. With multiprocessing the CPU worker becomes a third
-        # process pinned to core 0, which costs memory and ~40% throughput (DESIGN.md §5); with
+        # process pinned to core 0, which costs memory and ~40% throughput on 2 cores; with
         # 0 the model runs inside the engine-core process that AsyncLLM always starts.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 

@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark scripts: Ray/Serve start-up, closed-loop HTTP load, per-process
 CPU accounting, py-spy summaries, percentiles, tables and JSON output.
 
-Benchmarks are scripts, not tests (DESIGN.md §4). On the 2-core machines everything (client,
+Benchmarks are scripts, not tests. On the 2-core machines everything (client,
 proxy, replicas, other people's work) shares the CPU, so a script compares variants measured side
 by side in one run, interleaved in rounds, and reports ratios rather than absolute numbers.
 """

@@ -1,6 +1,6 @@
 """Prompt-cache affinity: Ember's bounded-load consistent hashing against Serve's routers and an oracle.
 
-Goals (from the issue), printed as PASS/MISS:
+Goals, printed as PASS/MISS:
 
 - cached-prompt-token fraction of Ember's router >= 0.9x an oracle with one unbounded cache,
 - ... and >= 3x round robin's,

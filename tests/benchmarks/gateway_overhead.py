@@ -1,6 +1,6 @@
 """Gateway overhead: the full Ember stack against a bare Ray Serve passthrough to the same engine.
 
-Goal (from the issue): Ember reaches >= 0.8x the bare throughput and adds <= 2 ms at p50.
+Goal: Ember reaches >= 0.8x the bare throughput and adds <= 2 ms at p50.
 
 Serve applications run side by side in one Ray, with the same resources and Serve settings:
 

@@ -1,6 +1,6 @@
 """Rate limiting: accuracy across ingress replicas, the adaptive ramp, and the cost of admission.
 
-Goals (from the issue), each printed as PASS or MISS:
+Goals, each printed as PASS or MISS:
 
 1. **Accuracy.** A fixed limit (the model's ``limits`` floor == ceiling, 30,000 prompt tokens per
    minute by default; uncached and generated budgets far above it, so prompt is the binding
