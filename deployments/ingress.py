@@ -23,9 +23,9 @@ from starlette.responses import JSONResponse, Response
 from cluster.config import EmberConfig, ModelConfig
 from cluster.stores import Stores
 from deployments.admin import AdminApi
-from deployments.auth import KeyAuth
+from deployments.auth import FailureThrottle, KeyAuth
 from deployments.billing import Billing, outbox_path
-from deployments.errors import ApiError, error_response, error_sse_event, not_found
+from deployments.errors import ApiError, error_response, error_sse_event, not_found, to_error
 from deployments.lifecycle import LifeStream, RequestLife, Runtime
 from deployments.openai_api import perf_headers, perf_metrics
 from deployments.pool_gate import PoolGate
@@ -72,6 +72,8 @@ class Ingress:
             gates={m.id: PoolGate(m, self.config) for m in served},
             limiter=LimiterClient(rl, self._limiter_actor) if rl.enabled else None,
             billing=billing,
+            failed_large=FailureThrottle(self.config.ingress.failed_large_limit,
+                                         self.config.ingress.failed_large_window_s),
         )
         prompts = {m.id: PromptBuilder(m.model_dir) for m in served}
         self.chat = ChatServing(self.config, prompts, self._model)
@@ -231,6 +233,12 @@ class Ingress:
         try:
             async with lock:
                 return await asyncio.to_thread(serving.prepare, rid, account, body, headers)
+        except Exception as exc:
+            # A large body that fails validation cost this replica its parse: an account that
+            # keeps sending them is refused for a while (and by the proxy, before their bodies).
+            if to_error(exc).status < 500:
+                self.rt.failed_large.failed(account)
+            raise
         finally:
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 self._heavy.pop(account, None)

@@ -44,6 +44,7 @@ from starlette.responses import StreamingResponse
 
 from cluster.config import EmberConfig, ModelConfig
 from cluster.stores import StoreUnavailable
+from deployments.auth import FailureThrottle
 from deployments.billing import Billing, price_for
 from deployments.engines.protocol import EngineMetrics, EngineOutput, Usage
 from deployments.errors import (
@@ -53,6 +54,7 @@ from deployments.errors import (
     store_unavailable,
     stream_interrupted,
     stream_stalled,
+    too_many_failed_large,
 )
 from deployments.pool_gate import PoolGate
 from deployments.rate_limiter import Admission, LimiterClient, rate_limit_headers
@@ -76,6 +78,8 @@ class Runtime:
     limiter: LimiterClient | None
     billing: Billing
     in_flight: dict[str, int] = field(default_factory=dict)  # account -> requests in this replica
+    # Accounts whose large bodies keep failing validation (see IngressConfig.failed_large_limit).
+    failed_large: FailureThrottle | None = None
 
 
 def lifecycle_headers(model: ModelConfig) -> dict[str, str]:
@@ -116,6 +120,10 @@ class RequestLife:
 
     def enter(self) -> None:
         """Take one of the account's concurrent-request places (429 when they are all taken)."""
+        if self.rt.failed_large is not None:
+            wait = self.rt.failed_large.retry_after(self.account)
+            if wait is not None:
+                raise too_many_failed_large(wait, self.rt.config.ingress.failed_large_window_s)
         cap = self.rt.config.ingress.max_concurrent_per_account
         held = self.rt.in_flight.get(self.account, 0)
         if held >= cap:

@@ -20,6 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Serve's proxy strips client control headers and answers in the OpenAI error shape, as under
 # `make run` (the Ray processes started below inherit it).
 os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deployments.proxy_guard:middlewares")
+# Its per-key cap and body deadline (defaults 128 and 10 s), small enough for tests to reach.
+os.environ.setdefault("EMBER_PROXY_MAX_PER_KEY", "64")
+os.environ.setdefault("EMBER_PROXY_BODY_TIMEOUT_S", "5")
 
 
 def free_port() -> int:
