@@ -11,7 +11,9 @@ not rationed (work-conserving).
 to the smallest counter among the accounts already waiting, or, if none is waiting, to the
 counter of the last account that stopped waiting. So an account that was idle (or new) cannot
 bank credit while others were served and then crowd them out on its return; it enters level
-with the least-served waiting account and shares from there.
+with the least-served waiting account and shares from there. Ties go to the account served
+least recently, so the account that just joined level with a busy one goes first: a quiet
+account waits for one free slot, not for a round of everyone else.
 
 *Charging.* The ingress does not see tokens as they are generated, so a request is charged its
 estimate when it gets a slot (prompt tokens, ``max_tokens × n`` output tokens) and corrected by
@@ -24,12 +26,12 @@ request (``vtc_bound``); with the default weights, ``2 × max(max input, 2 × ma
 
 Worked example (weights 1/2). Account A has counter 900 and two requests waiting; B arrives with
 counter 0 and one waiting request. B is lifted to 900 (the least among waiting accounts), not
-left at 0, so it does not get the next nine slots. A slot frees: A and B tie at 900 and the
-earlier waiter (A) goes first, charged 100 prompt + 2 × 50 output = 200 → A 1100. The next slot
-goes to B (900 < 1100), charged 200 → B 1100, and so on, alternately. If A's request ends after
+left at 0, so it does not get the next nine slots. A slot frees: A and B tie at 900 and B, served
+less recently, goes first, charged 100 prompt + 2 × 50 output = 200 → B 1100. The next slot goes
+to A (900 < 1100), charged 200 → A 1100, and so on, alternately. If A's request ends after
 20 output tokens instead of 50, ``correct`` takes 2 × 30 = 60 back: A 1040.
 
-The ordering is a heap of waiting accounts keyed by (counter, when it joined the heap), so
+The ordering is a heap of waiting accounts keyed by (counter, when last served), so
 choosing the next account and changing a counter each cost O(log accounts); entries made stale
 by a counter change are skipped when they reach the top.
 """
@@ -69,8 +71,9 @@ class VirtualTokenCounter:
         self.counters: dict[str, float] = {}
         self._waiting: dict[str, int] = {}  # account -> requests waiting
         self._version: dict[str, int] = {}  # account -> version of its live heap entry
-        self._heap: list[tuple[float, int, str, int]] = []  # (counter, seq, account, version)
-        self._seq = itertools.count()
+        self._heap: list[tuple[float, int, str, int]] = []  # (counter, last served, account, version)
+        self._served: dict[str, int] = {}  # account -> when it was last charged (a sequence number)
+        self._seq = itertools.count(1)
         self._last_left = 0.0  # counter of the last account that stopped waiting
         self._prune_at = 1024
 
@@ -86,7 +89,7 @@ class VirtualTokenCounter:
         return len(self._waiting)
 
     def next_account(self) -> str | None:
-        """The waiting account with the smallest counter (ties: the one that has waited longest)."""
+        """The waiting account with the smallest counter (ties: the one served least recently)."""
         heap = self._heap
         while heap:
             _, _, account, version = heap[0]
@@ -127,6 +130,7 @@ class VirtualTokenCounter:
     def charge(self, account: str, input_tokens: int, output_tokens: int) -> float:
         """Add a request's (estimated) weighted tokens to the account; returns what was added."""
         cost = self.weights.cost(input_tokens, output_tokens)
+        self._served[account] = next(self._seq)
         self._add(account, cost)
         return cost
 
@@ -144,7 +148,7 @@ class VirtualTokenCounter:
     def _push(self, account: str) -> None:
         version = self._version.get(account, 0) + 1
         self._version[account] = version
-        heapq.heappush(self._heap, (self.counters[account], next(self._seq), account, version))
+        heapq.heappush(self._heap, (self.counters[account], self._served.get(account, 0), account, version))
 
     def _prune(self) -> None:
         """With nobody waiting, any returning account is lifted to at least ``_last_left``: counters
@@ -154,4 +158,5 @@ class VirtualTokenCounter:
             return
         floor = self._last_left
         self.counters = {a: c for a, c in self.counters.items() if c > floor}
+        self._served = {a: t for a, t in self._served.items() if a in self.counters}
         self._prune_at = max(1024, 2 * len(self.counters))

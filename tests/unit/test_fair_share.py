@@ -21,7 +21,7 @@ def test_the_least_served_waiting_account_goes_next():
     vtc.join("a")
     vtc.join("b")  # b joins while a waits: lifted to the least waiting counter, a's
     assert vtc.counter("b") == 500
-    assert vtc.next_account() == "a"  # tie: a waited first
+    assert vtc.next_account() == "a"  # tie: a was served less recently
     vtc.leave("a")
     vtc.charge("a", 10, 0)
     assert vtc.next_account() == "b"
@@ -41,7 +41,7 @@ def test_a_returning_account_cannot_bank_credit():
         nxt = vtc.next_account()
         order.append(nxt)
         vtc.charge(nxt, 100, 0)  # both stay backlogged
-    assert order == ["a", "b", "a", "b"]
+    assert order == ["b", "a", "b", "a"]  # level; the tie goes to b, served least recently
 
 
 def test_with_nobody_waiting_a_joining_account_is_lifted_to_the_last_one_that_left():
