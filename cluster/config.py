@@ -291,6 +291,13 @@ class ModelConfig(_Strict):
         return "pool-" + self.id.split("/", 1)[1].replace("/", "-")
 
 
+class TokenWeightsConfig(_Strict):
+    """What one prompt token and one generated token weigh in the fair-share counters."""
+
+    input: float = Field(1.0, ge=0)
+    output: float = Field(2.0, ge=0)
+
+
 class IngressConfig(_Strict):
     num_replicas: int | None = Field(1, ge=1)
     autoscaling: AutoscalingConfig | None = None
@@ -324,6 +331,11 @@ class IngressConfig(_Strict):
     max_queue_wait_s: float = Field(2.0, ge=0)
     priority_headroom: float = Field(4.0, ge=1)
     priority_reserve: float = Field(0.25, ge=0, lt=1)
+    # How each tier's waiting requests are ordered at a pool's gate (policies/fair_share.py):
+    # "vtc" by the weighted tokens each account has been served (the least served first), "fcfs"
+    # by arrival. The weights price a prompt and a generated token in the counters.
+    queue_order: Literal["vtc", "fcfs"] = "vtc"
+    fair_share_weights: TokenWeightsConfig = TokenWeightsConfig()
 
     @model_validator(mode="after")
     def _scaling(self) -> "IngressConfig":

@@ -18,7 +18,8 @@ replica lost mid-stream           released     (gone)           what ran        
 ingress shutdown                  Serve cancels the request: as "client leaves"
 ================================  ===========  ===============  ==========================  =========
 
-(* if it held one.) "What ran" is what the ingress has seen: the first output carries the
+(* if it held one.) Releasing a slot also settles the account's fair-share charge at the gate
+(estimated when the slot was taken) to the usage billed. "What ran" is what the ingress has seen: the first output carries the
 prompt's cached-token count, later outputs the tokens generated so far (streams coalesce per
 ``engine.stream_interval_s``, non-streamed requests report progress every
 ``NON_STREAM_PROGRESS_S``). A request that produced no output is not billed: nothing shows that
@@ -108,6 +109,7 @@ class RequestLife:
         self.spend_reserved = 0.0
         self.admission: Admission | None = None
         self.gate: PoolGate | None = None
+        self.charged = 0.0  # the fair-share charge taken with the slot, settled to the real usage
         self.stream: Any = None  # DeploymentResponseGenerator
         self.dispatched_at = 0.0
         self.cached: int | None = None
@@ -185,7 +187,9 @@ class RequestLife:
 
     async def take_slot(self) -> None:
         gate = self.rt.gates[self.job.model.id]
-        await gate.acquire(self.job.billed_tier, self.job.model.id)
+        req = self.job.engine_request
+        self.charged = await gate.acquire(self.job.billed_tier, self.job.model.id, self.account,
+                                          len(req.prompt_token_ids), req.sampling.max_tokens * req.sampling.n)
         self.gate = gate
 
     async def start(self) -> EngineOutput:
@@ -295,10 +299,12 @@ class RequestLife:
         usage = self.usage
         if self.stream is not None and self.final is None:
             _quietly(self.stream.cancel)  # Serve cancels the replica's generator: the engine aborts
+        u = usage or Usage(0, 0, 0)
         if self.gate is not None:
+            _quietly(self.gate.correct, self.job.billed_tier, self.account, self.charged, u.prompt_tokens,
+                     u.completion_tokens)
             _quietly(self.gate.release)
         if self.admission is not None and self.rt.limiter is not None:
-            u = usage or Usage(0, 0, 0)
             _quietly(self.rt.limiter.settle, self.admission, u.prompt_tokens, u.cached_tokens,
                      u.completion_tokens)
         if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
