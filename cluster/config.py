@@ -57,6 +57,9 @@ class EngineConfig(_Strict):
     # to the replica's num_cpus (1 for fractional CPUs), which halves throughput on 2 cores.
     cpu_threads: int | None = Field(None, ge=1, le=512)
     seed: int = 0
+    # vLLM's structured-output backend (JSON schemas, grammars, forced tool calls). "auto" is
+    # xgrammar, falling back to guidance (llguidance) for schemas xgrammar cannot compile.
+    structured_output_backend: Literal["auto", "xgrammar", "guidance"] = "auto"
 
     @model_validator(mode="after")
     def _vllm_cpu_block_size(self) -> "EngineConfig":
@@ -252,6 +255,10 @@ class ModelConfig(_Strict):
     # raise it if streams may run longer than that.
     graceful_shutdown_timeout_s: float | None = Field(None, gt=0)
     owned_by: str | None = None
+    # How the model writes tool calls, named as vLLM names its parsers (vllm serve
+    # --tool-call-parser); the chat template must render `tools`. None: requests with tools are
+    # refused (400 naming `tools`). Ember's parsers: deployments/tool_calls.py.
+    tool_call_parser: Literal["hermes"] | None = None
     # Who may list and call it: a model is private to its owning account (the <owner> in its id)
     # unless public. None: public when the platform account owns it (auth.platform_account).
     public: bool | None = None

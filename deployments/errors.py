@@ -131,6 +131,10 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in err.get("loc", ()) if not _is_union_tag(p)]
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")
+    if err.get("type") == "extra_forbidden":
+        # OpenAI's own answer to an argument it does not know; Ember also gives it for fields it
+        # knows but cannot honour, rather than answer as if they were not there.
+        msg = "unrecognized or unsupported request argument (README: Request fields)"
     more = len(exc.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more > 0 else ""
     return (f"{param}: {msg}{suffix}" if param else f"{msg}{suffix}"), param

@@ -141,6 +141,9 @@ class Ingress:
                     return handler
                 if request.method == "GET" and tail.startswith("accounts/"):
                     return lambda req, rid: self.account_info(req, tail[len("accounts/"):])
+                if request.method == "GET" and tail.startswith("models/"):
+                    # Model ids hold slashes: everything after "models/" is the id.
+                    return lambda req, rid: self.retrieve_model(req, tail[len("models/"):])
                 if any(t == tail for _, t in self._routes):
                     raise ApiError(405, f"method {request.method} is not allowed on {path}",
                                    code="method_not_allowed")
@@ -282,27 +285,37 @@ class Ingress:
 
         return JSONResponse(openapi_document(self.config))
 
+    def _model_card(self, m: ModelConfig) -> dict:
+        lc = m.lifecycle
+        return {
+            "id": m.id,
+            "object": "model",
+            "created": self._created,
+            "owned_by": m.owner,
+            "context_length": m.context_length,
+            "kind": "fast" if "/routers/" in m.id else "base",
+            "status": lc.status,
+            "deprecation_date": lc.deprecated_on.isoformat() if lc.deprecated_on else None,
+            "shutdown_date": lc.removal_date.isoformat() if lc.removal_date else None,
+            "replacement": lc.replacement,
+            "service_tiers": ["default", "priority"] if m.pricing.priority else ["default"],
+            "supports_tools": m.tool_call_parser is not None,
+        }
+
     async def list_models(self, request: Request, rid: str) -> Response:
         account = await self.auth.account(request)
-        data = []
-        for m in self.config.models:
-            if not m.served or not self.config.is_visible(m, account):
-                continue
-            lc = m.lifecycle
-            data.append({
-                "id": m.id,
-                "object": "model",
-                "created": self._created,
-                "owned_by": m.owner,
-                "context_length": m.context_length,
-                "kind": "fast" if "/routers/" in m.id else "base",
-                "status": lc.status,
-                "deprecation_date": lc.deprecated_on.isoformat() if lc.deprecated_on else None,
-                "shutdown_date": lc.removal_date.isoformat() if lc.removal_date else None,
-                "replacement": lc.replacement,
-                "service_tiers": ["default", "priority"] if m.pricing.priority else ["default"],
-            })
+        data = [self._model_card(m) for m in self.config.models
+                if m.served and self.config.is_visible(m, account)]
         return JSONResponse({"object": "list", "data": data})
+
+    async def retrieve_model(self, request: Request, model_id: str) -> Response:
+        """One model, as listed; another tenant's private model is not there (404)."""
+        account = await self.auth.account(request)
+        m = self.config.model(model_id)
+        if m is None or not m.served or not self.config.is_visible(m, account):
+            raise not_found(f"the model `{model_id}` does not exist or you do not have access to it",
+                            param="model", code="model_not_found")
+        return JSONResponse(self._model_card(m))
 
     async def usage(self, request: Request, rid: str) -> Response:
         """The caller's own usage and cost, by model and day."""

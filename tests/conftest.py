@@ -62,6 +62,7 @@ def sim_config(**ingress) -> dict:
             {
                 "id": SIM_MODEL,
                 "context_length": 512,
+                "tool_call_parser": "hermes",
                 "num_replicas": 2,
                 "resources": {"num_cpus": 0.1},
                 "engine": {"kind": "sim", "block_size": 32, "max_num_seqs": 8,
