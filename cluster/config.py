@@ -449,12 +449,47 @@ class StoreConfig(_Strict):
         return v
 
 
+class BatchConfig(_Strict):
+    """The Files and Batches API and its runner (deployments/batch_api.py, deployments/batch_runner.py).
+
+    File bytes live under ``blob_url``: a local directory (the default: ``<tmp>/ember-blobs``) or
+    any fsspec URL (``s3://bucket/prefix``) that every ingress replica and the runner can reach.
+    Metadata (files, batches, per-line claims and results) lives in ``store.url``. With
+    ``memory://`` the runner runs inside the (single) ingress replica; with Redis it is a Serve
+    deployment of its own that resumes from the store after any restart.
+    """
+
+    enabled: bool = True
+    blob_url: str | None = None
+    # OpenAI's limits on a batch input file.
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    max_lines: int = Field(50_000, ge=1)
+    completion_window_s: float = Field(24 * 3600, gt=0)
+    # Adaptive concurrency: lines in flight start at `start_concurrency`, grow by one per window of
+    # successes while the pool has idle slots, halve when interactive requests queue or a slot is
+    # refused; never above `max_concurrency` (per runner).
+    start_concurrency: int = Field(2, ge=1)
+    max_concurrency: int = Field(64, ge=1)
+    # A line whose attempts all died with their replica or ingress fails after this many.
+    max_attempts: int = Field(3, ge=1)
+    poll_interval_s: float = Field(0.5, gt=0, le=60)
+    # How long the runner waits before retrying a refused (busy) line, at most.
+    busy_backoff_s: float = Field(0.2, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _window(self) -> "BatchConfig":
+        if self.start_concurrency > self.max_concurrency:
+            raise ValueError("start_concurrency must be <= max_concurrency")
+        return self
+
+
 class EmberConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     ingress: IngressConfig = IngressConfig()
     auth: AuthConfig = AuthConfig()
     store: StoreConfig = StoreConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
+    batch: BatchConfig = BatchConfig()
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "EmberConfig":

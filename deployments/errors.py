@@ -115,6 +115,10 @@ def store_unavailable(what: str) -> ApiError:
                     code="store_unavailable", headers=RETRY_SOON)
 
 
+def batch_conflict(batch_id: str, status: str, action: str) -> ApiError:
+    return ApiError(409, f"cannot {action} batch {batch_id}: its status is {status}", code="batch_conflict")
+
+
 # A replica that is gone, stopping or refusing: the platform's fault, never the caller's.
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError,
                 DeploymentUnavailableError, EngineDeadError)

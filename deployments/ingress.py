@@ -20,10 +20,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from cluster.blobs import BlobStore
 from cluster.config import EmberConfig, ModelConfig
 from cluster.stores import Stores
 from deployments.admin import AdminApi
 from deployments.auth import FailureThrottle, KeyAuth
+from deployments.batch_api import BatchApi
 from deployments.billing import Billing, outbox_path
 from deployments.errors import ApiError, error_response, error_sse_event, not_found, to_error
 from deployments.lifecycle import LifeStream, RequestLife, Runtime
@@ -45,6 +47,16 @@ INLINE_PREPARE_BYTES = 64 * 1024  # bodies below this are parsed on the event lo
 _MODEL_KEY = re.compile(rb'(?<!\\)"model"\s*:\s*"([^"\\]{1,512})"')
 
 
+def _usage_row(row: dict) -> dict:
+    """A ledger row for /v1/usage: the totals (batch included), and the batch part apart."""
+    out = {k: v for k, v in row.items() if not k.startswith("batch_")}
+    out["cost_usd"] = round(out["cost_usd"], 8)
+    batch = {k[len("batch_"):]: v for k, v in row.items() if k.startswith("batch_")}
+    batch["cost_usd"] = round(batch.get("cost_usd", 0.0), 8)
+    out["batch"] = batch
+    return out
+
+
 def peek_model(body: bytes) -> str | None:
     """The request's model id without parsing the body, if exactly one "model" key holds a plain
     string (a nested "model" key, e.g. in a JSON schema, makes it ambiguous: None)."""
@@ -54,7 +66,9 @@ def peek_model(body: bytes) -> str | None:
 
 class Ingress:
     def __init__(self, config: EmberConfig | dict, pools: dict[str, Any], demo_key_hash: str | None = None,
-                 admin_token_hash: str | None = None):
+                 admin_token_hash: str | None = None, batch_runner: Any = None):
+        """``batch_runner``: the handle of the batch runner deployment (a shared store), or None:
+        the runner then runs in this process (``memory://``, one ingress replica)."""
         self.config = config if isinstance(config, EmberConfig) else EmberConfig.model_validate(config)
         self.stores = Stores(self.config.store.url)
         rl = self.config.rate_limit
@@ -87,6 +101,31 @@ class Ingress:
             ("GET", "models"): self.list_models,
             ("GET", "usage"): self.usage,
         }
+        self.batch_runner = batch_runner
+        self.local_runner = None  # set by the Serve wrapper when the runner runs in this process
+        self.batch: BatchApi | None = None
+        if self.config.batch.enabled:
+            self.batch = BatchApi(self.config, self.stores.batches, BlobStore(self.config.batch.blob_url), self.rt,
+                                  {"/v1/chat/completions": self.chat, "/v1/completions": self.completion},
+                                  self.auth.account, self._body, self._kick_runner)
+            self._batch_routes = self.batch.routes()
+        else:
+            self._batch_routes = {}
+
+    def _kick_runner(self) -> None:
+        if self.local_runner is not None:
+            self.local_runner.kick()
+        elif self.batch_runner is not None:
+            self.batch_runner.kick.remote()  # fire and forget: the runner polls anyway
+
+    async def batch_validate(self, batch_id: str) -> dict | None:
+        """The runner's validation step (``BatchApi.validate``), through this replica's serving."""
+        return await self.batch.validate(batch_id)
+
+    async def batch_line(self, account: str, endpoint: str, body: dict, op_id: str, attempt: int,
+                         session: str) -> dict:
+        """The runner's line step (``BatchApi.run_line``), through this replica's gates."""
+        return await self.batch.run_line(account, endpoint, body, op_id, attempt, session)
 
     def _limiter_actor(self, shard: int):
         actor = self._limiter_actors.get(shard)
@@ -144,11 +183,29 @@ class Ingress:
                 if request.method == "GET" and tail.startswith("models/"):
                     # Model ids hold slashes: everything after "models/" is the id.
                     return lambda req, rid: self.retrieve_model(req, tail[len("models/"):])
+                batch = self._batch_route(request.method, tail)
+                if batch is not None:
+                    return batch
                 if any(t == tail for _, t in self._routes):
                     raise ApiError(405, f"method {request.method} is not allowed on {path}",
                                    code="method_not_allowed")
                 break
         raise not_found(f"no route for {request.method} {path}", code="unknown_url")
+
+    def _batch_route(self, method: str, tail: str):
+        """Files and Batches routes: ``*`` in a pattern is one path segment, passed on."""
+        parts = tail.split("/")
+        for (m, pattern), handler in self._batch_routes.items():
+            pat = pattern.split("/")
+            if m != method or len(pat) != len(parts):
+                continue
+            if all(p == "*" or p == q for p, q in zip(pat, parts)):
+                params = [q for p, q in zip(pat, parts) if p == "*"]
+                return lambda req, rid, h=handler, a=params: h(req, rid, *a)
+        if any(len(p.split("/")) == len(parts) and all(x == "*" or x == y for x, y in zip(p.split("/"), parts))
+               for _, p in self._batch_routes):
+            raise ApiError(405, f"method {method} is not allowed on /v1/{tail}", code="method_not_allowed")
+        return None
 
     # -- operators and tests ------------------------------------------------------------
 
@@ -163,18 +220,18 @@ class Ingress:
 
     # -- shared steps -------------------------------------------------------------------
 
-    async def _body(self, request: Request) -> bytes:
-        """The whole body, within its size limit (413) and its read deadline (408)."""
+    async def _body(self, request: Request, limit: int | None = None) -> bytes:
+        """The whole body, within its size limit (413; default ``max_body_bytes``) and its read
+        deadline (408)."""
         deadline = self.config.ingress.body_read_timeout_s
         try:
             async with asyncio.timeout(deadline):
-                return await self._read_body(request)
+                return await self._read_body(request, limit or self.config.ingress.max_body_bytes)
         except TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {deadline:g} s",
                            code="body_timeout") from None
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.config.ingress.max_body_bytes
+    async def _read_body(self, request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}",
@@ -340,7 +397,7 @@ class Ingress:
             "total_cost_usd": round(acct.total_usd, 6),
             "month_cost_usd": round(acct.month_usd, 6),
             "monthly_spend_limit_usd": acct.monthly_limit_usd,
-            "data": [{**r, "cost_usd": round(r["cost_usd"], 8)} for r in rows],
+            "data": [_usage_row(r) for r in rows],
         })
 
     async def account_info(self, request: Request, account_id: str) -> Response:

@@ -308,8 +308,8 @@ class RequestLife:
             _quietly(self.rt.limiter.settle, self.admission, u.prompt_tokens, u.cached_tokens,
                      u.completion_tokens)
         if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
-            self.billed = _quietly(self.rt.billing.bill, self.job.engine_request.request_id, self.account,
-                                   self.job.model, self.job.billed_tier, usage.prompt_tokens,
+            self.billed = _quietly(self.rt.billing.bill, self.job.op_id or self.job.engine_request.request_id,
+                                   self.account, self.job.model, self.job.billed_tier, usage.prompt_tokens,
                                    usage.cached_tokens, usage.completion_tokens)
 
 

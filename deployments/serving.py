@@ -62,6 +62,18 @@ class Job:
     perf_in_body: bool
     billed_tier: str  # priority | standard | batch
     renderer: "Renderer"
+    # The id the ledger dedupes on; None: the engine request's id. A batch line keeps one op id
+    # over its attempts (each attempt has its own engine request id), so it is billed once.
+    op_id: str | None = None
+
+    def as_batch_line(self, op_id: str) -> "Job":
+        """This request as a line of a batch: lowest engine priority, billed at the batch rate
+        under ``op_id``, never streamed."""
+        self.billed_tier = "batch"
+        self.engine_request.priority = ENGINE_PRIORITY["batch"]
+        self.stream = False
+        self.op_id = op_id
+        return self
 
 
 class Renderer:

@@ -11,6 +11,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = REPO_ROOT / "tests" / "openai_schema" / "openai-subset.json"  # vendored, MIT
+BATCH_SCHEMA_FILE = REPO_ROOT / "tests" / "openai_schema" / "openai-files-batches.json"  # the same source, MIT
 DEMO_KEY = "ember-test-key-0001"
 ADMIN_TOKEN = "ember-test-admin-0001"
 SIM_MODEL = "accounts/ember/models/demo-sim"
@@ -98,6 +99,7 @@ def openai_schemas():
     import jsonschema
 
     doc = json.loads(SCHEMA_FILE.read_text())
+    doc["components"]["schemas"].update(json.loads(BATCH_SCHEMA_FILE.read_text())["components"]["schemas"])
 
     def validator(name: str, patch=None) -> "jsonschema.protocols.Validator":
         root = json.loads(json.dumps(doc)) if patch else doc
