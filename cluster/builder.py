@@ -27,6 +27,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from cluster.blobs import BlobStore
 from cluster.config import (
     AutoscalingConfig,
     EmberConfig,
@@ -35,8 +36,9 @@ from cluster.config import (
     ObservabilityConfig,
     RoutingConfig,
 )
-from cluster.stores import hash_key
+from cluster.stores import Stores, hash_key
 from deployments.autoscaling import ingress_autoscaling_config, pool_autoscaling_config
+from deployments.batch_runner import BatchRunner, HandleExecutor
 from deployments.capacity import gate_stats
 from deployments.admin import admin_token_digest
 from deployments.ingress import Ingress
@@ -89,6 +91,11 @@ class ServedIngress(Ingress):
         self.rt.billing.start()
         self._sampler = asyncio.get_running_loop().create_task(
             self.rt.telemetry.sample_forever(self.rt.gates, self.rt.billing))
+        # memory://: the batch runner shares this replica's store, so it runs here (there is
+        # only one ingress replica then).
+        if self.batch is not None and self.batch_runner is None:
+            self.local_runner = BatchRunner(self.config.batch, self.stores.batches, self.batch.blobs, self)
+            self.local_runner.start()
         # Start each pool handle's router now, not on the first request: it reports the pool's
         # running replicas to the gates (deployments.capacity) from the start.
         for handle in self.rt.pools.values():
@@ -101,6 +108,24 @@ class ServedIngress(Ingress):
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Requests held at each gate, per pool and tier (deployments/autoscaling.py)."""
         return gate_stats(self.rt.gates)
+
+
+class ServedBatchRunner:
+    """The batch runner as a one-replica Serve deployment (shared stores only): Serve replaces it
+    when it dies, and the new one resumes from the store. It runs lines through the app's ingress."""
+
+    async def __init__(self, config: EmberConfig):  # type: ignore[misc]  # Serve awaits async inits
+        app = serve.get_replica_context().app_name
+        executor = HandleExecutor(serve.get_deployment_handle("ingress", app))
+        stores = Stores(config.store.url)
+        self.runner = BatchRunner(config.batch, stores.batches, BlobStore(config.batch.blob_url), executor)
+        self.runner.start()
+
+    async def kick(self) -> None:
+        self.runner.kick()
+
+    async def __del__(self):
+        await self.runner.stop()
 
 
 def _scaling(num_replicas: int | None, autoscaling: AutoscalingConfig | None) -> dict[str, Any]:
@@ -215,6 +240,11 @@ def build_app(args: dict | EmberConfig) -> Application:
                     or "autoscaled")
     pools = {m.id: pool_deployment(m, config) for m in config.models if m.served}
     ing = config.ingress
+    runner = None
+    if config.batch.enabled and config.store.url != "memory://":
+        runner = serve.deployment(ServedBatchRunner).options(
+            name="batch-runner", num_replicas=1, max_ongoing_requests=64, health_check_period_s=2,
+            ray_actor_options={"num_cpus": 0}, logging_config=_logging(config)).bind(config)
     return serve.deployment(ServedIngress).options(
         name="ingress",
         max_ongoing_requests=ing.max_ongoing_requests,
@@ -222,4 +252,4 @@ def build_app(args: dict | EmberConfig) -> Application:
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}},
         logging_config=_logging(config),
         **_ingress_scaling(config),
-    ).bind(config, pools, demo_hash, admin_hash)
+    ).bind(config, pools, demo_hash, admin_hash, runner)

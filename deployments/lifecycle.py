@@ -18,7 +18,8 @@ replica lost mid-stream           released     (gone)           what ran        
 ingress shutdown                  Serve cancels the request: as "client leaves"
 ================================  ===========  ===============  ==========================  =========
 
-(* if it held one.) "What ran" is what the ingress has seen: the first output carries the
+(* if it held one.) Releasing a slot also settles the account's fair-share charge at the gate
+(estimated when the slot was taken) to the usage billed. "What ran" is what the ingress has seen: the first output carries the
 prompt's cached-token count, later outputs the tokens generated so far (streams coalesce per
 ``engine.stream_interval_s``, non-streamed requests report progress every
 ``NON_STREAM_PROGRESS_S``). A request that produced no output is not billed: nothing shows that
@@ -44,6 +45,7 @@ from starlette.responses import StreamingResponse
 
 from cluster.config import EmberConfig, ModelConfig
 from cluster.stores import StoreUnavailable
+from deployments.auth import FailureThrottle
 from deployments.billing import Billing, price_for
 from deployments.engines.protocol import EngineMetrics, EngineOutput, Usage
 from deployments.errors import (
@@ -53,6 +55,7 @@ from deployments.errors import (
     store_unavailable,
     stream_interrupted,
     stream_stalled,
+    too_many_failed_large,
 )
 from deployments.pool_gate import PoolGate
 from deployments.rate_limiter import Admission, LimiterClient, rate_limit_headers
@@ -77,6 +80,8 @@ class Runtime:
     billing: Billing
     in_flight: dict[str, int] = field(default_factory=dict)  # account -> requests in this replica
     telemetry: Any = None  # deployments.telemetry.IngressTelemetry: told of each request once, at settlement
+    # Accounts whose large bodies keep failing validation (see IngressConfig.failed_large_limit).
+    failed_large: FailureThrottle | None = None
 
 
 def lifecycle_headers(model: ModelConfig) -> dict[str, str]:
@@ -105,6 +110,7 @@ class RequestLife:
         self.spend_reserved = 0.0
         self.admission: Admission | None = None
         self.gate: PoolGate | None = None
+        self.charged = 0.0  # the fair-share charge taken with the slot, settled to the real usage
         self.stream: Any = None  # DeploymentResponseGenerator
         self.dispatched_at = 0.0
         self.cached: int | None = None
@@ -126,6 +132,10 @@ class RequestLife:
 
     def enter(self) -> None:
         """Take one of the account's concurrent-request places (429 when they are all taken)."""
+        if self.rt.failed_large is not None:
+            wait = self.rt.failed_large.retry_after(self.account)
+            if wait is not None:
+                raise too_many_failed_large(wait, self.rt.config.ingress.failed_large_window_s)
         cap = self.rt.config.ingress.max_concurrent_per_account
         held = self.rt.in_flight.get(self.account, 0)
         if held >= cap:
@@ -191,7 +201,9 @@ class RequestLife:
     async def take_slot(self) -> None:
         gate = self.rt.gates[self.job.model.id]
         self.queued_at = time.perf_counter()
-        await gate.acquire(self.job.billed_tier, self.job.model.id)
+        req = self.job.engine_request
+        self.charged = await gate.acquire(self.job.billed_tier, self.job.model.id, self.account,
+                                          len(req.prompt_token_ids), req.sampling.max_tokens * req.sampling.n)
         self.gate = gate
         self.slotted_at = time.perf_counter()
 
@@ -305,15 +317,17 @@ class RequestLife:
         usage = self.usage
         if self.stream is not None and self.final is None:
             _quietly(self.stream.cancel)  # Serve cancels the replica's generator: the engine aborts
+        u = usage or Usage(0, 0, 0)
         if self.gate is not None:
+            _quietly(self.gate.correct, self.job.billed_tier, self.account, self.charged, u.prompt_tokens,
+                     u.completion_tokens)
             _quietly(self.gate.release)
         if self.admission is not None and self.rt.limiter is not None:
-            u = usage or Usage(0, 0, 0)
             _quietly(self.rt.limiter.settle, self.admission, u.prompt_tokens, u.cached_tokens,
                      u.completion_tokens)
         if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
-            self.billed = _quietly(self.rt.billing.bill, self.job.engine_request.request_id, self.account,
-                                   self.job.model, self.job.billed_tier, usage.prompt_tokens,
+            self.billed = _quietly(self.rt.billing.bill, self.job.op_id or self.job.engine_request.request_id,
+                                   self.account, self.job.model, self.job.billed_tier, usage.prompt_tokens,
                                    usage.cached_tokens, usage.completion_tokens)
         self._tell_telemetry()
 
