@@ -18,23 +18,33 @@ matters for streams that run longer).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from typing import Any
+from typing import Any, AsyncIterator
 
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.blobs import BlobStore
-from cluster.config import AutoscalingConfig, EmberConfig, EngineConfig, ModelConfig, RoutingConfig
+from cluster.config import (
+    AutoscalingConfig,
+    EmberConfig,
+    EngineConfig,
+    ModelConfig,
+    ObservabilityConfig,
+    RoutingConfig,
+)
 from cluster.stores import Stores, hash_key
 from deployments.autoscaling import ingress_autoscaling_config, pool_autoscaling_config
 from deployments.batch_runner import BatchRunner, HandleExecutor
 from deployments.capacity import gate_stats
 from deployments.admin import admin_token_digest
 from deployments.ingress import Ingress
+from deployments.engines.protocol import EngineOutput, EngineRequest
 from deployments.model_pool import ModelPool
+from deployments.telemetry import PoolTelemetry
 
 log = logging.getLogger("ember.builder")
 
@@ -49,9 +59,26 @@ _ENGINE_ENV = {
 
 
 class ServedModelPool(ModelPool):
-    async def __init__(self, model: ModelConfig):  # type: ignore[misc]  # Serve awaits async inits
+    async def __init__(self, model: ModelConfig,  # type: ignore[misc]  # Serve awaits async inits
+                       observability: ObservabilityConfig | None = None):
         ModelPool.__init__(self, model, replica_tag=serve.get_replica_context().replica_id.unique_id)
         await self.start()
+        self.telemetry = PoolTelemetry(model, observability or ObservabilityConfig(), self.replica_tag)
+        self._sampler = asyncio.get_running_loop().create_task(self.telemetry.sample_forever(self.load))
+        if self.telemetry.tracer is None:
+            # Untraced: Serve calls the plain stream, without the tracing layer below.
+            self.generate_stream = ModelPool.generate_stream.__get__(self)  # type: ignore[method-assign]
+
+    async def generate_stream(self, request: EngineRequest,
+                              interval_s: float | None = None) -> AsyncIterator[EngineOutput]:
+        stream = ModelPool.generate_stream(self, request, interval_s)
+        if request.trace_context is not None:
+            stream = self.telemetry.traced(request, stream)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()  # the engine aborts at once when the caller goes
 
     async def __del__(self):
         await self.shutdown()
@@ -62,6 +89,8 @@ class ServedIngress(Ingress):
         Ingress.__init__(self, *args, **kwargs)
         # Deliver what a crashed replica left in this node's usage outbox, traffic or not.
         self.rt.billing.start()
+        self._sampler = asyncio.get_running_loop().create_task(
+            self.rt.telemetry.sample_forever(self.rt.gates, self.rt.billing))
         # memory://: the batch runner shares this replica's store, so it runs here (there is
         # only one ingress replica then).
         if self.batch is not None and self.batch_runner is None:
@@ -133,14 +162,14 @@ _ROUTERS = {
 }
 
 
-def _router(routing: RoutingConfig, replica_slots: int) -> dict[str, Any]:
+def _router(routing: RoutingConfig, replica_slots: int, metrics: bool = True) -> dict[str, Any]:
     if routing.policy == "power_of_two":  # Serve's default, publishing the live replica count
         return {"request_router_config": RequestRouterConfig(
             request_router_class="deployments.affinity_router.PowerOfTwoRouter")}
     kwargs: dict[str, Any] = {"vnodes": routing.vnodes, "load_factor": routing.load_factor,
                               "replica_slots": replica_slots, "peer_load_ttl_s": routing.peer_load_ttl_s,
                               "account_replicas": routing.account_replicas,
-                              "owner_wait_s": routing.owner_wait_ms / 1000}
+                              "owner_wait_s": routing.owner_wait_ms / 1000, "metrics": metrics}
     if routing.policy == "ray_consistent_hash":
         kwargs = {"num_virtual_nodes": routing.vnodes}
     elif routing.policy == "round_robin":
@@ -179,9 +208,9 @@ def pool_deployment(model: ModelConfig, config: EmberConfig):
         # Scale-down drains: the replica serves its streams to the end (see the module doc).
         graceful_shutdown_timeout_s=pool_shutdown_timeout_s(model, config),
         logging_config=_logging(config),
-        **_router(model.routing, model.engine.max_num_seqs),
+        **_router(model.routing, model.engine.max_num_seqs, config.observability.metrics.enabled),
         **_scaling(model.num_replicas, model.autoscaling),
-    ).bind(model)
+    ).bind(model, config.observability)
 
 
 def ensure_models(config: EmberConfig) -> None:

@@ -449,6 +449,47 @@ class StoreConfig(_Strict):
         return v
 
 
+class MetricsConfig(_Strict):
+    """Prometheus series (``ember_*``) through Ray's metrics (``ray.util.metrics``): every process
+    reports to its node's metrics agent, exported at the node's metrics export port (8080 under
+    ``make run``) with Ray's ``ray_`` prefix (see deployments/telemetry.py)."""
+
+    enabled: bool = True
+    # Accounts named in labels: the top N by recent traffic; every other account is "other"
+    # (policies/cardinality.py). 0: no account label values but "other".
+    top_accounts: int = Field(20, ge=0, le=1000)
+    account_half_life_s: float = Field(600.0, gt=0)  # how fast past traffic stops counting
+    account_refresh_s: float = Field(60.0, gt=0)  # how often the top N is recomputed
+    sample_interval_s: float = Field(2.0, gt=0, le=60)  # gauges (gate queues, ledger backlog)
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry traces, one per request (deployments/telemetry.py).
+
+    ``exporter``: ``none`` (the default: no span is ever created), ``otlp`` (the endpoint, headers
+    and protocol from the standard ``OTEL_EXPORTER_OTLP_*`` variables), ``console`` (stdout of each
+    Ray process), or ``file`` (JSON lines under ``file_dir``, one file per process). Unset, it is
+    read from ``OTEL_TRACES_EXPORTER`` (``none`` if that is unset too). ``sample_ratio`` applies to
+    requests without a sampled parent (a caller's sampled ``traceparent`` is always followed);
+    unset, ``OTEL_TRACES_SAMPLER_ARG`` or 1.0.
+    """
+
+    exporter: Literal["none", "otlp", "console", "file"] | None = None
+    sample_ratio: float | None = Field(None, ge=0, le=1)
+    file_dir: str | None = None
+    service_name: str = "ember"
+
+
+class ObservabilityConfig(_Strict):
+    metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
+    # One JSON line per generation request: to <request_log_dir>/requests-<pid>.jsonl, or with no
+    # directory to the process's stderr (which Ray keeps in the replica's worker log).
+    request_log: bool = True
+    request_log_dir: str | None = None
+    # The caller's request body (messages or prompt, first 4 KiB) in the root span and the request
+    # log line. Off unless an operator turns it on; completion text is never recorded.
+    capture_content: bool = False
 class BatchConfig(_Strict):
     """The Files and Batches API and its runner (deployments/batch_api.py, deployments/batch_runner.py).
 
@@ -489,6 +530,7 @@ class EmberConfig(_Strict):
     auth: AuthConfig = AuthConfig()
     store: StoreConfig = StoreConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
     batch: BatchConfig = BatchConfig()
 
     @model_validator(mode="after")

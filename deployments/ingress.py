@@ -34,6 +34,7 @@ from deployments.pool_gate import PoolGate
 from deployments.prompts import PromptBuilder
 from deployments.rate_limiter import ACTOR_NAMESPACE, LimiterClient, RateLimiter
 from deployments.serving import SSE_DONE, ChatServing, CompletionServing, Job, dumps
+from deployments.telemetry import IngressTelemetry, configure_request_log
 from policies.consistent_hash import stable_hash
 from policies.rate_limit import RequestBucket
 
@@ -86,9 +87,11 @@ class Ingress:
             gates={m.id: PoolGate(m, self.config) for m in served},
             limiter=LimiterClient(rl, self._limiter_actor) if rl.enabled else None,
             billing=billing,
+            telemetry=IngressTelemetry(self.config),
             failed_large=FailureThrottle(self.config.ingress.failed_large_limit,
                                          self.config.ingress.failed_large_window_s),
         )
+        configure_request_log(self.config.observability)
         prompts = {m.id: PromptBuilder(m.model_dir) for m in served}
         self.chat = ChatServing(self.config, prompts, self._model)
         self.completion = CompletionServing(self.config, prompts, self._model)
@@ -263,9 +266,12 @@ class Ingress:
         started = time.perf_counter()
         account = await self.auth.account(request)
         life = RequestLife(self.rt, account, started)
+        life.traceparent = request.headers.get("traceparent")
         try:
             life.enter()  # before the body: one tenant's slow senders cannot fill this replica
             body = await self._body(request)
+            if self.rt.telemetry.capture_content:
+                life.prompt_body = body
             model_id = peek_model(body)
             model = self.config.model(model_id) if model_id else None
             if model is not None and self.config.is_visible(model, account):
@@ -278,7 +284,8 @@ class Ingress:
             if job.stream:
                 return LifeStream(life, self._sse(life, first), headers)  # settles when the response ends
             outs = [out async for out in life.outputs(first)]
-        except BaseException:  # the client left, a deadline passed, a replica failed: settle what ran
+        except BaseException as exc:  # the client left, a deadline passed, a replica failed: settle what ran
+            life.outcome = exc
             life.settle()
             raise
         life.settle()
@@ -330,6 +337,7 @@ class Ingress:
                                         job.include_usage)
             yield SSE_DONE
         except Exception as exc:  # cancellation (the client left) passes through untouched
+            life.outcome = exc
             yield error_sse_event(exc)
         finally:
             life.settle()

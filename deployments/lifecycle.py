@@ -79,6 +79,7 @@ class Runtime:
     limiter: LimiterClient | None
     billing: Billing
     in_flight: dict[str, int] = field(default_factory=dict)  # account -> requests in this replica
+    telemetry: Any = None  # deployments.telemetry.IngressTelemetry: told of each request once, at settlement
     # Accounts whose large bodies keep failing validation (see IngressConfig.failed_large_limit).
     failed_large: FailureThrottle | None = None
 
@@ -117,6 +118,15 @@ class RequestLife:
         self.final: EngineOutput | None = None
         self.settled = False
         self.billed: dict | None = None  # the usage event, once written
+        # For telemetry (perf_counter times; 0.0: not reached), and how the request ended.
+        self.created_at = time.perf_counter()  # authenticated
+        self.admit_at = self.admitted_at = self.queued_at = self.slotted_at = 0.0
+        self.outcome: BaseException | None = None
+        self.traceparent: str | None = None
+        self.prompt_body: bytes | None = None
+        self.span: Any = None  # the trace's root span, when traced
+        self.span_offset_ns = 0
+        self.checked_model: ModelConfig | None = None  # a model precheck() refused for, before parsing
 
     # -- acquiring -----------------------------------------------------------------------------
 
@@ -137,6 +147,7 @@ class RequestLife:
 
     async def precheck(self, model: ModelConfig) -> None:
         """The refusals that need no parsing: spend limit reached, a 429 moments ago."""
+        self.checked_model = model
         acct = await self._account_view()
         _check_spend(acct)
         if self.rt.limiter is not None:
@@ -155,6 +166,7 @@ class RequestLife:
 
         Returns the headers every response carries: rate limits, lifecycle, spend warnings.
         """
+        self.admit_at = time.perf_counter()
         model = self.job.model
         headers = lifecycle_headers(model)
         acct = await self._account_view()
@@ -183,14 +195,17 @@ class RequestLife:
             raise _rate_limited(model, adm, headers, self.rt.config)
         headers.update(rate_limit_headers(adm, self.rt.config.rate_limit.requests_per_minute))
         self.admission = adm
+        self.admitted_at = time.perf_counter()
         return headers
 
     async def take_slot(self) -> None:
         gate = self.rt.gates[self.job.model.id]
+        self.queued_at = time.perf_counter()
         req = self.job.engine_request
         self.charged = await gate.acquire(self.job.billed_tier, self.job.model.id, self.account,
                                           len(req.prompt_token_ids), req.sampling.max_tokens * req.sampling.n)
         self.gate = gate
+        self.slotted_at = time.perf_counter()
 
     async def start(self) -> EngineOutput:
         """Dispatch to a replica and wait for the first output.
@@ -201,6 +216,8 @@ class RequestLife:
         """
         ing = self.rt.config.ingress
         interval = None if self.job.stream else NON_STREAM_PROGRESS_S
+        if self.rt.telemetry is not None:
+            self.job.engine_request.trace_context = self.rt.telemetry.dispatched(self)
         for attempt in (0, 1):
             session = self.job.session if attempt == 0 else self.job.session + "#retry"
             # The proxy attaches a session id only on its own hop; this hop needs it set again.
@@ -293,6 +310,7 @@ class RequestLife:
             else:
                 self.rt.in_flight.pop(self.account, None)
         if self.job is None:
+            self._tell_telemetry()
             return  # nothing past the account's place was taken
         if self.spend_reserved:
             _quietly(self.rt.billing.release_spend, self.account, self.spend_reserved)
@@ -311,6 +329,11 @@ class RequestLife:
             self.billed = _quietly(self.rt.billing.bill, self.job.op_id or self.job.engine_request.request_id,
                                    self.account, self.job.model, self.job.billed_tier, usage.prompt_tokens,
                                    usage.cached_tokens, usage.completion_tokens)
+        self._tell_telemetry()
+
+    def _tell_telemetry(self) -> None:
+        if self.rt.telemetry is not None:
+            _quietly(self.rt.telemetry.finished, self)
 
 
 def _check_spend(acct) -> None:

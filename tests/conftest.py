@@ -21,6 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Serve's proxy strips client control headers and answers in the OpenAI error shape, as under
 # `make run` (the Ray processes started below inherit it).
 os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deployments.proxy_guard:middlewares")
+# Ray's processes push their metrics to the node's exporter every second, not every 10 s, so a
+# test scrapes what it just did without a long wait.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 # Its per-key cap and body deadline (defaults 128 and 10 s), small enough for tests to reach.
 os.environ.setdefault("EMBER_PROXY_MAX_PER_KEY", "64")
 os.environ.setdefault("EMBER_PROXY_BODY_TIMEOUT_S", "5")

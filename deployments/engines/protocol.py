@@ -78,6 +78,9 @@ class EngineRequest:
     cache_salt: str | None = None
     use_cache: bool = True
     priority: int = 0  # lower is served first (vLLM's convention)
+    # The request's trace context as a W3C carrier ({"traceparent": ...}), for the router's and the
+    # replica's spans; None when the request is not traced (deployments/telemetry.py).
+    trace_context: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -112,6 +115,7 @@ class EngineMetrics:
     # Seconds, measured by the engine from the moment it received the request.
     time_to_first_token_s: float
     processing_time_s: float
+    queue_s: float | None = None  # waiting for a place in the engine's batch, when the engine says
 
 
 @dataclass(slots=True)

@@ -79,6 +79,7 @@ class _Seq:
     prompt_hashes: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     first_token_at: float | None = None
+    scheduled_at: float | None = None
     aborted: bool = False
 
     @property
@@ -261,6 +262,7 @@ class SimEngine:
             self._running = still
 
     def _admit(self, seq: _Seq) -> int:
+        seq.scheduled_at = self._clock()
         req = seq.request
         n_prompt = len(req.prompt_token_ids)
         if req.use_cache:
@@ -352,7 +354,8 @@ class SimEngine:
             cached_tokens=seq.cached_tokens,
         )
         assert seq.first_token_at is not None
-        metrics = EngineMetrics(seq.first_token_at - seq.received, now - seq.received)
+        queued = (seq.scheduled_at or seq.received) - seq.received
+        metrics = EngineMetrics(seq.first_token_at - seq.received, now - seq.received, queued)
         self._by_id.pop(req.request_id, None)
         seq.queue.put_nowait(EngineOutput(deltas=deltas, final=True, usage=usage, metrics=metrics,
                                           cached_tokens=cached))
