@@ -498,16 +498,23 @@ def chat_chunk(rid: str, created: int, model: str, deltas: list[dict], tier: str
     return body
 
 
-def chat_delta(d: ChoiceDelta, first: bool, tool_calls: list[dict] | None = None,
-               finish_reason: str | None = None) -> dict:
-    delta: dict = {"content": d.text if not tool_calls else d.text or None}
+def chat_delta(d: ChoiceDelta, first: bool) -> dict:
+    delta: dict = {"content": d.text}
+    if first:
+        delta["role"] = "assistant"
+    return {"index": d.index, "delta": delta, "logprobs": _chat_logprobs(d.logprobs),
+            "finish_reason": d.finish_reason}
+
+
+def chat_tool_delta(index: int, first: bool, content: str | None, tool_calls: list[dict] | None,
+                    finish_reason: str | None) -> dict:
+    """A streamed choice of a request with tools (``tool_calls`` entries carry their ``index``)."""
+    delta: dict = {"content": content}
     if first:
         delta["role"] = "assistant"
     if tool_calls:
-        # Each call whole in one delta: OpenAI's chunk shape, with `index` the call's position.
-        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
-    return {"index": d.index, "delta": delta, "logprobs": _chat_logprobs(d.logprobs),
-            "finish_reason": finish_reason or d.finish_reason}
+        delta["tool_calls"] = tool_calls
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
 def completion_chunk(rid: str, created: int, model: str, choices: list[dict]) -> dict:

@@ -23,6 +23,7 @@ from deployments.openai_api import (
     chat_chunk,
     chat_delta,
     chat_message,
+    chat_tool_delta,
     chat_response,
     completion_chunk,
     completion_delta,
@@ -31,7 +32,7 @@ from deployments.openai_api import (
     usage_dict,
 )
 from deployments.prompts import PromptBuilder
-from deployments.tool_calls import TOOL_CALL_PARSERS, ToolCalling, tool_call_dicts, tool_constraint
+from deployments.tool_calls import TOOL_CALL_PARSERS, ToolCalling, ToolStream, tool_call_dicts, tool_constraint
 from policies.affinity import session_key
 from policies.tiers import ENGINE_PRIORITY
 
@@ -115,7 +116,7 @@ class ChatRenderer(Renderer):
         self.tier = tier  # echoed as service_tier (None: the caller did not ask)
         self.tools = tools
         self._started: set[int] = set()
-        self._held: dict[int, list[str]] = {}  # with tools: each choice's text until it finishes
+        self._streams: dict[int, ToolStream] = {}  # with tools: each streamed choice's state
 
     def chunk(self, out: EngineOutput) -> bytes | None:
         if not out.deltas:
@@ -127,15 +128,12 @@ class ChatRenderer(Renderer):
             if self.tools is None:
                 deltas.append(chat_delta(d, first))
                 continue
-            # Tool calls are known only once the text is whole: hold it, send the role at once.
-            held = self._held.setdefault(d.index, [])
-            held.append(d.text)
-            if d.finish_reason is None:
-                if first:
-                    deltas.append(chat_delta(replace(d, text="", logprobs=None), True))
-                continue
-            content, calls, finish = self._finish("".join(held), d.finish_reason)
-            deltas.append(chat_delta(replace(d, text=content or ""), first, calls, finish))
+            stream = self._streams.get(d.index)
+            if stream is None:
+                stream = self._streams[d.index] = ToolStream(self.tools)
+            content, calls, finish = stream.feed(d.text, d.finish_reason)
+            if first or content or calls or finish:
+                deltas.append(chat_tool_delta(d.index, first, content, calls, finish))
         return sse(self._chunk_body(deltas)) if deltas else None
 
     def _finish(self, text: str, finish: str) -> tuple[str | None, list[dict] | None, str]:

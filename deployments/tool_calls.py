@@ -80,6 +80,68 @@ class ToolCalling:
         return content, calls if self.parallel else calls[:1]
 
 
+class ToolStream:
+    """One streamed choice of a request with tools: its text becomes OpenAI deltas as early as the
+    mode allows.
+
+    - named: the text is the arguments, so they stream as they come, after a first delta that
+      carries the call's id and name (OpenAI's shape).
+    - auto: text streams as content until a ``<tool_call>`` tag starts (a suffix that may be the
+      start of one is held back); from the tag on it is held, and parsed when the choice ends.
+    - required: the calls are known when the JSON array is whole, so they come at the end.
+
+    ``feed`` returns (content or None, tool-call deltas or None, finish_reason or None).
+    Example, named ``f``: feeds ``'{"a"'``, ``':1}'`` (finished) give the deltas
+    ``[{"index": 0, "id": "call_..", "type": "function", "function": {"name": "f", "arguments": '{"a"'}}]``,
+    then ``[{"index": 0, "function": {"arguments": ":1}"}}]`` with finish_reason "tool_calls".
+    """
+
+    TAG = "<tool_call>"
+
+    def __init__(self, calling: ToolCalling):
+        self.calling = calling
+        self.text = ""
+        self.sent = 0  # characters of text sent as content
+        self._named_open = False  # named: the call's first delta (id, name) went out
+
+    def feed(self, piece: str, finish: str | None) -> tuple[str | None, list[dict] | None, str | None]:
+        self.text += piece
+        mode = self.calling.mode
+        if mode == "named":
+            calls = None
+            if not self._named_open and (piece or finish):
+                calls = [{"index": 0, "id": call_id(), "type": "function",
+                          "function": {"name": self.calling.named, "arguments": piece}}]
+                self._named_open = True
+            elif piece:
+                calls = [{"index": 0, "function": {"arguments": piece}}]
+            if finish is None:
+                return None, calls, None
+            return None, calls, "tool_calls" if self.calling.extract(self.text)[1] else finish
+        if finish is not None:
+            content, found = self.calling.extract(self.text)
+            if not found:
+                return self._content(len(self.text)), None, finish
+            rest = self._content(len(content or ""))
+            return rest, [{"index": i, **call} for i, call in enumerate(tool_call_dicts(found))], "tool_calls"
+        if mode == "auto" and self.TAG not in self.text:
+            return self._content(len(self.text) - _partial_tag(self.text, self.TAG)), None, None
+        return None, None, None
+
+    def _content(self, end: int) -> str | None:
+        piece = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece or None
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """How many trailing characters of ``text`` could begin ``tag`` ("ab<tool" → 5)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-k:]):
+            return k
+    return 0
+
+
 def tool_constraint(tools: list[Tool], choice, parallel: bool) -> StructuredOutput | None:
     """What ``tool_choice`` constrains the output to, or None when the text stays free."""
     if isinstance(choice, NamedToolChoice):

@@ -88,9 +88,14 @@ def schemas(n: int, with_patterns: bool) -> list[dict]:
     return [make_schema(random.Random(i), with_patterns=with_patterns) for i in range(n)]
 
 
-def config() -> dict:
-    return {"models": [{"id": MODEL, "context_length": 2048, "num_replicas": 1, "tool_call_parser": "hermes",
-                        "resources": {"num_cpus": 1}, "engine": ENGINE}],
+def model_id(backend: str) -> str:
+    return MODEL if backend == "auto" else f"{MODEL}-{backend}"
+
+
+def config(backends: list[str]) -> dict:
+    return {"models": [{"id": model_id(b), "context_length": 2048, "num_replicas": 1, "tool_call_parser": "hermes",
+                        "resources": {"num_cpus": 0.5}, "engine": {**ENGINE, "structured_output_backend": b}}
+                       for b in backends],
             "ingress": {"num_cpus": 0.1, "max_completion_tokens": MAX_TOKENS, "access_log": False},
             "rate_limit": {"enabled": False}}
 
@@ -103,7 +108,7 @@ async def _ask(client, stream: bool, **kw) -> tuple[str, list | None, str, float
         c = r.choices[0]
         calls = [tc.model_dump() for tc in c.message.tool_calls or ()] or None
         return c.message.content or "", calls, c.finish_reason, None, r.usage.completion_tokens
-    text, calls, finish, ttft, used = [], [], None, None, 0
+    text, calls, finish, ttft, used = [], {}, None, None, 0
     async for chunk in await client.chat.completions.create(stream=True, **kw):
         if chunk.usage:
             used = chunk.usage.completion_tokens
@@ -111,11 +116,12 @@ async def _ask(client, stream: bool, **kw) -> tuple[str, list | None, str, float
             if ttft is None and (ch.delta.content or ch.delta.tool_calls):
                 ttft = time.perf_counter() - began
             text.append(ch.delta.content or "")
-            for tc in ch.delta.tool_calls or ():
-                calls.append({"id": tc.id, "type": tc.type,
-                              "function": {"name": tc.function.name, "arguments": tc.function.arguments}})
+            for tc in ch.delta.tool_calls or ():  # a call's deltas, put together as a client does
+                call = calls.setdefault(tc.index, {"id": tc.id, "type": tc.type,
+                                                   "function": {"name": tc.function.name, "arguments": ""}})
+                call["function"]["arguments"] += tc.function.arguments or ""
             finish = ch.finish_reason or finish
-    return "".join(text), calls or None, finish, ttft, used
+    return "".join(text), [calls[i] for i in sorted(calls)] or None, finish, ttft, used
 
 
 def _check(text: str, schema: dict) -> tuple[bool, bool]:
@@ -132,26 +138,29 @@ def _check(text: str, schema: dict) -> tuple[bool, bool]:
     return True, True
 
 
-async def validity(client, all_schemas: list[dict]) -> dict:
+async def validity(client, model: str, all_schemas: list[dict]) -> dict:
     out = {}
     sem = asyncio.Semaphore(8)
     for stream in (False, True):
         async def one(i, schema):
             async with sem:
                 rf = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}}
-                text, _, finish, _, _ = await _ask(client, stream, model=MODEL, max_tokens=MAX_TOKENS, seed=i,
+                text, _, finish, _, _ = await _ask(client, stream, model=model, max_tokens=MAX_TOKENS, seed=i,
                                                    messages=[{"role": "user", "content": f"Fill in record {i}."}],
                                                    response_format=rf)
-                return (*_check(text, schema), finish)
+                return (*_check(text, schema), finish, text)
         results = await asyncio.gather(*(one(i, s) for i, s in enumerate(all_schemas)))
         key = "stream" if stream else "non_stream"
         out[key] = {"requests": len(results), "parse": sum(r[0] for r in results),
                     "validate": sum(r[1] for r in results),
-                    "finish_length": sum(r[2] == "length" for r in results)}
+                    "finish_length": sum(r[2] == "length" for r in results),
+                    # The first few that failed, for a look at why.
+                    "failures": [{"schema": i, "finish": r[2], "text": r[3][:300]}
+                                 for i, r in enumerate(results) if not r[1]][:5]}
     return out
 
 
-async def tools(client, sets: int, with_patterns: bool) -> dict:
+async def tools(client, model: str, sets: int, with_patterns: bool) -> dict:
     import jsonschema
 
     out = {}
@@ -168,7 +177,7 @@ async def tools(client, sets: int, with_patterns: bool) -> dict:
                     choice = "required" if mode == "required" else {
                         "type": "function", "function": {"name": fns[-1]["function"]["name"]}}
                     _, calls, finish, _, _ = await _ask(
-                        client, stream, model=MODEL, max_tokens=MAX_TOKENS, seed=i, tools=fns, tool_choice=choice,
+                        client, stream, model=model, max_tokens=MAX_TOKENS, seed=i, tools=fns, tool_choice=choice,
                         messages=[{"role": "user", "content": f"Call a tool for case {i}."}])
                     ok = 0
                     for c in calls or ():
@@ -227,10 +236,13 @@ async def run(base: str, args) -> dict:
 
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=600)
     all_schemas = schemas(args.schemas, not args.no_patterns)
-    await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "warm"}], max_tokens=2)
     began = time.perf_counter()
-    result = {"validity": await validity(client, all_schemas)}
-    result["tools"] = await tools(client, args.tool_sets, not args.no_patterns)
+    result: dict = {"validity": {}, "tools": {}}
+    for backend in args.backends:
+        model = model_id(backend)
+        await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "warm"}], max_tokens=2)
+        result["validity"][backend] = await validity(client, model, all_schemas)
+        result["tools"][backend] = await tools(client, model, args.tool_sets, not args.no_patterns)
     result["cost"] = await cost(client, all_schemas, args.rounds, args.concurrency, args.per_round)
     result["seconds"] = time.perf_counter() - began
     return result
@@ -244,6 +256,9 @@ def main() -> int:
     p.add_argument("--per-round", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--no-patterns", action="store_true", help="leave `pattern` out of the schemas")
+    p.add_argument("--backends", default="auto", type=lambda v: v.split(","),
+                   help="vLLM structured-output backends to compare, one pool each (auto,guidance); "
+                        "the cost part runs on auto")
     p.add_argument("--out", default="bench_results/structured.json")
     args = p.parse_args()
 
@@ -255,7 +270,7 @@ def main() -> int:
     from cluster.builder import build_app, ensure_models
     from cluster.config import EmberConfig
 
-    cfg = EmberConfig.model_validate(config())
+    cfg = EmberConfig.model_validate(config(args.backends))
     ensure_models(cfg)
     base, _ = start_ray_serve(num_cpus=4)
     try:
@@ -265,15 +280,17 @@ def main() -> int:
         stop_ray_serve()
 
     rows = []
-    for key, v in result["validity"].items():
-        rows.append([f"json_schema {key}", v["requests"], f"{100 * v['parse'] / v['requests']:.1f}%",
-                     f"{100 * v['validate'] / v['requests']:.1f}%", v["finish_length"]])
-    print_table(["structured output", "requests", "parse", "validate", "cut by length"], rows)
+    for backend, by_mode in result["validity"].items():
+        for key, v in by_mode.items():
+            rows.append([backend, f"json_schema {key}", v["requests"], f"{100 * v['parse'] / v['requests']:.1f}%",
+                         f"{100 * v['validate'] / v['requests']:.1f}%", v["finish_length"]])
+    print_table(["backend", "structured output", "requests", "parse", "validate", "cut by length"], rows)
     print()
-    rows = [[k, v["requests"], v["with_calls"], v["calls"],
+    rows = [[backend, k, v["requests"], v["with_calls"], v["calls"],
              f"{100 * v['valid_calls'] / v['calls']:.1f}%" if v["calls"] else "-", v["finish_tool_calls"]]
-            for k, v in result["tools"].items()]
-    print_table(["tool_choice", "requests", "with calls", "calls", "arguments valid", "finish tool_calls"], rows)
+            for backend, by_mode in result["tools"].items() for k, v in by_mode.items()]
+    print_table(["backend", "tool_choice", "requests", "with calls", "calls", "arguments valid",
+                 "finish tool_calls"], rows)
     print()
     c = result["cost"]
     rows = [[k, v["ttft_p50_ms"], v["tokens_per_s"], v["output_tokens"]] for k, v in c.items()]

@@ -58,6 +58,22 @@ def _text(chunks: list, index: int) -> str:
     return "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"] if ch["index"] == index)
 
 
+def _streamed_calls(chunks: list, index: int = 0) -> list[dict]:
+    """A choice's tool calls put together from their deltas, as a client does."""
+    calls: dict[int, dict] = {}
+    for c in chunks:
+        for ch in c["choices"]:
+            for tc in ch["delta"].get("tool_calls") or () if ch["index"] == index else ():
+                call = calls.setdefault(tc["index"], {"id": None, "type": None,
+                                                      "function": {"name": None, "arguments": ""}})
+                call["id"] = tc.get("id") or call["id"]
+                call["type"] = tc.get("type") or call["type"]
+                fn = tc.get("function") or {}
+                call["function"]["name"] = fn.get("name") or call["function"]["name"]
+                call["function"]["arguments"] += fn.get("arguments") or ""
+    return [calls[i] for i in sorted(calls)]
+
+
 def _assert_calls_valid(calls: list[dict]) -> None:
     assert calls
     for call in calls:
@@ -120,9 +136,7 @@ def test_required_and_named_tool_choice_give_calls_whose_arguments_validate(clie
         chunks = _stream(client, openai_schemas, **kw)
         done = [ch for c in chunks for ch in c["choices"] if ch["finish_reason"]]
         assert done[-1]["finish_reason"] == "tool_calls"
-        calls = done[-1]["delta"]["tool_calls"]
-        assert [c["index"] for c in calls] == list(range(len(calls)))
-        calls = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+        calls = _streamed_calls(chunks)
     else:
         raw = client.chat.completions.with_raw_response.create(**kw)
         body = raw.http_response.json()
@@ -318,3 +332,34 @@ def test_retrieve_model_by_its_slashed_id(client, openai_schemas):
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("accounts/ember/models/nope")
     assert e.value.body["param"] == "model"
+
+
+# -- billing -------------------------------------------------------------------------------
+
+
+def test_the_ledger_bills_what_the_engine_counted_on_the_new_paths(sim_app, openai_schemas):
+    import secrets
+
+    import httpx
+
+    from tests.conftest import ADMIN_TOKEN
+
+    root, admin = sim_app.removesuffix("/v1"), {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    account = "features-" + secrets.token_hex(4)
+    assert httpx.post(root + "/admin/accounts", json={"id": account}, headers=admin).status_code == 201
+    key = httpx.post(f"{root}/admin/accounts/{account}/keys", headers=admin).json()["key"]
+    c = openai.OpenAI(base_url=sim_app, api_key=key, max_retries=0, timeout=60)
+    seen = []
+    seen.append(c.chat.completions.create(model=SIM_MODEL, messages=MSG, max_tokens=200,
+                                          response_format=_json_schema(CITY)).usage)
+    seen.append(c.chat.completions.create(model=SIM_MODEL, messages=MSG, max_tokens=200, tools=[WEATHER, TIME],
+                                          tool_choice="required").usage)
+    chunks = _stream(c, openai_schemas, model=SIM_MODEL, messages=MSG, max_tokens=200, tools=[WEATHER],
+                     tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    seen.append(openai.types.CompletionUsage(**chunks[-1]["usage"]))
+    seen.append(c.completions.create(model=SIM_MODEL, prompt="Once", max_tokens=5, echo=True,
+                                     logit_bias={"300": -100}).usage)
+    rows = [r for r in c.get("/usage", cast_to=httpx.Response).json()["data"] if r["model"] == SIM_MODEL]
+    assert len(rows) == 1 and rows[0]["requests"] == 4
+    assert rows[0]["prompt_tokens"] == sum(u.prompt_tokens for u in seen)
+    assert rows[0]["completion_tokens"] == sum(u.completion_tokens for u in seen)

@@ -9,7 +9,8 @@ import openai
 import pytest
 
 from tests.conftest import DEMO_KEY
-from tests.integration.test_openai_features import CITY, TIME, WEATHER, _assert_calls_valid, _stream, _text
+from tests.integration.test_openai_features import (
+    CITY, TIME, WEATHER, _assert_calls_valid, _stream, _streamed_calls, _text)
 
 pytestmark = pytest.mark.vllm
 VLLM_MODEL = "accounts/ember/models/demo"
@@ -122,7 +123,7 @@ def test_required_and_named_tool_calls_on_vllm_validate(vllm_client, openai_sche
             chunks = _stream(vllm_client, openai_schemas, **kw)
             done = [ch for c in chunks for ch in c["choices"] if ch["finish_reason"]]
             assert done[-1]["finish_reason"] == "tool_calls"
-            calls = [{k: v for k, v in c.items() if k != "index"} for c in done[-1]["delta"]["tool_calls"]]
+            calls = _streamed_calls(chunks)
         else:
             raw = vllm_client.chat.completions.with_raw_response.create(**kw)
             body = raw.http_response.json()

@@ -11,7 +11,7 @@ import pytest
 
 from deployments.engines.json_instance import UnsupportedSchema, check, sample
 from deployments.openai_api import ChatCompletionRequest
-from deployments.tool_calls import ToolCalling, parse_hermes, tool_constraint
+from deployments.tool_calls import ToolCalling, ToolStream, parse_hermes, tool_constraint
 
 HERMES_TEXTS = [
     "no calls here",
@@ -110,3 +110,26 @@ def test_check_finds_a_keyword_in_a_branch_a_draw_may_skip():
     with pytest.raises(UnsupportedSchema, match="pattern"):
         check(optional)
     check(SCHEMAS[3])  # $defs, $ref, type lists: all supported
+
+
+def _feed(mode, pieces, named=None):
+    stream = ToolStream(ToolCalling(mode, parse_hermes, True, named))
+    return [stream.feed(p, "stop" if i == len(pieces) - 1 else None) for i, p in enumerate(pieces)]
+
+
+def test_streamed_auto_text_flows_until_a_tag_then_calls_come_whole():
+    out = _feed("auto", ["Hi <tool", "_call>{\"name\": \"f\", ", "\"arguments\": {\"x\": 1}}</tool_call>"])
+    assert out[0] == ("Hi ", None, None)  # "<tool" may start a tag: held back
+    assert out[1] == (None, None, None)
+    content, calls, finish = out[2]
+    assert content is None and finish == "tool_calls"
+    assert [(c["index"], c["function"]) for c in calls] == [(0, {"name": "f", "arguments": '{"x": 1}'})]
+    plain = _feed("auto", ["a <to", "o> b"])
+    assert "".join(c or "" for c, _, _ in plain) == "a <too> b" and plain[-1][2] == "stop"
+
+
+def test_streamed_named_arguments_flow_as_they_come():
+    out = _feed("named", ['{"x"', "", ":1}"], named="f")
+    assert out[0][1][0]["function"] == {"name": "f", "arguments": '{"x"'} and out[0][1][0]["id"].startswith("call_")
+    assert out[1] == (None, None, None)
+    assert out[2] == (None, [{"index": 0, "function": {"arguments": ":1}"}}], "tool_calls")
