@@ -60,6 +60,7 @@ from deployments.errors import (
 from deployments.pool_gate import PoolGate
 from deployments.rate_limiter import Admission, LimiterClient, rate_limit_headers
 from deployments.serving import Job
+from deployments.wire import hold_headers
 from policies.pricing import request_cost
 
 log = logging.getLogger("ember.lifecycle")
@@ -350,7 +351,10 @@ def _rate_limited(model: ModelConfig, adm: Admission, headers: dict[str, str], c
     return ApiError(429, f"rate limit exceeded for {model.id}: {what}; retry after {adm.retry_after_s:.3f} s",
                     type="rate_limit_error", code="rate_limit_exceeded", param=adm.exhausted,
                     headers={**headers, **rate_limit_headers(adm, config.rate_limit.requests_per_minute),
-                             "Retry-After": str(max(1, math.ceil(adm.retry_after_s)))})
+                             "Retry-After": str(max(1, math.ceil(adm.retry_after_s))),
+                             # Serve's proxy repeats it for this key and model, as briefly as the
+                             # limiter remembers it (at most 1 s: a smaller request may fit then).
+                             **hold_headers(min(adm.retry_after_s, 1.0), model.id)})
 
 
 def _quietly(fn, *args):
