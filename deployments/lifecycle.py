@@ -23,7 +23,8 @@ ingress shutdown                  Serve cancels the request: as "client leaves"
 prompt's cached-token count, later outputs the tokens generated so far (streams coalesce per
 ``engine.stream_interval_s``, non-streamed requests report progress every
 ``NON_STREAM_PROGRESS_S``). A request that produced no output is not billed: nothing shows that
-the engine ran it.
+the engine ran it. A batch line is billed only when it completes: one cut short is run again by
+the batch runner under the same op id, and that run is what it pays for.
 
 ``settle()`` is synchronous and never raises, so it is safe in ``finally`` blocks while the task
 is being cancelled; the usage event it writes is durable (``deployments.billing``'s outbox)
@@ -326,6 +327,8 @@ class RequestLife:
         if self.admission is not None and self.rt.limiter is not None:
             _quietly(self.rt.limiter.settle, self.admission, u.prompt_tokens, u.cached_tokens,
                      u.completion_tokens)
+        if self.job.billed_tier == "batch" and self.final is None:
+            return  # an interrupted batch line runs again under the same op id: only its answer is billed
         if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
             self.billed = _quietly(self.rt.billing.bill, self.job.op_id or self.job.engine_request.request_id,
                                    self.account, self.job.model, self.job.billed_tier, usage.prompt_tokens,
