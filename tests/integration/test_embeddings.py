@@ -178,3 +178,9 @@ def test_embeddings_spend_the_prompt_budget_and_then_get_429(client):
         for _ in range(LIMIT // used + 5):
             client.embeddings.create(model=LIMITED, input="spend the prompt budget " * 4)
     assert e.value.body["param"] == "prompt"
+
+
+def test_the_responses_api_on_an_embedding_model_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=EMB, input="hi")
+    assert e.value.body["param"] == "model"
