@@ -12,9 +12,10 @@ PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 STAMP := $(VENV)/.ember-installed
 REDIS_HOST ?= 127.0.0.1
 REDIS_PORT ?= 6379
+METRICS_PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: run test install model redis bench-gateway bench-engine clean
+.PHONY: run test install model redis prometheus bench-gateway bench-engine bench-observability clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +35,10 @@ model: install
 
 run: model
 	@key="$${EMBER_DEMO_KEY:-$$($(PY) -c 'import secrets; print("ember-" + secrets.token_urlsafe(24))')}"; \
-	echo ""; echo "  Ember demo API key: $$key"; echo "  base_url: http://127.0.0.1:8000/v1"; echo ""; \
+	echo ""; echo "  Ember demo API key: $$key"; echo "  base_url: http://127.0.0.1:8000/v1"; \
+	echo "  metrics:  http://127.0.0.1:$(METRICS_PORT)/metrics"; echo ""; \
 	EMBER_DEMO_KEY="$$key" HF_HUB_OFFLINE=1 RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.proxy_guard:middlewares \
-	  $(VENV)/bin/serve run $(CONFIG)
+	  $(PY) -m cluster.serve_run $(CONFIG) --metrics-port $(METRICS_PORT)
 
 redis:
 	@redis-cli -h $(REDIS_HOST) -p $(REDIS_PORT) ping >/dev/null 2>&1 || { \
@@ -44,11 +46,22 @@ redis:
 	  redis-server --daemonize yes --bind $(REDIS_HOST) --port $(REDIS_PORT) --save "" --appendonly no; \
 	  for i in 1 2 3 4 5 6 7 8 9 10; do redis-cli -h $(REDIS_HOST) -p $(REDIS_PORT) ping >/dev/null 2>&1 && break; sleep 0.5; done; }
 
+# A local Prometheus scraping `make run` (Debian/Ubuntu's package; elsewhere install Prometheus
+# and run the same command). Its UI: http://127.0.0.1:9090; Grafana: import
+# cluster/observability/grafana-dashboard.json with this Prometheus as the data source.
+prometheus:
+	@command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus; }
+	prometheus --config.file=cluster/observability/prometheus.yml --storage.tsdb.path=.ember/prometheus \
+	  --web.listen-address=127.0.0.1:9090
+
 test: install model redis
 	HF_HUB_OFFLINE=1 REDIS_URL=redis://$(REDIS_HOST):$(REDIS_PORT)/15 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench-gateway: model
 	HF_HUB_OFFLINE=1 $(PY) tests/benchmarks/gateway_overhead.py
+
+bench-observability: model
+	HF_HUB_OFFLINE=1 $(PY) tests/benchmarks/observability.py
 
 bench-engine: model
 	HF_HUB_OFFLINE=1 $(PY) tests/benchmarks/engine_path.py --serve-preset haproxy+throughput --engine-threads 2

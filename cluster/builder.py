@@ -18,21 +18,33 @@ matters for streams that run longer).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from typing import Any
+from typing import Any, AsyncIterator
 
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from cluster.config import AutoscalingConfig, EmberConfig, EngineConfig, ModelConfig, RoutingConfig
-from cluster.stores import hash_key
+from cluster.blobs import BlobStore
+from cluster.config import (
+    AutoscalingConfig,
+    EmberConfig,
+    EngineConfig,
+    ModelConfig,
+    ObservabilityConfig,
+    RoutingConfig,
+)
+from cluster.stores import Stores, hash_key
 from deployments.autoscaling import ingress_autoscaling_config, pool_autoscaling_config
+from deployments.batch_runner import BatchRunner, HandleExecutor
 from deployments.capacity import gate_stats
 from deployments.admin import admin_token_digest
 from deployments.ingress import Ingress
+from deployments.engines.protocol import EngineOutput, EngineRequest
 from deployments.model_pool import ModelPool
+from deployments.telemetry import PoolTelemetry
 
 log = logging.getLogger("ember.builder")
 
@@ -47,9 +59,26 @@ _ENGINE_ENV = {
 
 
 class ServedModelPool(ModelPool):
-    async def __init__(self, model: ModelConfig):  # type: ignore[misc]  # Serve awaits async inits
+    async def __init__(self, model: ModelConfig,  # type: ignore[misc]  # Serve awaits async inits
+                       observability: ObservabilityConfig | None = None):
         ModelPool.__init__(self, model, replica_tag=serve.get_replica_context().replica_id.unique_id)
         await self.start()
+        self.telemetry = PoolTelemetry(model, observability or ObservabilityConfig(), self.replica_tag)
+        self._sampler = asyncio.get_running_loop().create_task(self.telemetry.sample_forever(self.load))
+        if self.telemetry.tracer is None:
+            # Untraced: Serve calls the plain stream, without the tracing layer below.
+            self.generate_stream = ModelPool.generate_stream.__get__(self)  # type: ignore[method-assign]
+
+    async def generate_stream(self, request: EngineRequest,
+                              interval_s: float | None = None) -> AsyncIterator[EngineOutput]:
+        stream = ModelPool.generate_stream(self, request, interval_s)
+        if request.trace_context is not None:
+            stream = self.telemetry.traced(request, stream)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()  # the engine aborts at once when the caller goes
 
     async def __del__(self):
         await self.shutdown()
@@ -60,6 +89,13 @@ class ServedIngress(Ingress):
         Ingress.__init__(self, *args, **kwargs)
         # Deliver what a crashed replica left in this node's usage outbox, traffic or not.
         self.rt.billing.start()
+        self._sampler = asyncio.get_running_loop().create_task(
+            self.rt.telemetry.sample_forever(self.rt.gates, self.rt.billing))
+        # memory://: the batch runner shares this replica's store, so it runs here (there is
+        # only one ingress replica then).
+        if self.batch is not None and self.batch_runner is None:
+            self.local_runner = BatchRunner(self.config.batch, self.stores.batches, self.batch.blobs, self)
+            self.local_runner.start()
         # Start each pool handle's router now, not on the first request: it reports the pool's
         # running replicas to the gates (deployments.capacity) from the start.
         for handle in self.rt.pools.values():
@@ -72,6 +108,24 @@ class ServedIngress(Ingress):
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Requests held at each gate, per pool and tier (deployments/autoscaling.py)."""
         return gate_stats(self.rt.gates)
+
+
+class ServedBatchRunner:
+    """The batch runner as a one-replica Serve deployment (shared stores only): Serve replaces it
+    when it dies, and the new one resumes from the store. It runs lines through the app's ingress."""
+
+    async def __init__(self, config: EmberConfig):  # type: ignore[misc]  # Serve awaits async inits
+        app = serve.get_replica_context().app_name
+        executor = HandleExecutor(serve.get_deployment_handle("ingress", app))
+        stores = Stores(config.store.url)
+        self.runner = BatchRunner(config.batch, stores.batches, BlobStore(config.batch.blob_url), executor)
+        self.runner.start()
+
+    async def kick(self) -> None:
+        self.runner.kick()
+
+    async def __del__(self):
+        await self.runner.stop()
 
 
 def _scaling(num_replicas: int | None, autoscaling: AutoscalingConfig | None) -> dict[str, Any]:
@@ -108,14 +162,14 @@ _ROUTERS = {
 }
 
 
-def _router(routing: RoutingConfig, replica_slots: int) -> dict[str, Any]:
+def _router(routing: RoutingConfig, replica_slots: int, metrics: bool = True) -> dict[str, Any]:
     if routing.policy == "power_of_two":  # Serve's default, publishing the live replica count
         return {"request_router_config": RequestRouterConfig(
             request_router_class="deployments.affinity_router.PowerOfTwoRouter")}
     kwargs: dict[str, Any] = {"vnodes": routing.vnodes, "load_factor": routing.load_factor,
                               "replica_slots": replica_slots, "peer_load_ttl_s": routing.peer_load_ttl_s,
                               "account_replicas": routing.account_replicas,
-                              "owner_wait_s": routing.owner_wait_ms / 1000}
+                              "owner_wait_s": routing.owner_wait_ms / 1000, "metrics": metrics}
     if routing.policy == "ray_consistent_hash":
         kwargs = {"num_virtual_nodes": routing.vnodes}
     elif routing.policy == "round_robin":
@@ -154,9 +208,9 @@ def pool_deployment(model: ModelConfig, config: EmberConfig):
         # Scale-down drains: the replica serves its streams to the end (see the module doc).
         graceful_shutdown_timeout_s=pool_shutdown_timeout_s(model, config),
         logging_config=_logging(config),
-        **_router(model.routing, model.engine.max_num_seqs),
+        **_router(model.routing, model.engine.max_num_seqs, config.observability.metrics.enabled),
         **_scaling(model.num_replicas, model.autoscaling),
-    ).bind(model)
+    ).bind(model, config.observability)
 
 
 def ensure_models(config: EmberConfig) -> None:
@@ -187,6 +241,11 @@ def build_app(args: dict | EmberConfig) -> Application:
                     or "autoscaled")
     pools = {m.id: pool_deployment(m, config) for m in config.models if m.served}
     ing = config.ingress
+    runner = None
+    if config.batch.enabled and config.store.url != "memory://":
+        runner = serve.deployment(ServedBatchRunner).options(
+            name="batch-runner", num_replicas=1, max_ongoing_requests=64, health_check_period_s=2,
+            ray_actor_options={"num_cpus": 0}, logging_config=_logging(config)).bind(config)
     return serve.deployment(ServedIngress).options(
         name="ingress",
         max_ongoing_requests=ing.max_ongoing_requests,
@@ -194,4 +253,4 @@ def build_app(args: dict | EmberConfig) -> Application:
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}},
         logging_config=_logging(config),
         **_ingress_scaling(config),
-    ).bind(config, pools, demo_hash, admin_hash)
+    ).bind(config, pools, demo_hash, admin_hash, runner)

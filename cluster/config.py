@@ -58,6 +58,9 @@ class EngineConfig(_Strict):
     # to the replica's num_cpus (1 for fractional CPUs), which halves throughput on 2 cores.
     cpu_threads: int | None = Field(None, ge=1, le=512)
     seed: int = 0
+    # vLLM's structured-output backend (JSON schemas, grammars, forced tool calls). "auto" is
+    # xgrammar, falling back to guidance (llguidance) for schemas xgrammar cannot compile.
+    structured_output_backend: Literal["auto", "xgrammar", "guidance"] = "auto"
 
     @model_validator(mode="after")
     def _vllm_cpu_block_size(self) -> "EngineConfig":
@@ -279,6 +282,10 @@ class ModelConfig(_Strict):
     # raise it if streams may run longer than that.
     graceful_shutdown_timeout_s: float | None = Field(None, gt=0)
     owned_by: str | None = None
+    # How the model writes tool calls, named as vLLM names its parsers (vllm serve
+    # --tool-call-parser); the chat template must render `tools`. None: requests with tools are
+    # refused (400 naming `tools`). Ember's parsers: deployments/tool_calls.py.
+    tool_call_parser: Literal["hermes"] | None = None
     # Who may list and call it: a model is private to its owning account (the <owner> in its id)
     # unless public. None: public when the platform account owns it (auth.platform_account).
     public: bool | None = None
@@ -324,6 +331,13 @@ class ModelConfig(_Strict):
         return "pool-" + self.id.split("/", 1)[1].replace("/", "-")
 
 
+class TokenWeightsConfig(_Strict):
+    """What one prompt token and one generated token weigh in the fair-share counters."""
+
+    input: float = Field(1.0, ge=0)
+    output: float = Field(2.0, ge=0)
+
+
 class IngressConfig(_Strict):
     num_replicas: int | None = Field(1, ge=1)
     autoscaling: AutoscalingConfig | None = None
@@ -336,6 +350,11 @@ class IngressConfig(_Strict):
     # Requests of one account in this ingress replica at once, counted before the body is read:
     # one tenant cannot fill the replica's max_ongoing_requests for everyone (429 beyond it).
     max_concurrent_per_account: int = Field(64, ge=1)
+    # Large bodies (64 KiB and more) that an account sent and that failed validation: at this many
+    # within the window the account is refused (429) until the oldest leaves it, and Serve's proxy
+    # refuses it too, before reading its bodies (deployments/proxy_guard.py).
+    failed_large_limit: int = Field(8, ge=1)
+    failed_large_window_s: float = Field(10.0, gt=0)
     # Reads of /v1/usage per account and minute (they hit the store).
     usage_requests_per_minute: int = Field(60, ge=1)
     # Upper bound on max_tokens a caller may ask for, whatever the context allows.
@@ -352,6 +371,11 @@ class IngressConfig(_Strict):
     max_queue_wait_s: float = Field(2.0, ge=0)
     priority_headroom: float = Field(4.0, ge=1)
     priority_reserve: float = Field(0.25, ge=0, lt=1)
+    # How each tier's waiting requests are ordered at a pool's gate (policies/fair_share.py):
+    # "vtc" by the weighted tokens each account has been served (the least served first), "fcfs"
+    # by arrival. The weights price a prompt and a generated token in the counters.
+    queue_order: Literal["vtc", "fcfs"] = "vtc"
+    fair_share_weights: TokenWeightsConfig = TokenWeightsConfig()
 
     @model_validator(mode="after")
     def _scaling(self) -> "IngressConfig":
@@ -461,12 +485,89 @@ class StoreConfig(_Strict):
         return v
 
 
+class MetricsConfig(_Strict):
+    """Prometheus series (``ember_*``) through Ray's metrics (``ray.util.metrics``): every process
+    reports to its node's metrics agent, exported at the node's metrics export port (8080 under
+    ``make run``) with Ray's ``ray_`` prefix (see deployments/telemetry.py)."""
+
+    enabled: bool = True
+    # Accounts named in labels: the top N by recent traffic; every other account is "other"
+    # (policies/cardinality.py). 0: no account label values but "other".
+    top_accounts: int = Field(20, ge=0, le=1000)
+    account_half_life_s: float = Field(600.0, gt=0)  # how fast past traffic stops counting
+    account_refresh_s: float = Field(60.0, gt=0)  # how often the top N is recomputed
+    sample_interval_s: float = Field(2.0, gt=0, le=60)  # gauges (gate queues, ledger backlog)
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry traces, one per request (deployments/telemetry.py).
+
+    ``exporter``: ``none`` (the default: no span is ever created), ``otlp`` (the endpoint, headers
+    and protocol from the standard ``OTEL_EXPORTER_OTLP_*`` variables), ``console`` (stdout of each
+    Ray process), or ``file`` (JSON lines under ``file_dir``, one file per process). Unset, it is
+    read from ``OTEL_TRACES_EXPORTER`` (``none`` if that is unset too). ``sample_ratio`` applies to
+    requests without a sampled parent (a caller's sampled ``traceparent`` is always followed);
+    unset, ``OTEL_TRACES_SAMPLER_ARG`` or 1.0.
+    """
+
+    exporter: Literal["none", "otlp", "console", "file"] | None = None
+    sample_ratio: float | None = Field(None, ge=0, le=1)
+    file_dir: str | None = None
+    service_name: str = "ember"
+
+
+class ObservabilityConfig(_Strict):
+    metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
+    # One JSON line per generation request: to <request_log_dir>/requests-<pid>.jsonl, or with no
+    # directory to the process's stderr (which Ray keeps in the replica's worker log).
+    request_log: bool = True
+    request_log_dir: str | None = None
+    # The caller's request body (messages or prompt, first 4 KiB) in the root span and the request
+    # log line. Off unless an operator turns it on; completion text is never recorded.
+    capture_content: bool = False
+class BatchConfig(_Strict):
+    """The Files and Batches API and its runner (deployments/batch_api.py, deployments/batch_runner.py).
+
+    File bytes live under ``blob_url``: a local directory (the default: ``<tmp>/ember-blobs``) or
+    any fsspec URL (``s3://bucket/prefix``) that every ingress replica and the runner can reach.
+    Metadata (files, batches, per-line claims and results) lives in ``store.url``. With
+    ``memory://`` the runner runs inside the (single) ingress replica; with Redis it is a Serve
+    deployment of its own that resumes from the store after any restart.
+    """
+
+    enabled: bool = True
+    blob_url: str | None = None
+    # OpenAI's limits on a batch input file.
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    max_lines: int = Field(50_000, ge=1)
+    completion_window_s: float = Field(24 * 3600, gt=0)
+    # Adaptive concurrency: lines in flight start at `start_concurrency`, grow by one per window of
+    # successes while the pool has idle slots, halve when interactive requests queue or a slot is
+    # refused; never above `max_concurrency` (per runner).
+    start_concurrency: int = Field(2, ge=1)
+    max_concurrency: int = Field(64, ge=1)
+    # A line whose attempts all died with their replica or ingress fails after this many.
+    max_attempts: int = Field(3, ge=1)
+    poll_interval_s: float = Field(0.5, gt=0, le=60)
+    # How long the runner waits before retrying a refused (busy) line, at most.
+    busy_backoff_s: float = Field(0.2, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _window(self) -> "BatchConfig":
+        if self.start_concurrency > self.max_concurrency:
+            raise ValueError("start_concurrency must be <= max_concurrency")
+        return self
+
+
 class EmberConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     ingress: IngressConfig = IngressConfig()
     auth: AuthConfig = AuthConfig()
     store: StoreConfig = StoreConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
+    batch: BatchConfig = BatchConfig()
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "EmberConfig":

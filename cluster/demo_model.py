@@ -57,18 +57,37 @@ CORPUS_MODULES = (
 )
 
 # Jinja chat template. Each turn is "<|role|>\n{content}<|eos|>\n", so a model that learns the
-# format ends its answer with EOS, which is also the generation stop token.
+# format ends its answer with EOS, which is also the generation stop token. Tools follow the Hermes
+# format that vLLM's `hermes` tool-call parser reads: the functions are listed as JSON in a system
+# turn, an assistant's calls are `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, and a
+# tool's result is a user turn wrapped in <tool_response>. Without tools a conversation renders
+# exactly as before tools were added.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}"
+    "{{ '<|system|>\n# Tools\nYou may call one or more of these functions. For each call, answer '"
+    "'<tool_call>{\"name\": <name>, \"arguments\": <arguments as JSON>}</tool_call>.\n<tools>\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}"
+    "{{ '</tools>' + eos_token + '\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
     "{{ raise_exception('unsupported role: ' + message['role']) }}"
     "{% endif %}"
-    "{{ '<|' + message['role'] + '|>\n' }}"
+    "{% if message['role'] == 'tool' %}{{ '<|user|>\n<tool_response>\n' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>\n' }}{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
+    "{% elif message['content'] %}{% for part in message['content'] %}"
     "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
+    "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{% for call in message['tool_calls'] %}"
+    "{{ '<tool_call>{\"name\": \"' }}{{ call['function']['name'] }}{{ '\", \"arguments\": ' }}"
+    "{% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}"
+    "{{ '}</tool_call>' }}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'tool' %}{{ '\n</tool_response>' }}{% endif %}"
     "{{ eos_token + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
@@ -95,6 +114,7 @@ def build_demo_model(out_dir: Path, force: bool = False, kind: str = "chat") -> 
     """
     out_dir = Path(out_dir).expanduser().resolve()
     if not force and is_complete_model(out_dir):
+        _refresh_chat_template(out_dir)
         return out_dir
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +126,30 @@ def build_demo_model(out_dir: Path, force: bool = False, kind: str = "chat") -> 
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
+
+
+def _refresh_chat_template(model_dir: Path) -> None:
+    """Give a model built by an older version of this file the current chat template.
+
+    The template is the only part that changed since (tools were added; plain conversations
+    render as before), so weights and tokenizer stay. The file is replaced by a rename, so a
+    reader sees the old or the new one whole.
+    """
+    path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    if cfg.get("chat_template") == CHAT_TEMPLATE:
+        return
+    cfg["chat_template"] = CHAT_TEMPLATE
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.exists():
+        tmp = jinja.with_name(f".{jinja.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(CHAT_TEMPLATE)
+        tmp.chmod(0o644)
+        os.replace(tmp, jinja)
 
 
 def _swap_into_place(tmp_dir: Path, out_dir: Path, force: bool) -> None:

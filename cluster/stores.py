@@ -539,6 +539,8 @@ class LedgerStore(Protocol):
 
 
 _COUNTERS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_usd")
+# Batch events count in the totals above and, again, in these (``/v1/usage`` shows batch apart).
+_BATCH_COUNTERS = tuple("batch_" + c for c in _COUNTERS)
 SEEN_TTL_S = 7 * 24 * 3600
 
 
@@ -559,10 +561,11 @@ class MemoryLedgerStore:
             self._seen.popitem(last=False)
         self.events.append(dict(event))
         row = self._totals.setdefault(event["account"], {}).setdefault(
-            (event["model"], event["day"]), dict.fromkeys(_COUNTERS, 0))
-        row["requests"] += 1
-        for k in _COUNTERS[1:]:
-            row[k] += event[k]
+            (event["model"], event["day"]), dict.fromkeys(_COUNTERS + _BATCH_COUNTERS, 0))
+        for prefix in ("", "batch_") if event.get("tier") == "batch" else ("",):
+            row[prefix + "requests"] += 1
+            for k in _COUNTERS[1:]:
+                row[prefix + k] += event[k]
         sp = self._spend.setdefault(event["account"], {})
         sp["all"] = sp.get("all", 0.0) + event["cost_usd"]
         sp[event["day"][:7]] = sp.get(event["day"][:7], 0.0) + event["cost_usd"]
@@ -593,6 +596,13 @@ class RedisLedgerStore:
     redis.call('HINCRBYFLOAT', KEYS[3], ARGV[2] .. '|cost_usd', ARGV[6])
     redis.call('HINCRBYFLOAT', KEYS[4], 'all', ARGV[6])
     redis.call('HINCRBYFLOAT', KEYS[4], ARGV[7], ARGV[6])
+    if ARGV[10] == 'batch' then
+      redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|batch_requests', 1)
+      redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|batch_prompt_tokens', ARGV[3])
+      redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|batch_cached_tokens', ARGV[4])
+      redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|batch_completion_tokens', ARGV[5])
+      redis.call('HINCRBYFLOAT', KEYS[3], ARGV[2] .. '|batch_cost_usd', ARGV[6])
+    end
     return 1
     """
 
@@ -611,7 +621,7 @@ class RedisLedgerStore:
         keys = [p + "seen:" + event["request_id"], self.stream, p + "totals:" + acct, p + "spend:" + acct]
         args = [json.dumps(event), f"{event['model']}|{event['day']}", event["prompt_tokens"],
                 event["cached_tokens"], event["completion_tokens"], repr(event["cost_usd"]), event["day"][:7],
-                self.max_events, SEEN_TTL_S]
+                self.max_events, SEEN_TTL_S, event.get("tier") or ""]
         return bool(await _redis_call(self._record(keys=keys, args=args)))
 
     async def totals(self, account: str) -> list[dict]:
@@ -619,8 +629,8 @@ class RedisLedgerStore:
         rows: dict[tuple[str, str], dict] = {}
         for field, value in raw.items():
             model, day, counter = field.rsplit("|", 2)
-            row = rows.setdefault((model, day), dict.fromkeys(_COUNTERS, 0))
-            row[counter] = float(value) if counter == "cost_usd" else int(value)
+            row = rows.setdefault((model, day), dict.fromkeys(_COUNTERS + _BATCH_COUNTERS, 0))
+            row[counter] = float(value) if counter.endswith("cost_usd") else int(value)
         return [{"model": m, "day": d, **v} for (m, d), v in sorted(rows.items())]
 
     async def spend(self, account: str, month: str) -> tuple[float, float]:
@@ -695,6 +705,267 @@ class RedisResponseStore:
         return bool(await _redis_call(self._r.delete(self._key(account, response_id))))
 
 
+# -- files and batches ---------------------------------------------------------------------------
+
+TERMINAL_BATCH_STATES = ("completed", "failed", "expired", "cancelled")
+
+
+class BatchStore(Protocol):
+    """File and batch records of the Files and Batches API, and each batch line's progress.
+
+    Records are JSON objects with at least ``id``, ``account`` and ``created_at`` (seconds; an
+    optional ``created_us`` orders records made within one second); reads are
+    scoped to an account (another account's record is None, as if it did not exist). Lists are
+    newest first, paged by ``after`` (the last id of the previous page).
+
+    Exactly-once lines:
+
+    - ``claim_line`` counts attempts at a line (the runner gives up on a line after a few, so a
+      line that kills its replica each time cannot loop forever);
+    - ``complete_line`` stores a line's result only if it has none yet, and bumps the batch's
+      completed or failed count in the same atomic step. A second completion of the same line (a
+      retry whose first attempt was still running) is refused and counts nothing.
+
+    ``update_batch`` is a compare-and-set on the status (``expect``), so two runners (or a runner
+    and a cancel request) never both move a batch out of one state. Batches not yet in a terminal
+    state are in ``active_batches()``.
+    """
+
+    async def put_file(self, record: dict) -> None: ...
+
+    async def get_file(self, account: str, file_id: str) -> dict | None: ...
+
+    async def list_files(self, account: str, after: str | None, limit: int,
+                         purpose: str | None = None) -> tuple[list[dict], bool]: ...  # (page, has_more)
+
+    async def delete_file(self, account: str, file_id: str) -> bool: ...
+
+    async def put_batch(self, record: dict) -> None: ...
+
+    async def get_batch(self, account: str | None, batch_id: str) -> dict | None: ...  # None: any account
+
+    async def list_batches(self, account: str, after: str | None, limit: int) -> tuple[list[dict], bool]: ...
+
+    async def update_batch(self, batch_id: str, changes: dict, expect: tuple[str, ...] | None = None) -> dict | None:
+        """Merge ``changes`` if the batch's status is one of ``expect`` (None: any); returns the
+        new record, or None if the batch is missing or in another state."""
+        ...
+
+    async def active_batches(self) -> list[str]: ...
+
+    async def claim_line(self, batch_id: str, index: int) -> int: ...  # the attempt number, from 1
+
+    async def complete_line(self, batch_id: str, index: int, result: dict, failed: bool) -> bool: ...
+
+    async def line_results(self, batch_id: str) -> dict[int, dict]: ...
+
+    async def counts(self, batch_id: str) -> tuple[int, int]: ...  # (completed, failed)
+
+
+def _order(record: dict) -> float:
+    """Creation order: ``created_us`` (microseconds) where the record has it, else ``created_at``."""
+    return record.get("created_us") or record["created_at"] * 1e6
+
+
+def _page(records: list[dict], after: str | None, limit: int) -> tuple[list[dict], bool]:
+    records.sort(key=lambda r: (_order(r), r["id"]), reverse=True)
+    if after is not None:
+        ids = [r["id"] for r in records]
+        records = records[ids.index(after) + 1:] if after in ids else []
+    return records[:limit], len(records) > limit
+
+
+class MemoryBatchStore:
+    def __init__(self) -> None:
+        self._files: dict[str, dict] = {}
+        self._batches: dict[str, dict] = {}
+        self._claims: dict[str, dict[int, int]] = {}
+        self._results: dict[str, dict[int, dict]] = {}
+        self._counts: dict[str, list[int]] = {}
+
+    async def put_file(self, record: dict) -> None:
+        self._files[record["id"]] = dict(record)
+
+    async def get_file(self, account: str, file_id: str) -> dict | None:
+        rec = self._files.get(file_id)
+        return dict(rec) if rec is not None and rec["account"] == account else None
+
+    async def list_files(self, account, after, limit, purpose=None):
+        mine = [dict(r) for r in self._files.values()
+                if r["account"] == account and (purpose is None or r["purpose"] == purpose)]
+        return _page(mine, after, limit)
+
+    async def delete_file(self, account: str, file_id: str) -> bool:
+        if await self.get_file(account, file_id) is None:
+            return False
+        del self._files[file_id]
+        return True
+
+    async def put_batch(self, record: dict) -> None:
+        self._batches[record["id"]] = dict(record)
+
+    async def get_batch(self, account, batch_id):
+        rec = self._batches.get(batch_id)
+        if rec is None or (account is not None and rec["account"] != account):
+            return None
+        return dict(rec)
+
+    async def list_batches(self, account, after, limit):
+        return _page([dict(r) for r in self._batches.values() if r["account"] == account], after, limit)
+
+    async def update_batch(self, batch_id, changes, expect=None):
+        rec = self._batches.get(batch_id)
+        if rec is None or (expect is not None and rec["status"] not in expect):
+            return None
+        rec.update(changes)
+        return dict(rec)
+
+    async def active_batches(self) -> list[str]:
+        return [b for b, r in self._batches.items() if r["status"] not in TERMINAL_BATCH_STATES]
+
+    async def claim_line(self, batch_id: str, index: int) -> int:
+        claims = self._claims.setdefault(batch_id, {})
+        claims[index] = claims.get(index, 0) + 1
+        return claims[index]
+
+    async def complete_line(self, batch_id, index, result, failed):
+        results = self._results.setdefault(batch_id, {})
+        if index in results:
+            return False
+        results[index] = dict(result)
+        self._counts.setdefault(batch_id, [0, 0])[1 if failed else 0] += 1
+        return True
+
+    async def line_results(self, batch_id):
+        return {i: dict(r) for i, r in self._results.get(batch_id, {}).items()}
+
+    async def counts(self, batch_id):
+        c = self._counts.get(batch_id, [0, 0])
+        return c[0], c[1]
+
+
+class RedisBatchStore:
+    """Redis layout (``prefix`` defaults to ``ember:``):
+
+    - ``files:<id>`` / ``batches:<id>``: the record (JSON);
+    - ``files:acct:<account>`` / ``batches:acct:<account>``: sorted set of ids by creation time;
+    - ``batches:active``: set of batch ids not in a terminal state;
+    - ``batch:<id>:claims``: hash line → attempts; ``batch:<id>:results``: hash line → result
+      (JSON); ``batch:<id>:counts``: hash with ``completed`` and ``failed``.
+    """
+
+    # Compare-and-set on the status: KEYS 1 record, 2 active set; ARGV 1 changes (JSON),
+    # 2 expected statuses (JSON list, or '' for any), 3 batch id, 4 terminal statuses (JSON list).
+    _UPDATE = """
+    local raw = redis.call('GET', KEYS[1])
+    if not raw then return false end
+    local rec = cjson.decode(raw)
+    if ARGV[2] ~= '' then
+      local ok = false
+      for _, s in ipairs(cjson.decode(ARGV[2])) do if rec['status'] == s then ok = true end end
+      if not ok then return false end
+    end
+    for k, v in pairs(cjson.decode(ARGV[1])) do rec[k] = v end
+    local out = cjson.encode(rec)
+    redis.call('SET', KEYS[1], out)
+    for _, s in ipairs(cjson.decode(ARGV[4])) do
+      if rec['status'] == s then redis.call('SREM', KEYS[2], ARGV[3]) end
+    end
+    return out
+    """
+    # KEYS 1 results, 2 counts; ARGV 1 line, 2 result (JSON), 3 counter name.
+    _COMPLETE = """
+    if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+    redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+    return 1
+    """
+
+    def __init__(self, url: str, timeout_s: float = 2.0, prefix: str = "ember:") -> None:
+        self._r = _redis(url, timeout_s)
+        self.prefix = prefix
+        self._update = self._r.register_script(self._UPDATE)
+        self._complete = self._r.register_script(self._COMPLETE)
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def _put(self, kind: str, record: dict, active: bool = False) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.set(self._k(kind, record["id"]), json.dumps(record))
+        pipe.zadd(self._k(kind, "acct", record["account"]), {record["id"]: _order(record)})
+        if active:
+            pipe.sadd(self._k("batches", "active"), record["id"])
+        await _redis_call(pipe.execute())
+
+    async def _get(self, kind: str, account: str | None, rid: str) -> dict | None:
+        raw = await _redis_call(self._r.get(self._k(kind, rid)))
+        if raw is None:
+            return None
+        rec = json.loads(raw)
+        return rec if account is None or rec["account"] == account else None
+
+    async def _list(self, kind: str, account: str) -> list[dict]:
+        ids = await _redis_call(self._r.zrange(self._k(kind, "acct", account), 0, -1))
+        if not ids:
+            return []
+        raws = await _redis_call(self._r.mget([self._k(kind, i) for i in ids]))
+        return [json.loads(r) for r in raws if r is not None]
+
+    async def put_file(self, record: dict) -> None:
+        await self._put("files", record)
+
+    async def get_file(self, account: str, file_id: str) -> dict | None:
+        return await self._get("files", account, file_id)
+
+    async def list_files(self, account, after, limit, purpose=None):
+        recs = [r for r in await self._list("files", account) if purpose is None or r["purpose"] == purpose]
+        return _page(recs, after, limit)
+
+    async def delete_file(self, account: str, file_id: str) -> bool:
+        if await self.get_file(account, file_id) is None:
+            return False
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(self._k("files", file_id))
+        pipe.zrem(self._k("files", "acct", account), file_id)
+        await _redis_call(pipe.execute())
+        return True
+
+    async def put_batch(self, record: dict) -> None:
+        await self._put("batches", record, active=record["status"] not in TERMINAL_BATCH_STATES)
+
+    async def get_batch(self, account, batch_id):
+        return await self._get("batches", account, batch_id)
+
+    async def list_batches(self, account, after, limit):
+        return _page(await self._list("batches", account), after, limit)
+
+    async def update_batch(self, batch_id, changes, expect=None):
+        raw = await _redis_call(self._update(
+            keys=[self._k("batches", batch_id), self._k("batches", "active")],
+            args=[json.dumps(changes), json.dumps(list(expect)) if expect is not None else "", batch_id,
+                  json.dumps(list(TERMINAL_BATCH_STATES))]))
+        return None if raw is None else json.loads(raw)
+
+    async def active_batches(self) -> list[str]:
+        return sorted(await _redis_call(self._r.smembers(self._k("batches", "active"))))
+
+    async def claim_line(self, batch_id: str, index: int) -> int:
+        return int(await _redis_call(self._r.hincrby(self._k("batch", batch_id, "claims"), str(index), 1)))
+
+    async def complete_line(self, batch_id, index, result, failed):
+        return bool(await _redis_call(self._complete(
+            keys=[self._k("batch", batch_id, "results"), self._k("batch", batch_id, "counts")],
+            args=[str(index), json.dumps(result), "failed" if failed else "completed"])))
+
+    async def line_results(self, batch_id):
+        raw = await _redis_call(self._r.hgetall(self._k("batch", batch_id, "results")))
+        return {int(i): json.loads(r) for i, r in raw.items()}
+
+    async def counts(self, batch_id):
+        raw = await _redis_call(self._r.hmget(self._k("batch", batch_id, "counts"), "completed", "failed"))
+        return int(raw[0] or 0), int(raw[1] or 0)
+
+
 class Stores:
     """Every store of one deployment, chosen by the store URL."""
 
@@ -706,8 +977,10 @@ class Stores:
             self.accounts: AccountStore = MemoryAccountStore(mem_keys)
             self.ledger: LedgerStore = MemoryLedgerStore()
             self.responses: ResponseStore = MemoryResponseStore()
+            self.batches: BatchStore = MemoryBatchStore()
         else:
             self.keys = RedisKeyStore(url)
             self.accounts = RedisAccountStore(url)
             self.ledger = RedisLedgerStore(url)
             self.responses = RedisResponseStore(url)
+            self.batches = RedisBatchStore(url)

@@ -43,6 +43,7 @@ from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequ
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from deployments.capacity import publish_replicas
+from deployments.telemetry import observe_placement
 
 from policies.affinity import key_group
 from policies.consistent_hash import DEFAULT_LOAD_FACTOR, DEFAULT_VNODES, HashRing, place
@@ -68,7 +69,7 @@ class AffinityRouter(PublishesCapacity, RequestRouter):
     def initialize_state(self, load_factor: float = DEFAULT_LOAD_FACTOR, vnodes: int = DEFAULT_VNODES,
                          replica_slots: int | None = None, peer_load_ttl_s: float = 1.0,
                          account_replicas: int | None = None, owner_wait_s: float = 0.0,
-                         **_: object) -> None:
+                         metrics: bool = True, **_: object) -> None:
         if load_factor < 1:
             raise ValueError("load_factor must be >= 1")
         if owner_wait_s < 0:
@@ -91,6 +92,7 @@ class AffinityRouter(PublishesCapacity, RequestRouter):
         self._vnodes = int(vnodes)
         self._ring = HashRing([], self._vnodes)
         self._ring_ids: frozenset[str] = frozenset()
+        self._metrics = metrics
 
     def _ring_for(self, ids: frozenset[str]) -> HashRing:
         if ids != self._ring_ids:
@@ -110,6 +112,7 @@ class AffinityRouter(PublishesCapacity, RequestRouter):
         key = (pending_request.metadata.session_id if pending_request is not None else "") or None
         group = key_group(key) if key else None
         deadline = time.monotonic() + self._owner_wait_s
+        waited = False
         while True:
             placed = place(ring, self._loads(by_id), key, load_factor=self._load_factor,
                            tie_break=random.getrandbits(16), replica_slots=self._replica_slots,
@@ -119,8 +122,11 @@ class AffinityRouter(PublishesCapacity, RequestRouter):
                 break
             if pending_request is not None and pending_request.future.done():
                 break  # cancelled while it waited
+            waited = True
             await self._wait_for_lower_loads(min(left, _WAIT_SLICE_S))
         chosen = by_id[placed.replica]
+        observe_placement(self._deployment_id.name, pending_request, placed.replica, placed.reason, waited,
+                          deadline - self._owner_wait_s, self._metrics)
         if pending_request is not None:
             self._placing[pending_request.metadata.internal_request_id] = (chosen.replica_id.unique_id,
                                                                            time.monotonic())

@@ -76,6 +76,7 @@ import math
 import time
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from deployments.telemetry import record_autoscaling
 from policies.autoscale import TIERS, Decision, Knobs, Snapshot, State, decide, decide_all
 
 log = logging.getLogger("ember.autoscaling")
@@ -250,6 +251,7 @@ class _EmberPolicyBase:
 
     @staticmethod
     def _state_out(ctx: Any, d: Decision) -> dict[str, Any]:
+        record_autoscaling(ctx.deployment_name, d.target, d.load)
         if d.target != ctx.target_num_replicas:
             log.info("%s: %d -> %d replicas (%s, load %.2f replicas)", ctx.deployment_name,
                      ctx.target_num_replicas, d.target, d.reason, d.load)

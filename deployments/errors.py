@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 
 from pydantic import ValidationError
@@ -96,9 +97,26 @@ def stream_stalled(idle_s: float) -> ApiError:
                     type="timeout_error", code="stream_timeout")
 
 
+# An account-wide refusal that Serve's proxy may repeat by itself, without reading the body, for
+# this many seconds (deployments/proxy_guard.py strips the header before it reaches the caller).
+HOLD_HEADER = "x-ember-hold-key-s"
+
+
+def too_many_failed_large(retry_after_s: float, window_s: float) -> ApiError:
+    wait = max(1, math.ceil(retry_after_s))
+    return ApiError(429, f"too many large request bodies from this account failed validation in the last "
+                         f"{window_s:g} s; fix the requests and retry in {wait} s",
+                    type="rate_limit_error", code="too_many_failed_requests",
+                    headers={"Retry-After": str(wait), HOLD_HEADER: f"{retry_after_s:.3f}"})
+
+
 def store_unavailable(what: str) -> ApiError:
     return ApiError(503, f"{what} is unavailable; retry shortly", type="service_unavailable",
                     code="store_unavailable", headers=RETRY_SOON)
+
+
+def batch_conflict(batch_id: str, status: str, action: str) -> ApiError:
+    return ApiError(409, f"cannot {action} batch {batch_id}: its status is {status}", code="batch_conflict")
 
 
 # A replica that is gone, stopping or refusing: the platform's fault, never the caller's.
@@ -117,6 +135,10 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in err.get("loc", ()) if not _is_union_tag(p)]
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")
+    if err.get("type") == "extra_forbidden":
+        # OpenAI's own answer to an argument it does not know; Ember also gives it for fields it
+        # knows but cannot honour, rather than answer as if they were not there.
+        msg = "unrecognized or unsupported request argument (README: Request fields)"
     more = len(exc.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more > 0 else ""
     return (f"{param}: {msg}{suffix}" if param else f"{msg}{suffix}"), param

@@ -20,13 +20,15 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from cluster.blobs import BlobStore
 from cluster.config import EmberConfig, ModelConfig
 from cluster.stores import Stores
 from deployments.admin import AdminApi
-from deployments.auth import KeyAuth
+from deployments.auth import FailureThrottle, KeyAuth
+from deployments.batch_api import BatchApi
 from deployments.billing import Billing, outbox_path
 from deployments.embeddings import EmbeddingServing
-from deployments.errors import ApiError, bad_request, error_response, error_sse_event, not_found
+from deployments.errors import ApiError, bad_request, error_response, error_sse_event, not_found, to_error
 from deployments.engines.protocol import EngineOutput
 from deployments.lifecycle import LifeStream, RequestLife, Runtime
 from deployments.openai_api import perf_headers, perf_metrics
@@ -35,6 +37,7 @@ from deployments.prompts import PromptBuilder
 from deployments.responses import ResponsesApi, ResponsesServing
 from deployments.rate_limiter import ACTOR_NAMESPACE, LimiterClient, RateLimiter
 from deployments.serving import SSE_DONE, ChatServing, CompletionServing, Job, dumps
+from deployments.telemetry import IngressTelemetry, configure_request_log
 from policies.consistent_hash import stable_hash
 from policies.rate_limit import RequestBucket
 
@@ -48,6 +51,16 @@ INLINE_PREPARE_BYTES = 64 * 1024  # bodies below this are parsed on the event lo
 _MODEL_KEY = re.compile(rb'(?<!\\)"model"\s*:\s*"([^"\\]{1,512})"')
 
 
+def _usage_row(row: dict) -> dict:
+    """A ledger row for /v1/usage: the totals (batch included), and the batch part apart."""
+    out = {k: v for k, v in row.items() if not k.startswith("batch_")}
+    out["cost_usd"] = round(out["cost_usd"], 8)
+    batch = {k[len("batch_"):]: v for k, v in row.items() if k.startswith("batch_")}
+    batch["cost_usd"] = round(batch.get("cost_usd", 0.0), 8)
+    out["batch"] = batch
+    return out
+
+
 def peek_model(body: bytes) -> str | None:
     """The request's model id without parsing the body, if exactly one "model" key holds a plain
     string (a nested "model" key, e.g. in a JSON schema, makes it ambiguous: None)."""
@@ -57,7 +70,9 @@ def peek_model(body: bytes) -> str | None:
 
 class Ingress:
     def __init__(self, config: EmberConfig | dict, pools: dict[str, Any], demo_key_hash: str | None = None,
-                 admin_token_hash: str | None = None):
+                 admin_token_hash: str | None = None, batch_runner: Any = None):
+        """``batch_runner``: the handle of the batch runner deployment (a shared store), or None:
+        the runner then runs in this process (``memory://``, one ingress replica)."""
         self.config = config if isinstance(config, EmberConfig) else EmberConfig.model_validate(config)
         self.stores = Stores(self.config.store.url)
         rl = self.config.rate_limit
@@ -75,7 +90,11 @@ class Ingress:
             gates={m.id: PoolGate(m, self.config) for m in served},
             limiter=LimiterClient(rl, self._limiter_actor) if rl.enabled else None,
             billing=billing,
+            telemetry=IngressTelemetry(self.config),
+            failed_large=FailureThrottle(self.config.ingress.failed_large_limit,
+                                         self.config.ingress.failed_large_window_s),
         )
+        configure_request_log(self.config.observability)
         prompts = {m.id: PromptBuilder(m.model_dir) for m in served}
         self.chat = ChatServing(self.config, prompts, self._generative_model)
         self.completion = CompletionServing(self.config, prompts, self._generative_model)
@@ -93,6 +112,31 @@ class Ingress:
             ("GET", "models"): self.list_models,
             ("GET", "usage"): self.usage,
         }
+        self.batch_runner = batch_runner
+        self.local_runner = None  # set by the Serve wrapper when the runner runs in this process
+        self.batch: BatchApi | None = None
+        if self.config.batch.enabled:
+            self.batch = BatchApi(self.config, self.stores.batches, BlobStore(self.config.batch.blob_url), self.rt,
+                                  {"/v1/chat/completions": self.chat, "/v1/completions": self.completion},
+                                  self.auth.account, self._body, self._kick_runner)
+            self._batch_routes = self.batch.routes()
+        else:
+            self._batch_routes = {}
+
+    def _kick_runner(self) -> None:
+        if self.local_runner is not None:
+            self.local_runner.kick()
+        elif self.batch_runner is not None:
+            self.batch_runner.kick.remote()  # fire and forget: the runner polls anyway
+
+    async def batch_validate(self, batch_id: str) -> dict | None:
+        """The runner's validation step (``BatchApi.validate``), through this replica's serving."""
+        return await self.batch.validate(batch_id)
+
+    async def batch_line(self, account: str, endpoint: str, body: dict, op_id: str, attempt: int,
+                         session: str) -> dict:
+        """The runner's line step (``BatchApi.run_line``), through this replica's gates."""
+        return await self.batch.run_line(account, endpoint, body, op_id, attempt, session)
 
     def _limiter_actor(self, shard: int):
         actor = self._limiter_actors.get(shard)
@@ -153,11 +197,32 @@ class Ingress:
                         return lambda req, rid: self.responses.retrieve(req, response_id)
                     if request.method == "DELETE":
                         return lambda req, rid: self.responses.delete(req, response_id)
+                if request.method == "GET" and tail.startswith("models/"):
+                    # Model ids hold slashes: everything after "models/" is the id.
+                    return lambda req, rid: self.retrieve_model(req, tail[len("models/"):])
+                batch = self._batch_route(request.method, tail)
+                if batch is not None:
+                    return batch
                 if any(t == tail for _, t in self._routes):
                     raise ApiError(405, f"method {request.method} is not allowed on {path}",
                                    code="method_not_allowed")
                 break
         raise not_found(f"no route for {request.method} {path}", code="unknown_url")
+
+    def _batch_route(self, method: str, tail: str):
+        """Files and Batches routes: ``*`` in a pattern is one path segment, passed on."""
+        parts = tail.split("/")
+        for (m, pattern), handler in self._batch_routes.items():
+            pat = pattern.split("/")
+            if m != method or len(pat) != len(parts):
+                continue
+            if all(p == "*" or p == q for p, q in zip(pat, parts)):
+                params = [q for p, q in zip(pat, parts) if p == "*"]
+                return lambda req, rid, h=handler, a=params: h(req, rid, *a)
+        if any(len(p.split("/")) == len(parts) and all(x == "*" or x == y for x, y in zip(p.split("/"), parts))
+               for _, p in self._batch_routes):
+            raise ApiError(405, f"method {method} is not allowed on /v1/{tail}", code="method_not_allowed")
+        return None
 
     # -- operators and tests ------------------------------------------------------------
 
@@ -172,18 +237,18 @@ class Ingress:
 
     # -- shared steps -------------------------------------------------------------------
 
-    async def _body(self, request: Request) -> bytes:
-        """The whole body, within its size limit (413) and its read deadline (408)."""
+    async def _body(self, request: Request, limit: int | None = None) -> bytes:
+        """The whole body, within its size limit (413; default ``max_body_bytes``) and its read
+        deadline (408)."""
         deadline = self.config.ingress.body_read_timeout_s
         try:
             async with asyncio.timeout(deadline):
-                return await self._read_body(request)
+                return await self._read_body(request, limit or self.config.ingress.max_body_bytes)
         except TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {deadline:g} s",
                            code="body_timeout") from None
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.config.ingress.max_body_bytes
+    async def _read_body(self, request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}",
@@ -232,7 +297,8 @@ class Ingress:
             if life.job.stream:
                 return LifeStream(life, self._sse(life, first), headers)  # settles when the response ends
             outs = [out async for out in life.outputs(first)]
-        except BaseException:  # the client left, a deadline passed, a replica failed: settle what ran
+        except BaseException as exc:  # the client left, a deadline passed, a replica failed: settle what ran
+            life.outcome = exc
             life.settle()
             raise
         life.settle()
@@ -249,9 +315,12 @@ class Ingress:
         started = time.perf_counter()
         account = await self.auth.account(request)
         life = RequestLife(self.rt, account, started)
+        life.traceparent = request.headers.get("traceparent")
         try:
             life.enter()  # before the body: one tenant's slow senders cannot fill this replica
             body = await self._body(request)
+            if self.rt.telemetry.capture_content:
+                life.prompt_body = body
             model_id = peek_model(body)
             model = self.config.model(model_id) if model_id else None
             if model is not None and self.config.is_visible(model, account):
@@ -260,7 +329,8 @@ class Ingress:
             headers = await life.admit()
             await life.take_slot()
             first = await life.start()
-        except BaseException:
+        except BaseException as exc:
+            life.outcome = exc
             life.settle()
             raise
         return life, first, headers
@@ -274,6 +344,12 @@ class Ingress:
         try:
             async with lock:
                 return await asyncio.to_thread(serving.prepare, rid, account, body, headers)
+        except Exception as exc:
+            # A large body that fails validation cost this replica its parse: an account that
+            # keeps sending them is refused for a while (and by the proxy, before their bodies).
+            if to_error(exc).status < 500:
+                self.rt.failed_large.failed(account)
+            raise
         finally:
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 self._heavy.pop(account, None)
@@ -305,6 +381,7 @@ class Ingress:
                                         job.include_usage)
             yield SSE_DONE
         except Exception as exc:  # cancellation (the client left) passes through untouched
+            life.outcome = exc
             yield error_sse_event(exc)
         finally:
             life.settle()
@@ -317,27 +394,37 @@ class Ingress:
 
         return JSONResponse(openapi_document(self.config))
 
+    def _model_card(self, m: ModelConfig) -> dict:
+        lc = m.lifecycle
+        return {
+            "id": m.id,
+            "object": "model",
+            "created": self._created,
+            "owned_by": m.owner,
+            "context_length": m.context_length,
+            "kind": "fast" if "/routers/" in m.id else "base",
+            "status": lc.status,
+            "deprecation_date": lc.deprecated_on.isoformat() if lc.deprecated_on else None,
+            "shutdown_date": lc.removal_date.isoformat() if lc.removal_date else None,
+            "replacement": lc.replacement,
+            "service_tiers": ["default", "priority"] if m.pricing.priority else ["default"],
+            "supports_tools": m.tool_call_parser is not None,
+        }
+
     async def list_models(self, request: Request, rid: str) -> Response:
         account = await self.auth.account(request)
-        data = []
-        for m in self.config.models:
-            if not m.served or not self.config.is_visible(m, account):
-                continue
-            lc = m.lifecycle
-            data.append({
-                "id": m.id,
-                "object": "model",
-                "created": self._created,
-                "owned_by": m.owner,
-                "context_length": m.context_length,
-                "kind": "fast" if "/routers/" in m.id else "base",
-                "status": lc.status,
-                "deprecation_date": lc.deprecated_on.isoformat() if lc.deprecated_on else None,
-                "shutdown_date": lc.removal_date.isoformat() if lc.removal_date else None,
-                "replacement": lc.replacement,
-                "service_tiers": ["default", "priority"] if m.pricing.priority else ["default"],
-            })
+        data = [self._model_card(m) for m in self.config.models
+                if m.served and self.config.is_visible(m, account)]
         return JSONResponse({"object": "list", "data": data})
+
+    async def retrieve_model(self, request: Request, model_id: str) -> Response:
+        """One model, as listed; another tenant's private model is not there (404)."""
+        account = await self.auth.account(request)
+        m = self.config.model(model_id)
+        if m is None or not m.served or not self.config.is_visible(m, account):
+            raise not_found(f"the model `{model_id}` does not exist or you do not have access to it",
+                            param="model", code="model_not_found")
+        return JSONResponse(self._model_card(m))
 
     async def usage(self, request: Request, rid: str) -> Response:
         """The caller's own usage and cost, by model and day."""
@@ -362,7 +449,7 @@ class Ingress:
             "total_cost_usd": round(acct.total_usd, 6),
             "month_cost_usd": round(acct.month_usd, 6),
             "monthly_spend_limit_usd": acct.monthly_limit_usd,
-            "data": [{**r, "cost_usd": round(r["cost_usd"], 8)} for r in rows],
+            "data": [_usage_row(r) for r in rows],
         })
 
     async def account_info(self, request: Request, account_id: str) -> Response:

@@ -18,7 +18,8 @@ replica lost mid-stream           released     (gone)           what ran        
 ingress shutdown                  Serve cancels the request: as "client leaves"
 ================================  ===========  ===============  ==========================  =========
 
-(* if it held one.) "What ran" is what the ingress has seen: the first output carries the
+(* if it held one.) Releasing a slot also settles the account's fair-share charge at the gate
+(estimated when the slot was taken) to the usage billed. "What ran" is what the ingress has seen: the first output carries the
 prompt's cached-token count, later outputs the tokens generated so far (streams coalesce per
 ``engine.stream_interval_s``, non-streamed requests report progress every
 ``NON_STREAM_PROGRESS_S``). A request that produced no output is not billed: nothing shows that
@@ -44,6 +45,7 @@ from starlette.responses import StreamingResponse
 
 from cluster.config import EmberConfig, ModelConfig
 from cluster.stores import StoreUnavailable
+from deployments.auth import FailureThrottle
 from deployments.billing import Billing, price_for
 from deployments.engines.protocol import EngineMetrics, EngineOutput, Usage
 from deployments.errors import (
@@ -53,6 +55,7 @@ from deployments.errors import (
     store_unavailable,
     stream_interrupted,
     stream_stalled,
+    too_many_failed_large,
 )
 from deployments.pool_gate import PoolGate
 from deployments.rate_limiter import Admission, LimiterClient, rate_limit_headers
@@ -76,6 +79,9 @@ class Runtime:
     limiter: LimiterClient | None
     billing: Billing
     in_flight: dict[str, int] = field(default_factory=dict)  # account -> requests in this replica
+    telemetry: Any = None  # deployments.telemetry.IngressTelemetry: told of each request once, at settlement
+    # Accounts whose large bodies keep failing validation (see IngressConfig.failed_large_limit).
+    failed_large: FailureThrottle | None = None
 
 
 def lifecycle_headers(model: ModelConfig) -> dict[str, str]:
@@ -104,6 +110,7 @@ class RequestLife:
         self.spend_reserved = 0.0
         self.admission: Admission | None = None
         self.gate: PoolGate | None = None
+        self.charged = 0.0  # the fair-share charge taken with the slot, settled to the real usage
         self.stream: Any = None  # DeploymentResponseGenerator
         self.dispatched_at = 0.0
         self.cached: int | None = None
@@ -111,11 +118,24 @@ class RequestLife:
         self.final: EngineOutput | None = None
         self.settled = False
         self.billed: dict | None = None  # the usage event, once written
+        # For telemetry (perf_counter times; 0.0: not reached), and how the request ended.
+        self.created_at = time.perf_counter()  # authenticated
+        self.admit_at = self.admitted_at = self.queued_at = self.slotted_at = 0.0
+        self.outcome: BaseException | None = None
+        self.traceparent: str | None = None
+        self.prompt_body: bytes | None = None
+        self.span: Any = None  # the trace's root span, when traced
+        self.span_offset_ns = 0
+        self.checked_model: ModelConfig | None = None  # a model precheck() refused for, before parsing
 
     # -- acquiring -----------------------------------------------------------------------------
 
     def enter(self) -> None:
         """Take one of the account's concurrent-request places (429 when they are all taken)."""
+        if self.rt.failed_large is not None:
+            wait = self.rt.failed_large.retry_after(self.account)
+            if wait is not None:
+                raise too_many_failed_large(wait, self.rt.config.ingress.failed_large_window_s)
         cap = self.rt.config.ingress.max_concurrent_per_account
         held = self.rt.in_flight.get(self.account, 0)
         if held >= cap:
@@ -127,6 +147,7 @@ class RequestLife:
 
     async def precheck(self, model: ModelConfig) -> None:
         """The refusals that need no parsing: spend limit reached, a 429 moments ago."""
+        self.checked_model = model
         acct = await self._account_view()
         _check_spend(acct)
         if self.rt.limiter is not None:
@@ -145,6 +166,7 @@ class RequestLife:
 
         Returns the headers every response carries: rate limits, lifecycle, spend warnings.
         """
+        self.admit_at = time.perf_counter()
         model = self.job.model
         headers = lifecycle_headers(model)
         acct = await self._account_view()
@@ -173,12 +195,17 @@ class RequestLife:
             raise _rate_limited(model, adm, headers, self.rt.config)
         headers.update(rate_limit_headers(adm, self.rt.config.rate_limit.requests_per_minute))
         self.admission = adm
+        self.admitted_at = time.perf_counter()
         return headers
 
     async def take_slot(self) -> None:
         gate = self.rt.gates[self.job.model.id]
-        await gate.acquire(self.job.billed_tier, self.job.model.id)
+        self.queued_at = time.perf_counter()
+        req = self.job.engine_request
+        self.charged = await gate.acquire(self.job.billed_tier, self.job.model.id, self.account,
+                                          len(req.prompt_token_ids), req.sampling.max_tokens * req.sampling.n)
         self.gate = gate
+        self.slotted_at = time.perf_counter()
 
     async def start(self) -> EngineOutput:
         """Dispatch to a replica and wait for the first output.
@@ -189,6 +216,8 @@ class RequestLife:
         """
         ing = self.rt.config.ingress
         interval = None if self.job.stream else NON_STREAM_PROGRESS_S
+        if self.rt.telemetry is not None:
+            self.job.engine_request.trace_context = self.rt.telemetry.dispatched(self)
         for attempt in (0, 1):
             session = self.job.session if attempt == 0 else self.job.session + "#retry"
             # The proxy attaches a session id only on its own hop; this hop needs it set again.
@@ -281,22 +310,30 @@ class RequestLife:
             else:
                 self.rt.in_flight.pop(self.account, None)
         if self.job is None:
+            self._tell_telemetry()
             return  # nothing past the account's place was taken
         if self.spend_reserved:
             _quietly(self.rt.billing.release_spend, self.account, self.spend_reserved)
         usage = self.usage
         if self.stream is not None and self.final is None:
             _quietly(self.stream.cancel)  # Serve cancels the replica's generator: the engine aborts
+        u = usage or Usage(0, 0, 0)
         if self.gate is not None:
+            _quietly(self.gate.correct, self.job.billed_tier, self.account, self.charged, u.prompt_tokens,
+                     u.completion_tokens)
             _quietly(self.gate.release)
         if self.admission is not None and self.rt.limiter is not None:
-            u = usage or Usage(0, 0, 0)
             _quietly(self.rt.limiter.settle, self.admission, u.prompt_tokens, u.cached_tokens,
                      u.completion_tokens)
         if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
-            self.billed = _quietly(self.rt.billing.bill, self.job.engine_request.request_id, self.account,
-                                   self.job.model, self.job.billed_tier, usage.prompt_tokens,
+            self.billed = _quietly(self.rt.billing.bill, self.job.op_id or self.job.engine_request.request_id,
+                                   self.account, self.job.model, self.job.billed_tier, usage.prompt_tokens,
                                    usage.cached_tokens, usage.completion_tokens)
+        self._tell_telemetry()
+
+    def _tell_telemetry(self) -> None:
+        if self.rt.telemetry is not None:
+            _quietly(self.rt.telemetry.finished, self)
 
 
 def _check_spend(acct) -> None:

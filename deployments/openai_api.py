@@ -1,12 +1,15 @@
 """OpenAI request models (validated once, at the edge) and the response shapes Ember sends.
 
-Request models convert themselves to engine parameters (``sampling_params``). Unknown fields are
-ignored, as OpenAI-compatible servers do, but every field Ember reads is range-checked.
+Request models convert themselves to engine parameters (``sampling_params``). No field is ignored
+silently: a field Ember does not know, or knows and cannot honour on this model (``audio``,
+``modalities: ["audio"]``, ``prediction``, image parts, ...), is a 400 whose ``param`` names it, as
+OpenAI itself answers an unrecognized argument. Fields that change nothing in the output
+(``metadata``, ``store``, ...) are declared and ignored. Every field Ember reads is range-checked.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,6 +18,7 @@ from deployments.engines.protocol import (
     ChoiceDelta,
     EngineMetrics,
     SamplingParams,
+    StructuredOutput,
     TokenLogprob,
     Usage,
 )
@@ -22,10 +26,14 @@ from deployments.engines.protocol import (
 MAX_STOP = 4
 INT64 = (-(2**63), 2**63 - 1)  # OpenAI's range for seed; beyond it vLLM's sampler dies
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]  # the vocabulary bound is checked per model
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_STOP_TOKEN_IDS = 64
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
 
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # Unknown fields are refused (errors.py words the 400), never dropped.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 def _require_strict_json(title: str, data: str | bytes | bytearray) -> None:
@@ -60,10 +68,46 @@ class TextPart(_Req):
     text: str
 
 
+class FunctionCall(_Req):
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str  # JSON text, as the model produced it
+
+
+class ToolCall(_Req):
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class Message(_Req):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = Field(None, min_length=1, max_length=256)  # tool turns: the call answered
+    refusal: str | None = None  # an assistant turn's refusal: history only, not rendered
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v):
+        # A text model cannot see images, audio or files: say so, instead of a union error.
+        if isinstance(v, list):
+            for i, part in enumerate(v):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"content part {i} has type {kind!r}; this model accepts only "
+                                     "text parts")
+        return v
+
+    @model_validator(mode="after")
+    def _role_fields(self) -> "Message":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only tool messages carry a tool_call_id")
+        return self
 
     @property
     def text(self) -> str:
@@ -74,8 +118,83 @@ class Message(_Req):
         return "".join(p.text for p in self.content)
 
 
+class FunctionDef(_Req):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema(cls, v):
+        return _check_schema(v) if v is not None else v
+
+
+class Tool(_Req):
+    type: Literal["function"]  # custom tools are not offered: 400 naming tools.N.type
+    function: FunctionDef
+
+
+class NamedFunction(_Req):
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(_Req):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ResponseFormatText(_Req):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(_Req):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Req):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema(cls, v):
+        return _check_schema(v)
+
+
+class ResponseFormatJsonSchema(_Req):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+class ResponseFormatGrammar(_Req):
+    """Fireworks' grammar mode: the output is text of this grammar (GBNF/EBNF or Lark)."""
+
+    type: Literal["grammar"]
+    grammar: str = Field(min_length=1, max_length=100_000)
+
+
+ResponseFormat = Annotated[
+    Union[ResponseFormatText, ResponseFormatJsonObject, ResponseFormatJsonSchema, ResponseFormatGrammar],
+    Field(discriminator="type"),
+]
+
+
+def _check_schema(schema: dict) -> dict:
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+    return schema
+
+
 class StreamOptions(_Req):
     include_usage: bool = True
+    include_obfuscation: bool | None = None  # padding against side channels: nothing to pad here
 
 
 class _Common(_Req):
@@ -94,6 +213,15 @@ class _Common(_Req):
     prompt_cache_max_len: int | None = Field(None, ge=0)
     perf_metrics_in_response: bool = False
     ignore_eos: bool = False
+    # Sampling controls, with OpenAI's ranges where OpenAI documents them (vLLM's otherwise).
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=2)
+    min_p: float = Field(0.0, ge=0, le=1)
+    logit_bias: dict[str, float] | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
+    response_format: ResponseFormat | None = None
 
     @classmethod
     def model_validate_json(cls, json_data, *args, **kwargs):
@@ -112,6 +240,21 @@ class _Common(_Req):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        # OpenAI: keys are token ids (as JSON object keys, so strings), values in [-100, 100].
+        if v is None:
+            return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries are allowed")
+        for key, bias in v.items():
+            if not key.isdigit() or int(key) > 2**31 - 1:
+                raise ValueError(f"key {key!r} is not a token id")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias {bias} for token {key} is outside [-100, 100]")
+        return v
+
     @property
     def include_usage(self) -> bool:
         # Ember sends usage on the final chunk by default; callers may opt out.
@@ -121,10 +264,25 @@ class _Common(_Req):
     def use_cache(self) -> bool:
         return self.prompt_cache_max_len != 0
 
+    def token_ids_named(self) -> dict[str, list[int]]:
+        """The token ids the request names, by field, for the per-model vocabulary check."""
+        return {"logit_bias": [int(k) for k in self.logit_bias or ()],
+                "stop_token_ids": list(self.stop_token_ids or ())}
+
+    def structured(self) -> StructuredOutput | None:
+        rf = self.response_format
+        if isinstance(rf, ResponseFormatJsonObject):
+            return StructuredOutput(json_object=True)
+        if isinstance(rf, ResponseFormatJsonSchema):
+            return StructuredOutput(json_schema=rf.json_schema.schema_)
+        if isinstance(rf, ResponseFormatGrammar):
+            return StructuredOutput(grammar=rf.grammar)
+        return None
+
     def _logprobs_k(self) -> int | None:
         return None
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, structured: StructuredOutput | None = None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -135,6 +293,14 @@ class _Common(_Req):
             stop=list(self.stop or ()),
             logprobs=self._logprobs_k(),
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            min_p=self.min_p,
+            logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()},
+            stop_token_ids=list(self.stop_token_ids or ()),
+            min_tokens=self.min_tokens,
+            structured=structured or self.structured(),
         )
 
 
@@ -144,6 +310,16 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     service_tier: Literal["auto", "default", "priority", "flex", "scale", "fast"] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
+    # Only text out: asking for audio is refused here (the `audio` field is unknown, so refused too).
+    modalities: list[Literal["text"]] | None = None
+    # Change nothing in the output: accepted and ignored (README, "Request fields").
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    safety_identifier: str | None = Field(None, max_length=512)
+    prompt_cache_retention: str | None = None
 
     @model_validator(mode="after")
     def _checks(self) -> "ChatCompletionRequest":
@@ -164,6 +340,7 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=1)  # one candidate per choice; more is not offered
 
     @field_validator("prompt")
     @classmethod
@@ -177,13 +354,12 @@ class CompletionRequest(_Common):
             raise ValueError("prompt must not be empty")
         return v
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> "CompletionRequest":
-        if self.echo:
-            raise ValueError("echo is not supported")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
-        return self
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v):
+        if v:
+            raise ValueError("suffix (fill-in-the-middle) is not supported")
+        return v
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -269,21 +445,24 @@ class ChoiceAccumulator:
             self.logprobs = (self.logprobs or []) + d.logprobs
 
 
-def chat_response(rid: str, created: int, model: str, choices: list[ChoiceAccumulator], usage: Usage,
-                  tier: str | None) -> dict:
+def chat_message(text: str, tool_calls: list[dict] | None) -> dict:
+    message = {"role": "assistant", "content": text or None if tool_calls else text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message
+
+
+def chat_response(rid: str, created: int, model: str, choices: list[tuple[dict, str, list | None]],
+                  usage: Usage, tier: str | None) -> dict:
+    """``choices``: (message, finish_reason, logprobs) per choice."""
     body = {
         "id": rid,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
-                "logprobs": _chat_logprobs(c.logprobs),
-                "finish_reason": c.finish_reason or "stop",
-            }
-            for i, c in enumerate(choices)
+            {"index": i, "message": message, "logprobs": _chat_logprobs(lps), "finish_reason": finish}
+            for i, (message, finish, lps) in enumerate(choices)
         ],
         "usage": usage_dict(usage),
     }
@@ -325,6 +504,17 @@ def chat_delta(d: ChoiceDelta, first: bool) -> dict:
         delta["role"] = "assistant"
     return {"index": d.index, "delta": delta, "logprobs": _chat_logprobs(d.logprobs),
             "finish_reason": d.finish_reason}
+
+
+def chat_tool_delta(index: int, first: bool, content: str | None, tool_calls: list[dict] | None,
+                    finish_reason: str | None) -> dict:
+    """A streamed choice of a request with tools (``tool_calls`` entries carry their ``index``)."""
+    delta: dict = {"content": content}
+    if first:
+        delta["role"] = "assistant"
+    if tool_calls:
+        delta["tool_calls"] = tool_calls
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
 def completion_chunk(rid: str, created: int, model: str, choices: list[dict]) -> dict:

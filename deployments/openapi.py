@@ -363,8 +363,9 @@ def openapi_document(config: EmberConfig) -> dict:
             "version": "0.1.0",
             "description": (
                 "OpenAI-compatible inference API. Every path under /v1 is also served under "
-                "/inference/v1. Unknown request fields are ignored; every field Ember reads is "
-                f"range-checked. This deployment allows at most {ingress.max_completion_tokens} "
+                "/inference/v1. A request field Ember does not know, or cannot honour on the model, "
+                "is a 400 naming it (fields that change nothing, such as metadata, are accepted); "
+                f"every field Ember reads is range-checked. This deployment allows at most {ingress.max_completion_tokens} "
                 f"completion tokens and {ingress.max_n} choices per request, and bodies of at most "
                 f"{ingress.max_body_bytes} bytes. Rate-limit headers are per minute. Every error "
                 'body is {"error": {"message", "type", "param", "code"}}.'
@@ -397,6 +398,10 @@ def openapi_document(config: EmberConfig) -> dict:
             },
             "/v1/models": _read("List the models this account may call", "listModels", "ModelList",
                                 "inference"),
+            "/v1/models/{model}": _read(
+                "One model this account may call (ids hold slashes; any other id is 404)", "retrieveModel",
+                "Model", "inference",
+                parameters=[{"name": "model", "in": "path", "required": True, "schema": _STR}]),
             "/v1/usage": _read("The caller's own usage and cost", "getUsage", "UsageReport", "account"),
             "/v1/accounts/{account_id}": _read(
                 "The caller's own account (any other id is 404)", "getAccount", "Account", "account",

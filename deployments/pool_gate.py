@@ -17,6 +17,13 @@ grow, waiting requests get the new slots at once (Priority's queue first); when 
 nobody is interrupted: new requests wait until ``in_flight`` falls below the new size. The number
 of ingress replicas is the config's (the live count is not known here).
 
+Within a tier, waiting requests are ordered by fair share (``ingress.queue_order: vtc``,
+``policies.fair_share``): the next slot goes to the waiting request of the account that has been
+served the fewest weighted tokens, arrival order within an account. Each request is charged its
+estimate (prompt + ``max_tokens × n``) when it gets a slot, and ``correct`` settles the difference
+with its real usage when it ends. ``fcfs`` orders by arrival alone. Each tier keeps a heap of
+waiting accounts, so handing over a slot costs O(log accounts), with no scan of the queue.
+
 While the pool runs fewer replicas than it may (``autoscaling.max_replicas``), requests wait for
 the replicas on their way up to ``replica_start_s`` rather than ``max_queue_wait_s``
 (``policies.tiers.shed``): load is shed early only at the maximum size. A pool with no running
@@ -36,17 +43,74 @@ import weakref
 from cluster.config import EmberConfig, ModelConfig
 from deployments.capacity import REGISTRY, CapacityRegistry, Subscriber, current_app_name
 from deployments.errors import overloaded
+from policies.fair_share import TokenWeights, VirtualTokenCounter
 from policies.tiers import shed, usable_slots
 
 _DEFAULT = object()
 DEFAULT_REPLICA_START_S = 30.0  # a fixed-size pool's replicas are restarts, not scale-ups
 
 
+class TierQueue:
+    """One tier's waiting requests, by account, in fair-share order (one account under FCFS).
+
+    Invariant: every waiter not yet done is counted in ``vtc.waiting`` of its key; done waiters
+    (given up) may still sit in their account's deque and are skipped.
+    """
+
+    def __init__(self, weights: TokenWeights, by_account: bool):
+        self.vtc = VirtualTokenCounter(weights)
+        self.by_account = by_account
+        self.count = 0  # waiters not yet done
+        self._waiters: dict[str, collections.deque[tuple[asyncio.Future, int, int]]] = {}
+
+    def key(self, account: str) -> str:
+        return account if self.by_account else ""
+
+    def ahead(self, account: str) -> int:
+        """About how many waiters of this tier a new request of ``account`` will wait behind: all of
+        them under FCFS; under fair share, a round of every waiting account per request of its own
+        already waiting (one request of each account is served in turn once counters are level)."""
+        if not self.by_account:
+            return self.count
+        own = self.vtc.waiting(account)
+        return min(self.count, (own + 1) * max(1, self.vtc.waiting_accounts()))
+
+    def push(self, account: str, fut: asyncio.Future, input_tokens: int, output_tokens: int) -> None:
+        key = self.key(account)
+        self.vtc.join(key)
+        self._waiters.setdefault(key, collections.deque()).append((fut, input_tokens, output_tokens))
+        self.count += 1
+
+    def give_up(self, account: str, fut: asyncio.Future) -> None:
+        """A waiter that was not handed a slot leaves."""
+        fut.cancel()
+        self._left(self.key(account))
+
+    def _left(self, key: str) -> None:
+        self.count -= 1
+        self.vtc.leave(key)
+        if not self.vtc.waiting(key):
+            self._waiters.pop(key, None)
+
+    def pop(self) -> asyncio.Future | None:
+        """The next waiter, charged its estimate; None when nobody waits."""
+        key = self.vtc.next_account()
+        if key is None:
+            return None
+        q = self._waiters[key]
+        while q[0][0].done():
+            q.popleft()  # gave up; already counted out
+        fut, input_tokens, output_tokens = q.popleft()
+        self._left(key)
+        self.vtc.charge(key, input_tokens, output_tokens)
+        return fut
+
+
 class PoolGate:
     """This ingress's gate in front of one pool (see policies/tiers.py).
 
     Each ingress replica owns an equal share of the pool's running slots. Standard requests run in
-    all but the Priority reserve and wait here, in arrival order, for a slot of their share;
+    all but the Priority reserve and wait here, in fair-share order, for a slot of their share;
     Priority waits only when every slot is taken, and goes ahead of any waiting Standard request.
     Nobody waits longer than the shedding rule allows.
     """
@@ -74,8 +138,10 @@ class PoolGate:
         self.reserve = ing.priority_reserve if model.pricing.priority is not None else 0.0
         self.in_flight = 0
         self.service_time_s = 0.5  # prior until the first request finishes
-        self._queues: dict[str, collections.deque[asyncio.Future]] = {
-            "priority": collections.deque(), "standard": collections.deque()}
+        weights = TokenWeights(ing.fair_share_weights.input, ing.fair_share_weights.output)
+        by_account = ing.queue_order == "vtc"
+        self._queues: dict[str, TierQueue] = {
+            "priority": TierQueue(weights, by_account), "standard": TierQueue(weights, by_account)}
         self._batch: weakref.WeakSet[asyncio.Future] = weakref.WeakSet()  # Batch waits among Standard
         self._cold_since: float | None = time.monotonic() if self.replicas == 0 else None
         self._subscriber: Subscriber | None = None
@@ -115,7 +181,7 @@ class PoolGate:
 
     def waiting(self, tier: str | None = None) -> int:
         queues = self._queues.values() if tier is None else [self._queue(tier)]
-        return sum(1 for q in queues for f in q if not f.done())
+        return sum(q.count for q in queues)
 
     def queued_by_tier(self) -> dict[str, int]:
         """Requests waiting here, by tier (the ingress's autoscaling metric)."""
@@ -128,7 +194,7 @@ class PoolGate:
                 "waiting_priority": self.waiting("priority"), "replicas": self.replicas,
                 "max_replicas": self.max_replicas, "reported": self.reported}
 
-    def _queue(self, tier: str) -> collections.deque[asyncio.Future]:
+    def _queue(self, tier: str) -> TierQueue:
         return self._queues["priority" if tier == "priority" else "standard"]
 
     def _usable(self, tier: str) -> int:
@@ -138,33 +204,39 @@ class PoolGate:
         since = self._cold_since if self._cold_since is not None else time.monotonic()
         return max(1, math.ceil(self.replica_start_s - (time.monotonic() - since)))
 
-    async def acquire(self, tier: str, model_id: str) -> None:
-        """Take a slot (waiting within the shedding bound) or raise 503 ``overloaded``."""
+    async def acquire(self, tier: str, model_id: str, account: str = "", input_tokens: int = 0,
+                      output_tokens: int = 0) -> float:
+        """Take a slot (waiting within the shedding bound) or raise 503 ``overloaded``.
+
+        ``input_tokens``/``output_tokens``: the request's estimate, charged to ``account``'s
+        fair-share counter when it gets the slot. Returns the charge, for ``correct``."""
         if self._subscriber is not None:
             self._subscriber.bind_loop()
         ing = self.ingress
+        queue = self._queue(tier)
         cold = self.replicas == 0
         if cold:
             # Scaled to zero: one request goes through and wakes the pool; the others wait for
             # its first replica, up to cold_start_hold_s.
             bound_s = self.cold_start_hold_s
         else:
-            ahead = self.in_flight + self.waiting("priority") + (self.waiting("standard") if tier != "priority" else 0)
+            waiting_priority = self._queues["priority"].count
+            ahead = self.in_flight + (queue.ahead(account) if tier == "priority" else
+                                      waiting_priority + queue.ahead(account))
             growing = self.replica_start_s if self.replicas < self.max_replicas else None
             d = shed(tier, ahead, self.slots, self.service_time_s, ing.max_queue_wait_s,  # type: ignore[arg-type]
                      ing.priority_headroom, self.reserve, growing)
             if not d.admit:
                 raise overloaded(model_id, d.expected_wait_s)
             bound_s = 2 * d.bound_s  # the estimate said it fits the bound; twice it is the hard stop
-        queue = self._queue(tier)
-        if self.in_flight < self._usable(tier) and not self.waiting("priority") and (
-                tier == "priority" or not self.waiting("standard")):
+        if self.in_flight < self._usable(tier) and not self._queues["priority"].count and (
+                tier == "priority" or not self._queues["standard"].count):
             self.in_flight += 1
-            return
+            return queue.vtc.charge(queue.key(account), input_tokens, output_tokens)
         if cold and bound_s <= 0:
             raise self._cold_error(model_id)
         fut = asyncio.get_running_loop().create_future()
-        queue.append(fut)
+        queue.push(account, fut, input_tokens, output_tokens)
         if tier == "batch":
             self._batch.add(fut)
         try:
@@ -172,14 +244,22 @@ class PoolGate:
                 await asyncio.shield(fut)
         except BaseException as exc:
             if fut.done() and not fut.cancelled():
-                self.release()  # handed a slot just as it gave up: pass it on
+                # Handed a slot just as it gave up: pass it on, and take back the charge.
+                queue.vtc.correct(queue.key(account), queue.vtc.weights.cost(input_tokens, output_tokens), 0, 0)
+                self.release()
             else:
-                fut.cancel()
+                queue.give_up(account, fut)
             if isinstance(exc, TimeoutError):
                 if self.replicas == 0:
                     raise self._cold_error(model_id) from None
                 raise overloaded(model_id) from None
             raise
+        return queue.vtc.weights.cost(input_tokens, output_tokens)
+
+    def correct(self, tier: str, account: str, charged: float, input_tokens: int, output_tokens: int) -> None:
+        """A request charged ``charged`` at ``acquire`` ended having used these tokens."""
+        queue = self._queue(tier)
+        queue.vtc.correct(queue.key(account), charged, input_tokens, output_tokens)
 
     def _cold_error(self, model_id: str):
         err = overloaded(model_id)
@@ -202,9 +282,7 @@ class PoolGate:
 
     def _next_waiter(self) -> asyncio.Future | None:
         for tier in ("priority", "standard"):
-            queue = self._queue(tier)
-            while queue and queue[0].done():
-                queue.popleft()  # gave up while waiting
-            if queue and self.in_flight < self._usable(tier):
-                return queue.popleft()
+            queue = self._queues[tier]
+            if queue.count and self.in_flight < self._usable(tier):
+                return queue.pop()
         return None

@@ -65,24 +65,35 @@ class PromptBuilder:
     def has_chat_template(self) -> bool:
         return self._template is not None
 
-    def chat(self, messages: list[Message]) -> list[int]:
+    def chat(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
+        """Render and tokenize a conversation; ``tools`` are OpenAI tool objects (dicts).
+
+        Callers' strings (contents, tool-call names and arguments, tool-call ids) go through the
+        template as placeholders and are tokenized as plain text. Tools reach the template as data;
+        a template writes them with ``tojson``, which escapes ``<`` and ``>``, so no special
+        token can appear from them either.
+        """
         if self._template is None:
             raise ValueError("this model has no chat template; use /v1/completions")
         nonce = secrets.token_hex(4)
-        marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
+        texts: list[str] = []
+
+        def mark(text: str) -> str:
+            texts.append(text)
+            return f"\ue000{nonce}:{len(texts) - 1}\ue001"
+
         rendered = self._template.render(
-            # OpenAI's "developer" role is the newer name for "system".
-            messages=[{"role": "system" if m.role == "developer" else m.role, "content": mark}
-                      for m, mark in zip(messages, marks)],
+            messages=[_template_message(m, mark) for m in messages],
+            tools=tools or None,
             add_generation_prompt=True,
             **self._specials,
         )
         ids: list[int] = []
         pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", rendered)
-        # pieces alternate: template text, content index, template text, ...
+        # pieces alternate: template text, text index, template text, ...
         for k, piece in enumerate(pieces):
             if k % 2:
-                ids += self.text(messages[int(piece)].text)
+                ids += self.text(texts[int(piece)])
             elif piece:
                 ids += self._tok.encode(piece, add_special_tokens=False).ids
         return ids
@@ -93,6 +104,21 @@ class PromptBuilder:
 
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def _template_message(m: Message, mark) -> dict:
+    # OpenAI's "developer" role is the newer name for "system".
+    out = {"role": "system" if m.role == "developer" else m.role, "content": mark(m.text)}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": mark(c.id), "type": "function",
+                              "function": {"name": mark(c.function.name), "arguments": mark(c.function.arguments)}}
+                             for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = mark(m.tool_call_id)
+    return out
 
 
 def _raise(message: str):

@@ -9,6 +9,22 @@ route 404, an internal error 500) with a plain-text body; this middleware rewrit
 into the OpenAI error shape, keeping the status and headers (``Retry-After``, ``x-request-id``).
 Ember's own responses are JSON already and pass untouched.
 
+It also keeps one tenant's misbehaviour in the proxy, where it is cheap, rather than letting it
+cross the Ray hop to the ingress:
+
+- **Bodies are read here**, whole, within a deadline (``EMBER_PROXY_BODY_TIMEOUT_S``, 10 s, then
+  408) and a size cap (``EMBER_PROXY_MAX_BODY_BYTES``, 4 MiB, then 413), before the request goes
+  on. Without this Serve forwards a request at its headers and the ingress pulls every chunk of a
+  trickling body through a Ray call, so slow senders cost the ingress (and every tenant on it)
+  work per byte. Multipart uploads (files) pass through as a stream.
+- **Requests per key** in flight through this proxy are capped (``EMBER_PROXY_MAX_PER_KEY``, 128;
+  the key is the ``Authorization`` header's hash, or the client address without one): past it,
+  429 at once.
+- **Account-wide refusals are repeated here**: when the ingress refuses an account for a while
+  (the ``x-ember-hold-key-s`` header on its 429, e.g. after too many large bodies that failed
+  validation), this proxy answers that key's requests with the same 429 until then, without
+  reading their bodies. The header never reaches the caller.
+
 Serve loads it in the proxy process when ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` is
 ``deployments.proxy_guard:middlewares`` in the environment of the Ray nodes (``make run`` and the
 test suite set it).
@@ -16,12 +32,21 @@ test suite set it).
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import math
+import os
+import time
+from collections import OrderedDict
 
 from starlette.middleware import Middleware
 
 CALLBACK = "deployments.proxy_guard:middlewares"
 STRIPPED = (b"x-request-timeout-seconds", b"x-request-disconnect-disabled")
+HOLD_HEADER = b"x-ember-hold-key-s"  # deployments.errors.HOLD_HEADER (not imported: no Ray here)
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+MAX_HOLDS = 10_000  # keys remembered at once (oldest first out)
 _KINDS = {
     404: ("invalid_request_error", "unknown_url"),
     408: ("timeout_error", "timeout"),
@@ -42,21 +67,145 @@ def openai_error_body(status: int, text: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
 
 
+def _env_number(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        raise ValueError(f"{name} must be a number, not {os.environ[name]!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive")
+    return value
+
+
+async def _respond(send, status: int, message: str, code: str, kind: str, headers: dict[str, str] | None = None):
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    if status in (408, 413):
+        raw.append((b"connection", b"close"))  # the rest of the body is not read
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
 class ProxyGuard:
-    def __init__(self, app):
+    def __init__(self, app, clock=time.monotonic):
         self.app = app
+        self.clock = clock
+        self.body_timeout_s = _env_number("EMBER_PROXY_BODY_TIMEOUT_S", 10.0)
+        self.max_body_bytes = int(_env_number("EMBER_PROXY_MAX_BODY_BYTES", 4 * 1024 * 1024))
+        self.max_per_key = int(_env_number("EMBER_PROXY_MAX_PER_KEY", 128))
+        self.in_flight: dict[bytes, int] = {}
+        self.holds: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()  # key -> (until, 429 body)
+
+    @staticmethod
+    def _key(scope) -> bytes:
+        for k, v in scope["headers"]:
+            if k.lower() == b"authorization":
+                return hashlib.blake2b(v, digest_size=16).digest()
+        client = scope.get("client")
+        return b"addr:" + (client[0].encode() if client else b"?")
+
+    def _held(self, key: bytes) -> tuple[float, bytes] | None:
+        hold = self.holds.get(key)
+        if hold is not None and hold[0] <= self.clock():
+            del self.holds[key]
+            return None
+        return hold
+
+    def _hold(self, key: bytes, seconds: float, body: bytes) -> None:
+        self.holds[key] = (self.clock() + seconds, body)
+        self.holds.move_to_end(key)
+        while len(self.holds) > MAX_HOLDS:
+            self.holds.popitem(last=False)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         scope = dict(scope)
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() not in STRIPPED]
+        key = self._key(scope)
+        hold = self._held(key)
+        if hold is not None:
+            wait = str(max(1, math.ceil(hold[0] - self.clock())))
+            await send({"type": "http.response.start", "status": 429,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", wait.encode()),
+                                    (b"content-length", str(len(hold[1])).encode())]})
+            return await send({"type": "http.response.body", "body": hold[1]})
+        held = self.in_flight.get(key, 0)
+        if held >= self.max_per_key:
+            return await _respond(send, 429, f"too many concurrent requests with this key: at most "
+                                             f"{self.max_per_key} at a time", "concurrency_limit_exceeded",
+                                  "rate_limit_error", {"Retry-After": "1"})
+        self.in_flight[key] = held + 1
+        try:
+            if scope["method"] in BODY_METHODS and not _multipart(scope):
+                receive = await self._buffered(scope, receive, send)
+                if receive is None:
+                    return
+            await self._forward(scope, receive, send, key)
+        finally:
+            left = self.in_flight.get(key, 1) - 1
+            if left > 0:
+                self.in_flight[key] = left
+            else:
+                self.in_flight.pop(key, None)
+
+    async def _buffered(self, scope, receive, send):
+        """Read the whole body within the deadline and cap; a ``receive`` that replays it (then
+        passes on to the client's, so the app still hears a disconnect), or None if answered."""
+        declared = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await _respond(send, 413, f"request body is {int(declared)} bytes; the limit is "
+                                      f"{self.max_body_bytes}", "request_too_large", "invalid_request_error")
+            return None
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None  # the client left: nothing to answer
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        await _respond(send, 413, f"request body exceeds the limit of {self.max_body_bytes} "
+                                                  "bytes", "request_too_large", "invalid_request_error")
+                        return None
+                    chunks.append(chunk)
+                    if not message.get("more_body"):
+                        break
+        except TimeoutError:
+            await _respond(send, 408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                           "body_timeout", "invalid_request_error")
+            return None
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay():
+            nonlocal whole
+            if whole is not None:
+                message, whole = whole, None
+                return message
+            return await receive()
+
+        return replay
+
+    async def _forward(self, scope, receive, send, key: bytes):
         start: dict | None = None
         chunks: list[bytes] = []
+        hold_s: float | None = None
 
         async def guarded_send(message):
-            nonlocal start
+            nonlocal start, hold_s
             if message["type"] == "http.response.start":
+                raw = message.get("headers") or []
+                hold = next((v for k, v in raw if k.lower() == HOLD_HEADER), None)
+                if hold is not None:
+                    message = {**message, "headers": [(k, v) for k, v in raw if k.lower() != HOLD_HEADER]}
+                    hold_s = _seconds(hold)
+                    if hold_s is not None and message["status"] == 429:
+                        chunks.clear()
+                        start = message  # hold the body too: it is what this key hears until then
+                        return
                 headers = dict(message.get("headers") or [])
                 ctype = headers.get(b"content-type", b"")
                 if message["status"] >= 400 and not ctype.startswith(b"application/json") \
@@ -68,6 +217,11 @@ class ProxyGuard:
                 chunks.append(message.get("body", b""))
                 if message.get("more_body"):
                     return
+                if hold_s is not None:
+                    body = b"".join(chunks)
+                    self._hold(key, hold_s, body)
+                    await send(start)
+                    return await send({"type": "http.response.body", "body": body})
                 body = openai_error_body(start["status"], b"".join(chunks).decode("utf-8", "replace"))
                 headers = [(k, v) for k, v in start.get("headers") or []
                            if k.lower() not in (b"content-type", b"content-length")]
@@ -77,3 +231,15 @@ class ProxyGuard:
             return await send(message)
 
         await self.app(scope, receive, guarded_send)
+
+
+def _seconds(raw: bytes) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if 0 < value < 3600 else None
+
+
+def _multipart(scope) -> bool:
+    return any(k.lower() == b"content-type" and v.lower().startswith(b"multipart/") for k, v in scope["headers"])

@@ -17,24 +17,29 @@ Streams use OpenAI's event types with a ``sequence_number`` on every event: ``re
 ``response.output_item.done`` and ``response.completed`` (``response.incomplete`` when
 ``max_output_tokens`` cut the text short). There is no ``[DONE]`` line, as in OpenAI.
 
-Function tools are not offered yet: ``tools`` answers 400 naming ``tools``.
+Function tools (``tools``, ``tool_choice``, ``parallel_tool_calls``) go to the chat path's tool
+calling: a model without a tool-call parser answers 400 naming ``tools``; the calls come out as
+``function_call`` items, and ``function_call`` / ``function_call_output`` input items go back in
+as the assistant's tool calls and ``tool`` messages. With tools the items are sent whole at the
+end of a stream (``response.function_call_arguments.delta`` / ``.done`` for each call).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator, ClassVar, Literal, Union
+from typing import Any, AsyncIterator, Literal, Union
 
 from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cluster.stores import ResponseStore, StoreUnavailable
-from deployments.engines.protocol import ChoiceDelta, EngineOutput, SamplingParams, Usage
+from deployments.engines.protocol import ChoiceDelta, EngineOutput, Usage
 from deployments.errors import bad_request, not_found, to_error
 from deployments.lifecycle import LifeStream, RequestLife
-from deployments.openai_api import INT64, Message, _Req, _require_strict_json
-from deployments.serving import AFFINITY_HEADER, Job, Renderer, _Serving, _tier, dumps
+from deployments.openai_api import FUNCTION_NAME, INT64, ChatCompletionRequest, _Req, _require_strict_json
+from deployments.serving import AFFINITY_HEADER, Job, Renderer, _Serving, _tier, _tool_calling, dumps
+from deployments.tool_calls import ToolCalling
 from policies.affinity import session_key
 
 log = logging.getLogger("ember.responses")
@@ -43,12 +48,68 @@ log = logging.getLogger("ember.responses")
 class InputText(_Req):
     type: Literal["input_text", "output_text"]
     text: str
+    annotations: list[Any] | None = None  # on output_text replayed from an earlier response
+    logprobs: list[Any] | None = None
 
 
 class InputMessage(_Req):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: Union[str, list[InputText]]
+    id: str | None = None  # an output message replayed as input
+    status: str | None = None
+
+    def chat(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
+
+
+class FunctionCallItem(_Req):
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1, max_length=256)
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+    def chat(self) -> dict:
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": self.call_id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}]}
+
+
+class FunctionCallOutputItem(_Req):
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1, max_length=256)
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+    def chat(self) -> dict:
+        return {"role": "tool", "tool_call_id": self.call_id, "content": self.output}
+
+
+# Message items may omit "type" (OpenAI's easy input message), so no discriminator: the union
+# tells them apart by their required fields.
+InputItem = Union[InputMessage, FunctionCallItem, FunctionCallOutputItem]
+
+
+class FunctionTool(_Req):
+    """A Responses function tool: the chat path's ``{"type": "function", "function": {...}}``,
+    flattened."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def chat(self) -> dict:
+        return {"type": "function", "function": self.model_dump(exclude={"type"}, exclude_none=True)}
+
+
+class NamedFunctionChoice(_Req):
+    type: Literal["function"]
+    name: str = Field(pattern=FUNCTION_NAME)
 
 
 class TextFormat(_Req):
@@ -61,7 +122,7 @@ class TextConfig(_Req):
 
 class ResponsesRequest(_Req):
     model: str = Field(min_length=1, max_length=512)
-    input: Union[str, list[InputMessage]]
+    input: Union[str, list[InputItem]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -70,34 +131,41 @@ class ResponsesRequest(_Req):
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = Field(None, max_length=128)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[FunctionTool] | None = Field(None, max_length=128)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedFunctionChoice, None] = None
+    parallel_tool_calls: bool = True
     text: TextConfig | None = None
     user: str | None = Field(None, max_length=512)
     prompt_cache_key: str | None = Field(None, max_length=512)
     service_tier: Literal["auto", "default", "priority", "flex", "scale", "fast"] | None = None
     metadata: dict[str, str] | None = None
 
-    # What the chat path's Job building reads (deployments.serving._Serving._job).
-    n: ClassVar[int] = 1
-    include_usage: ClassVar[bool] = False
-    perf_metrics_in_response: ClassVar[bool] = False
-    use_cache: ClassVar[bool] = True
-
     @classmethod
     def model_validate_json(cls, json_data, *args, **kwargs):
         _require_strict_json(cls.__name__, json_data)
         return super().model_validate_json(json_data, *args, **kwargs)
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              seed=self.seed)
-
-    def messages(self) -> list[Message]:
+    def turns(self) -> list[dict]:
+        """This request's input as chat messages (without the instructions)."""
         if isinstance(self.input, str):
-            return [Message(role="user", content=self.input)]
-        return [Message(role=m.role, content=m.content if isinstance(m.content, str)
-                        else "".join(p.text for p in m.content)) for m in self.input]
+            return [{"role": "user", "content": self.input}]
+        return [item.chat() for item in self.input]
+
+    def to_chat(self, history: list[dict]) -> ChatCompletionRequest:
+        """The chat completion this response runs as: instructions, the stored conversation of
+        ``previous_response_id`` (``history``) and this input, with the same sampling and tools."""
+        system = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        choice = self.tool_choice
+        if isinstance(choice, NamedFunctionChoice):
+            choice = {"type": "function", "function": {"name": choice.name}}
+        body = {
+            "model": self.model, "messages": system + history + self.turns(), "stream": self.stream,
+            "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature,
+            "top_p": self.top_p, "seed": self.seed, "user": self.user, "prompt_cache_key": self.prompt_cache_key,
+            "service_tier": self.service_tier, "tool_choice": choice, "parallel_tool_calls": self.parallel_tool_calls,
+            "tools": [t.chat() for t in self.tools] if self.tools else None,
+        }
+        return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -115,16 +183,24 @@ def response_usage(u: Usage) -> dict:
 
 
 class ResponsesRenderer(Renderer):
-    """One response's body and events. ``rid`` is the response id (``resp_...``)."""
+    """One response's body and events. ``rid`` is the response id (``resp_...``).
 
-    def __init__(self, rid: str, model_id: str, req: ResponsesRequest, tier: str | None):
+    Without tools the text streams as it comes, in one message item. With tools the output is
+    known only when the text is whole (``ToolCalling.extract``): then every item (a message with
+    the text left over, if any, and one ``function_call`` per call) is sent at the end.
+    """
+
+    def __init__(self, rid: str, model_id: str, req: ResponsesRequest, tier: str | None,
+                 tools: ToolCalling | None = None):
         super().__init__(rid, model_id)
         self.req = req
         self.tier = tier
+        self.tools = tools
         self.msg_id = "msg_" + rid[len("resp_"):]
         self.text: list[str] = []
         self.finish_reason: str | None = None
         self.seq = 0
+        self._split: tuple[str | None, list[tuple[str, str]]] | None = None
 
     # -- whole ---------------------------------------------------------------------------------
 
@@ -139,15 +215,33 @@ class ResponsesRenderer(Renderer):
     def incomplete(self) -> bool:
         return self.finish_reason == "length"
 
-    def message(self, status: str) -> dict:
-        content = [] if status == "in_progress" else [self.part()]
+    def split(self) -> tuple[str | None, list[tuple[str, str]]]:
+        """(the text content, the calls as (name, arguments)), once the text is whole."""
+        if self._split is None:
+            text = "".join(self.text)
+            self._split = self.tools.extract(text) if self.tools is not None else (text, [])
+        return self._split
+
+    def part(self, text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def message(self, status: str, text: str | None) -> dict:
+        content = [] if text is None else [self.part(text)]
         return {"type": "message", "id": self.msg_id, "status": status, "role": "assistant", "content": content}
 
-    def part(self) -> dict:
-        return {"type": "output_text", "text": "".join(self.text), "annotations": [], "logprobs": []}
+    def call(self, i: int, name: str, arguments: str, status: str = "completed") -> dict:
+        suffix = self.rid[len("resp_"):]
+        return {"type": "function_call", "id": f"fc_{suffix}_{i}", "call_id": f"call_{suffix}_{i}",
+                "name": name, "arguments": arguments, "status": status}
+
+    def output(self) -> list[dict]:
+        content, calls = self.split()
+        status = "incomplete" if self.incomplete else "completed"
+        items = [self.message(status, content or "")] if content or not calls else []
+        return items + [self.call(i, name, args) for i, (name, args) in enumerate(calls)]
 
     def body(self, status: str, usage: Usage | None) -> dict:
-        done = status != "in_progress"
+        req = self.req
         body = {
             "id": self.rid,
             "object": "response",
@@ -155,22 +249,23 @@ class ResponsesRenderer(Renderer):
             "status": status,
             "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-            "instructions": self.req.instructions,
-            "max_output_tokens": self.req.max_output_tokens,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
             "model": self.model_id,
-            "output": [self.message("incomplete" if self.incomplete else "completed")] if done else [],
-            "parallel_tool_calls": True,
-            "previous_response_id": self.req.previous_response_id,
-            "store": self.req.store,
-            "temperature": self.req.temperature,
+            "output": self.output() if status != "in_progress" else [],
+            "parallel_tool_calls": req.parallel_tool_calls,
+            "previous_response_id": req.previous_response_id,
+            "store": req.store,
+            "temperature": req.temperature,
             "text": {"format": {"type": "text"}},
-            "tool_choice": "auto",
-            "tools": [],
-            "top_p": self.req.top_p,
+            "tool_choice": (req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedFunctionChoice)
+                            else req.tool_choice or "auto"),
+            "tools": [t.model_dump(exclude_none=True) for t in req.tools or ()],
+            "top_p": req.top_p,
             "truncation": "disabled",
             "usage": response_usage(usage) if usage is not None else None,
-            "user": self.req.user,
-            "metadata": self.req.metadata or {},
+            "user": req.user,
+            "metadata": req.metadata or {},
         }
         if self.tier:
             body["service_tier"] = self.tier
@@ -191,32 +286,49 @@ class ResponsesRenderer(Renderer):
         self.seq += 1
         return b"event: " + type_.encode() + b"\ndata: " + dumps(data) + b"\n\n"
 
+    def _message_start(self) -> list[bytes]:
+        return [self.event("response.output_item.added", output_index=0, item=self.message("in_progress", None)),
+                self.event("response.content_part.added", output_index=0, item_id=self.msg_id, content_index=0,
+                           part=self.part(""))]
+
     def opening(self) -> list[bytes]:
-        where = {"output_index": 0, "item_id": self.msg_id}
-        return [
-            self.event("response.created", response=self.body("in_progress", None)),
-            self.event("response.in_progress", response=self.body("in_progress", None)),
-            self.event("response.output_item.added", output_index=0, item=self.message("in_progress")),
-            self.event("response.content_part.added", **where, content_index=0,
-                       part={"type": "output_text", "text": "", "annotations": [], "logprobs": []}),
-        ]
+        events = [self.event("response.created", response=self.body("in_progress", None)),
+                  self.event("response.in_progress", response=self.body("in_progress", None))]
+        return events if self.tools is not None else events + self._message_start()
 
     def chunk(self, out: EngineOutput) -> bytes | None:
         pieces = [d.text for d in self.add(out) if d.text]
-        if not pieces:
+        if not pieces or self.tools is not None:  # with tools, the items come whole at the end
             return None
         return self.event("response.output_text.delta", output_index=0, item_id=self.msg_id, content_index=0,
                           delta="".join(pieces), logprobs=[])
 
     def closing(self, final: dict) -> list[bytes]:
-        where = {"output_index": 0, "item_id": self.msg_id}
-        status = "incomplete" if self.incomplete else "completed"
-        return [
-            self.event("response.output_text.done", **where, content_index=0, text="".join(self.text), logprobs=[]),
-            self.event("response.content_part.done", **where, content_index=0, part=self.part()),
-            self.event("response.output_item.done", output_index=0, item=self.message(status)),
-            self.event(f"response.{status}", response=final),
-        ]
+        events: list[bytes] = []
+        for index, item in enumerate(final["output"]):
+            if item["type"] == "message":
+                text = item["content"][0]["text"]
+                where = {"output_index": index, "item_id": item["id"]}
+                if self.tools is not None:  # not streamed: open it and send the text now
+                    events += self._message_start()
+                    if text:
+                        events.append(self.event("response.output_text.delta", **where, content_index=0,
+                                                 delta=text, logprobs=[]))
+                events += [
+                    self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=[]),
+                    self.event("response.content_part.done", **where, content_index=0, part=self.part(text)),
+                ]
+            else:
+                where = {"output_index": index, "item_id": item["id"]}
+                events += [
+                    self.event("response.output_item.added", output_index=index,
+                               item={**item, "arguments": "", "status": "in_progress"}),
+                    self.event("response.function_call_arguments.delta", **where, delta=item["arguments"]),
+                    self.event("response.function_call_arguments.done", **where, name=item["name"],
+                               arguments=item["arguments"]),
+                ]
+            events.append(self.event("response.output_item.done", output_index=index, item=item))
+        return events + [self.event(f"response.{final['status']}", response=final)]
 
     def error_event(self, exc: BaseException) -> bytes:
         err = to_error(exc)
@@ -224,39 +336,46 @@ class ResponsesRenderer(Renderer):
 
     def conversation(self, history: list[dict]) -> list[dict]:
         """What a later ``previous_response_id`` continues: the turns so far and this answer."""
-        turns = history + [{"role": m.role, "content": m.text} for m in self.req.messages()]
-        return turns + [{"role": "assistant", "content": "".join(self.text)}]
+        content, calls = self.split()
+        answer: dict = {"role": "assistant", "content": content or None}
+        if calls:
+            answer["tool_calls"] = [{"id": c["call_id"], "type": "function",
+                                     "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                    for c in self.output() if c["type"] == "function_call"]
+        elif not content:
+            answer["content"] = ""
+        return history + self.req.turns() + [answer]
 
 
 # -- serving ----------------------------------------------------------------------------------
 
 
 class ResponsesServing(_Serving):
+    """Runs a response as the chat completion ``ResponsesRequest.to_chat`` makes of it, through
+    the chat path's checks (tools, tiers, context), prompt rendering and job building."""
+
     def prepare(self, rid: str, account: str, req: ResponsesRequest, history: list[dict], headers) -> Job:
         model = self._model_for(req.model, account)
-        if req.tools:
-            raise bad_request("function tools are not supported on /v1/responses yet; send the request "
-                              "without `tools`", param="tools", code="unsupported_parameter")
         if req.text is not None and req.text.format.type != "text":
             raise bad_request(f"text.format `{req.text.format.type}` is not supported on /v1/responses; "
                               "only `text` is", param="text.format", code="unsupported_parameter")
-        tier, billed_tier = _tier(req.service_tier, model)
-        messages = [Message(role=t["role"], content=t["content"]) for t in history] + req.messages()
-        if req.instructions:
-            messages.insert(0, Message(role="system", content=req.instructions))
-        if len(messages) >= model.context_length:
-            raise bad_request(f"{len(messages)} messages cannot fit this model's context of "
+        chat = req.to_chat(history)
+        tier, billed_tier = _tier(chat.service_tier, model)
+        tools, structured = _tool_calling(chat, model)
+        if len(chat.messages) >= model.context_length:
+            raise bad_request(f"{len(chat.messages)} messages cannot fit this model's context of "
                               f"{model.context_length} tokens", param="input", code="context_length_exceeded")
         try:
-            prompt_ids = self.prompts[model.id].chat(messages)
+            prompt_ids = self.prompts[model.id].chat(
+                chat.messages, [t.model_dump(exclude_none=True) for t in chat.tools or ()])
         except ValueError as exc:  # the template rejected the conversation
             raise bad_request(str(exc), param="input") from exc
         max_tokens = self._max_tokens(model, len(prompt_ids), req.max_output_tokens, "max_output_tokens")
         session = session_key(account, header=headers.get(AFFINITY_HEADER), prompt_cache_key=req.prompt_cache_key,
-                              user=req.user, messages=((m.role, m.text) for m in messages))
+                              user=req.user, messages=((m.role, m.text) for m in chat.messages))
         rid = "resp_" + rid
-        return self._job(rid, account, model, req, prompt_ids, max_tokens, session, billed_tier,
-                         ResponsesRenderer(rid, model.id, req, tier))
+        return self._job(rid, account, model, chat, prompt_ids, max_tokens, session, billed_tier,
+                         ResponsesRenderer(rid, model.id, req, tier, tools), structured)
 
 
 class ResponsesApi:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cluster.config import EmberConfig, ModelConfig
@@ -19,8 +19,11 @@ from deployments.openai_api import (
     ChatCompletionRequest,
     ChoiceAccumulator,
     CompletionRequest,
+    NamedToolChoice,
     chat_chunk,
     chat_delta,
+    chat_message,
+    chat_tool_delta,
     chat_response,
     completion_chunk,
     completion_delta,
@@ -29,6 +32,7 @@ from deployments.openai_api import (
     usage_dict,
 )
 from deployments.prompts import PromptBuilder
+from deployments.tool_calls import TOOL_CALL_PARSERS, ToolCalling, ToolStream, tool_call_dicts, tool_constraint
 from policies.affinity import session_key
 from policies.tiers import ENGINE_PRIORITY
 
@@ -59,6 +63,18 @@ class Job:
     perf_in_body: bool
     billed_tier: str  # priority | standard | batch
     renderer: "Renderer"
+    # The id the ledger dedupes on; None: the engine request's id. A batch line keeps one op id
+    # over its attempts (each attempt has its own engine request id), so it is billed once.
+    op_id: str | None = None
+
+    def as_batch_line(self, op_id: str) -> "Job":
+        """This request as a line of a batch: lowest engine priority, billed at the batch rate
+        under ``op_id``, never streamed."""
+        self.billed_tier = "batch"
+        self.engine_request.priority = ENGINE_PRIORITY["batch"]
+        self.stream = False
+        self.op_id = op_id
+        return self
 
 
 class Renderer:
@@ -95,40 +111,72 @@ class Renderer:
 
 
 class ChatRenderer(Renderer):
-    def __init__(self, rid: str, model_id: str, tier: str | None):
+    def __init__(self, rid: str, model_id: str, tier: str | None, tools: ToolCalling | None = None):
         super().__init__(rid, model_id)
         self.tier = tier  # echoed as service_tier (None: the caller did not ask)
+        self.tools = tools
         self._started: set[int] = set()
+        self._streams: dict[int, ToolStream] = {}  # with tools: each streamed choice's state
 
     def chunk(self, out: EngineOutput) -> bytes | None:
         if not out.deltas:
             return None
         deltas = []
         for d in out.deltas:
-            deltas.append(chat_delta(d, d.index not in self._started))
+            first = d.index not in self._started
             self._started.add(d.index)
-        return sse(self._chunk_body(deltas))
+            if self.tools is None:
+                deltas.append(chat_delta(d, first))
+                continue
+            stream = self._streams.get(d.index)
+            if stream is None:
+                stream = self._streams[d.index] = ToolStream(self.tools)
+            content, calls, finish = stream.feed(d.text, d.finish_reason)
+            if first or content or calls or finish:
+                deltas.append(chat_tool_delta(d.index, first, content, calls, finish))
+        return sse(self._chunk_body(deltas)) if deltas else None
+
+    def _finish(self, text: str, finish: str) -> tuple[str | None, list[dict] | None, str]:
+        if self.tools is None:
+            return text, None, finish
+        content, calls = self.tools.extract(text)
+        if not calls:
+            return text, None, finish
+        return content, tool_call_dicts(calls), "tool_calls"
 
     def _body(self, choices, usage):
-        return chat_response(self.rid, self.created, self.model_id, choices, usage, self.tier)
+        out = []
+        for c in choices:
+            content, calls, finish = self._finish("".join(c.text), c.finish_reason or "stop")
+            out.append((chat_message(content or "", calls), finish, c.logprobs))
+        return chat_response(self.rid, self.created, self.model_id, out, usage, self.tier)
 
     def _chunk_body(self, choices):
         return chat_chunk(self.rid, self.created, self.model_id, choices, self.tier)
 
 
 class CompletionRenderer(Renderer):
-    def __init__(self, rid: str, model_id: str):
+    def __init__(self, rid: str, model_id: str, echo: str = ""):
         super().__init__(rid, model_id)
+        self._echo = echo  # `echo`: the prompt's text, sent before each choice's own
         self._offsets: dict[int, int] = {}
+
+    def response(self, outs, usage, n):
+        body = super().response(outs, usage, n)
+        for choice in body["choices"]:
+            choice["text"] = self._echo + choice["text"]
+        return body
 
     def chunk(self, out: EngineOutput) -> bytes | None:
         if not out.deltas:
             return None
         choices = []
         for d in out.deltas:
-            off = self._offsets.get(d.index, 0)
-            choices.append(completion_delta(d, off))
-            self._offsets[d.index] = off + len(d.text)
+            off = self._offsets.get(d.index)
+            if off is None and self._echo:
+                d = replace(d, text=self._echo + d.text)
+            choices.append(completion_delta(d, off or 0))
+            self._offsets[d.index] = (off or 0) + len(d.text)
         return sse(self._chunk_body(choices))
 
     def _body(self, choices, usage):
@@ -164,16 +212,24 @@ class _Serving:
         return requested
 
     def _job(self, rid: str, account: str, model: ModelConfig, req, prompt_ids: list[int], max_tokens: int,
-             session: str, billed_tier: str, renderer: Renderer) -> Job:
+             session: str, billed_tier: str, renderer: Renderer, structured=None) -> Job:
         if req.n > self.config.ingress.max_n:
             raise bad_request(f"n is {req.n}; at most {self.config.ingress.max_n} choices per request",
                               param="n")
+        if req.min_tokens > max_tokens:
+            raise bad_request(f"min_tokens ({req.min_tokens}) exceeds the most this request may generate "
+                              f"({max_tokens})", param="min_tokens")
+        vocab = self.prompts[model.id].vocab_size()
+        for param, ids in req.token_ids_named().items():
+            if any(t >= vocab for t in ids):
+                raise bad_request(f"{param} names token ids outside the vocabulary (ids are 0..{vocab - 1})",
+                                  param=param)
         return Job(
             model=model,
             engine_request=EngineRequest(
                 request_id=rid,
                 prompt_token_ids=prompt_ids,
-                sampling=req.sampling_params(max_tokens),
+                sampling=req.sampling_params(max_tokens, structured),
                 cache_salt=account,  # one prefix cache per account: no cross-account timing leaks
                 use_cache=req.use_cache,
                 priority=ENGINE_PRIORITY[billed_tier],
@@ -192,13 +248,15 @@ class ChatServing(_Serving):
         req = ChatCompletionRequest.model_validate_json(body)
         model = self._model_for(req.model, account)
         tier, billed_tier = _tier(req.service_tier, model)
+        tools, structured = _tool_calling(req, model)
         if len(req.messages) >= model.context_length:
             # Every message costs at least its role token: this cannot fit, so say so before the
             # (costly) rendering and tokenizing.
             raise bad_request(f"{len(req.messages)} messages cannot fit this model's context of "
                               f"{model.context_length} tokens", param="messages", code="context_length_exceeded")
         try:
-            prompt_ids = self.prompts[model.id].chat(req.messages)
+            prompt_ids = self.prompts[model.id].chat(
+                req.messages, [t.model_dump(exclude_none=True) for t in req.tools or ()])
         except ValueError as exc:  # the template rejected the conversation
             raise bad_request(str(exc), param="messages") from exc
         max_tokens = self._max_tokens(model, len(prompt_ids), req.requested_max_tokens,
@@ -208,7 +266,35 @@ class ChatServing(_Serving):
                               messages=((m.role, m.text) for m in req.messages))
         rid = "chatcmpl-" + rid
         return self._job(rid, account, model, req, prompt_ids, max_tokens, session, billed_tier,
-                         ChatRenderer(rid, model.id, tier))
+                         ChatRenderer(rid, model.id, tier, tools), structured)
+
+
+def _tool_calling(req: ChatCompletionRequest, model: ModelConfig):
+    """(how the output becomes tool calls, the constraint the tool choice adds), checked."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice is not None and choice != "none":
+            raise bad_request("tool_choice needs tools", param="tool_choice")
+        return None, None
+    if model.tool_call_parser is None:
+        raise bad_request(f"{model.id} does not support function calling (no tool-call parser is "
+                          "configured for it)", param="tools", code="tools_not_supported")
+    names = [t.function.name for t in req.tools]
+    if len(set(names)) != len(names):
+        raise bad_request("tools holds two functions of one name", param="tools")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise bad_request(f"tool_choice names `{choice.function.name}`, which is not in tools",
+                          param="tool_choice")
+    if choice == "none":
+        return None, None
+    constraint = tool_constraint(req.tools, choice or "auto", req.parallel_tool_calls)
+    if constraint is not None and req.response_format is not None and req.response_format.type != "text":
+        raise bad_request("response_format cannot be combined with a required or named tool_choice",
+                          param="response_format")
+    mode = "named" if isinstance(choice, NamedToolChoice) else (choice or "auto")
+    tools = ToolCalling(mode, TOOL_CALL_PARSERS[model.tool_call_parser], req.parallel_tool_calls,
+                        choice.function.name if isinstance(choice, NamedToolChoice) else None)
+    return tools, constraint
 
 
 class CompletionServing(_Serving):
@@ -216,6 +302,9 @@ class CompletionServing(_Serving):
         req = CompletionRequest.model_validate_json(body)
         model = self._model_for(req.model, account)
         builder = self.prompts[model.id]
+        if req.echo and req.logprobs is not None:
+            # OpenAI would add the prompt's own logprobs, which Ember does not compute.
+            raise bad_request("echo cannot be combined with logprobs", param="echo")
         if isinstance(req.prompt, str):
             prompt_ids = builder.text(req.prompt)
         else:
@@ -230,8 +319,9 @@ class CompletionServing(_Serving):
         session = session_key(account, header=headers.get(AFFINITY_HEADER),
                               prompt_cache_key=req.prompt_cache_key, user=req.user, prompt_ids=prompt_ids)
         rid = "cmpl-" + rid
+        echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else builder.decode(prompt_ids)
         return self._job(rid, account, model, req, prompt_ids, max_tokens, session, "standard",
-                         CompletionRenderer(rid, model.id))
+                         CompletionRenderer(rid, model.id, echo))
 
 
 def _tier(service_tier: str | None, model: ModelConfig) -> tuple[str | None, str]:

@@ -11,6 +11,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = REPO_ROOT / "tests" / "openai_schema" / "openai-subset.json"  # vendored, MIT
+BATCH_SCHEMA_FILE = REPO_ROOT / "tests" / "openai_schema" / "openai-files-batches.json"  # the same source, MIT
 DEMO_KEY = "ember-test-key-0001"
 ADMIN_TOKEN = "ember-test-admin-0001"
 SIM_MODEL = "accounts/ember/models/demo-sim"
@@ -20,6 +21,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Serve's proxy strips client control headers and answers in the OpenAI error shape, as under
 # `make run` (the Ray processes started below inherit it).
 os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deployments.proxy_guard:middlewares")
+# Ray's processes push their metrics to the node's exporter every second, not every 10 s, so a
+# test scrapes what it just did without a long wait.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+# Its per-key cap and body deadline (defaults 128 and 10 s), small enough for tests to reach.
+os.environ.setdefault("EMBER_PROXY_MAX_PER_KEY", "64")
+os.environ.setdefault("EMBER_PROXY_BODY_TIMEOUT_S", "5")
 
 
 def free_port() -> int:
@@ -59,6 +66,7 @@ def sim_config(**ingress) -> dict:
             {
                 "id": SIM_MODEL,
                 "context_length": 512,
+                "tool_call_parser": "hermes",
                 "num_replicas": 2,
                 "resources": {"num_cpus": 0.1},
                 "engine": {"kind": "sim", "block_size": 32, "max_num_seqs": 8,
@@ -94,6 +102,7 @@ def openai_schemas():
     import jsonschema
 
     doc = json.loads(SCHEMA_FILE.read_text())
+    doc["components"]["schemas"].update(json.loads(BATCH_SCHEMA_FILE.read_text())["components"]["schemas"])
 
     def validator(name: str, patch=None) -> "jsonschema.protocols.Validator":
         root = json.loads(json.dumps(doc)) if patch else doc

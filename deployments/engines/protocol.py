@@ -46,6 +46,20 @@ from typing import AsyncIterator, Protocol, runtime_checkable
 
 
 @dataclass(slots=True)
+class StructuredOutput:
+    """A constraint on a choice's whole text, enforced while decoding (exactly one is set).
+
+    ``json_schema``: a JSON instance of this JSON Schema; ``json_object``: any JSON object;
+    ``grammar``: text of this grammar (vLLM's backends: EBNF / Lark). An engine that cannot enforce
+    a constraint raises ``EngineRequestError`` (param ``response_format``) rather than ignore it.
+    """
+
+    json_schema: dict | None = None
+    json_object: bool = False
+    grammar: str | None = None
+
+
+@dataclass(slots=True)
 class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
@@ -56,6 +70,18 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: no logprobs; k: the sampled token plus top-k alternatives
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    # Added to the logits of these token ids; -100 bans a token, +100 all but forces it.
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # Generating one of these ends the choice with "stop"; the token counts, its text is not sent.
+    stop_token_ids: list[int] = field(default_factory=list)
+    # No EOS or stop_token_ids are drawn before this many tokens, and stop strings count only
+    # in text after them (vLLM's rules).
+    min_tokens: int = 0
+    structured: StructuredOutput | None = None
 
 
 @dataclass(slots=True)
@@ -68,6 +94,9 @@ class EngineRequest:
     cache_salt: str | None = None
     use_cache: bool = True
     priority: int = 0  # lower is served first (vLLM's convention)
+    # The request's trace context as a W3C carrier ({"traceparent": ...}), for the router's and the
+    # replica's spans; None when the request is not traced (deployments/telemetry.py).
+    trace_context: dict[str, str] | None = None
 
 
 _NO_OUTPUT = SamplingParams(max_tokens=0)
@@ -78,6 +107,7 @@ class EmbedRequest:
     request_id: str
     inputs: list[list[int]]  # token ids, one list per input
     priority: int = 0
+    trace_context: dict[str, str] | None = None  # as EngineRequest's
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -121,6 +151,7 @@ class EngineMetrics:
     # Seconds, measured by the engine from the moment it received the request.
     time_to_first_token_s: float
     processing_time_s: float
+    queue_s: float | None = None  # waiting for a place in the engine's batch, when the engine says
 
 
 @dataclass(slots=True)

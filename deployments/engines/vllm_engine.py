@@ -164,6 +164,7 @@ class VLLMEngine:
         # 0 the model runs inside the engine-core process that AsyncLLM always starts.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -196,6 +197,7 @@ class VLLMEngine:
             # The replica reports its own metrics; vLLM's periodic stats lines are noise here.
             disable_log_stats=True,
             enable_log_requests=False,
+            structured_outputs_config=StructuredOutputsConfig(backend=cfg.structured_output_backend),
         )
         # No local variable holds the engine: this frame outlives the call (tracebacks of
         # imports made under it keep it), and a local in it would keep the engine alive too.
@@ -313,7 +315,9 @@ class VLLMEngine:
         if not request.use_cache:
             salt = f"{salt or ''}#nocache-{uuid.uuid4().hex}"
 
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs.engine import tokens_input
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 
         # {"type": "token", "prompt_token_ids": [...], "cache_salt": salt}: an already-rendered
         # input. vLLM 0.32 deprecates the plain {"prompt_token_ids": ...} dict (it re-renders it);
@@ -324,7 +328,8 @@ class VLLMEngine:
         decode = self._decode
         assert decode is not None  # set together with self._llm
         context = _prompt_context(decode, request.prompt_token_ids)
-        texts = [_ChoiceText(decode, context, request.sampling.stop) for _ in range(n)]
+        texts = [_ChoiceText(decode, context, request.sampling.stop, request.sampling.min_tokens)
+                 for _ in range(n)]
         stream = llm.generate(prompt, params, request.request_id, priority=request.priority)
         completion_tokens = 0
         cached_tokens: int | None = None
@@ -332,9 +337,30 @@ class VLLMEngine:
         first_token_at: float | None = None
         finished: set[int] = set()
         try:
-            # vLLM's errors arrive as the protocol's; the stream ends early only after an abort
-            # (vLLM ends a finished stream with out.finished).
-            async for out in self._guarded(llm, stream):
+            while True:
+                try:
+                    out = await stream.__anext__()
+                except StopAsyncIteration:
+                    return  # only after an abort: vLLM ends a finished stream with out.finished
+                except VLLMClientError as exc:
+                    # Unnamed, with a constraint: the structured-output backend refused it.
+                    param = getattr(exc, "parameter", None) or (
+                        "response_format" if request.sampling.structured is not None else None)
+                    raise EngineRequestError(str(exc), param) from exc
+                except ValueError as exc:
+                    # add_request's checks, structured output's among them (a schema or grammar
+                    # the backend cannot compile), raise ValueError before anything runs.
+                    if request.sampling.structured is None or llm.errored:
+                        raise
+                    raise EngineRequestError(f"the structured output cannot be enforced: {exc}",
+                                             "response_format") from exc
+                except Exception as exc:
+                    # vLLM raises its EngineDeadError when the engine core is gone; anything
+                    # else (EngineGenerateError) fails this request only, unless the engine died.
+                    if isinstance(exc, VLLMEngineDeadError) or llm.errored:
+                        raise EngineDeadError(f"the vLLM engine core died: {exc!r}") from exc
+                    raise
+
                 if cached_tokens is None:
                     cached_tokens = out.num_cached_tokens or 0
                 deltas: list[ChoiceDelta] = []
@@ -416,7 +442,15 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
         from vllm.sampling_params import SamplingParams as VLLMSamplingParams
 
+        from vllm.sampling_params import StructuredOutputsParams
+
         s = request.sampling
+        structured = None
+        if s.structured is not None:
+            # No free whitespace: an untrained model would fill its token budget with it.
+            structured = StructuredOutputsParams(
+                json=s.structured.json_schema, grammar=s.structured.grammar,
+                json_object=True if s.structured.json_object else None, disable_any_whitespace=True)
         try:
             return VLLMSamplingParams(
                 n=s.n,
@@ -432,6 +466,14 @@ class VLLMEngine:
                 logprobs=s.logprobs,
                 ignore_eos=s.ignore_eos,
                 max_tokens=s.max_tokens,
+                presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty,
+                repetition_penalty=s.repetition_penalty,
+                min_p=s.min_p,
+                logit_bias=s.logit_bias or None,
+                stop_token_ids=s.stop_token_ids or None,
+                min_tokens=s.min_tokens,
+                structured_outputs=structured,
                 output_kind=RequestOutputKind.DELTA,
                 # use_cache=False: no prefix-cache lookup for this request (see module doc).
                 skip_reading_prefix_cache=not request.use_cache,
@@ -443,7 +485,11 @@ class VLLMEngine:
     def _delta(co: CompletionOutput, text: _ChoiceText,
                num_logprobs: int | None) -> ChoiceDelta | None:
         token_ids = list(co.token_ids)
-        del token_ids[text.push(token_ids):]  # tokens after one that completed a stop string
+        # A stop token id (stop_token_ids) counts but, as in vLLM, its text is not sent.
+        stop_token = co.finish_reason == "stop" and isinstance(co.stop_reason, int) and token_ids
+        counted = text.push(token_ids[:-1] if stop_token else token_ids)
+        if not stop_token or text.stopped:
+            del token_ids[counted:]  # tokens after one that completed a stop string
         if text.stopped:
             finish_reason: str | None = "stop"
         else:
@@ -486,12 +532,14 @@ class _ChoiceText:
     """
 
     def __init__(self, decode: Callable[[list[int]], str], context: list[int],
-                 stop: list[str]) -> None:
+                 stop: list[str], min_tokens: int = 0) -> None:
         self._decode = decode
         self._ids = list(context)
         self._prefix = 0  # ids[_prefix:_read] decode to text already produced (or prompt)
         self._read = len(self._ids)
         self._stop = stop
+        self._min_tokens = min_tokens  # stop strings count only after this many tokens (as vLLM)
+        self._pushed = 0
         self._hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self._sent = 0  # characters of text handed out by take()
@@ -501,9 +549,10 @@ class _ChoiceText:
         """Decode new tokens; return how many of them count (fewer after a stop string)."""
         for i, token_id in enumerate(token_ids):
             self._ids.append(token_id)
+            self._pushed += 1
             start = len(self.text)
             self.text += self._step(final=False)
-            if self._stop and self._cut_at_stop(start):
+            if self._stop and self._pushed > self._min_tokens and self._cut_at_stop(start):
                 return i + 1
         return len(token_ids)
 

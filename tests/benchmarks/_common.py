@@ -470,21 +470,30 @@ class ProcessCpu:
     machine are left out.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, trees: dict[int, str] | None = None) -> None:
         import psutil
 
         self._psutil = psutil
         self.me = psutil.Process()
         self._procs: dict[int, tuple[Any, str]] = {}
+        self.trees = dict(trees or {})  # pid -> role for it and all its descendants
         self.refresh()
 
     def refresh(self) -> None:
         """Find the processes again and re-read their titles: a Ray worker that was idle may have
         become an actor since (call it after start-up and warm-up, not inside a measurement)."""
+        named: dict[int, str] = {}
+        for pid, role in self.trees.items():
+            try:
+                root = self._psutil.Process(pid)
+                named[pid] = role
+                named.update((c.pid, role) for c in root.children(recursive=True))
+            except self._psutil.NoSuchProcess:
+                continue
         procs = {}
         for p in self.me.children(recursive=True):
             prev = self._procs.get(p.pid)
-            procs[p.pid] = (prev[0] if prev else p, _classify(p))
+            procs[p.pid] = (prev[0] if prev else p, named.get(p.pid) or _classify(p))
         self._procs = procs
 
     def pids(self, role: str) -> list[int]:

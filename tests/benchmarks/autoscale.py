@@ -5,8 +5,12 @@ One SimEngine model autoscaling 1..4 replicas gets Poisson arrivals at 0.8x one 
 (warm-up), then a step to 4x for ``--step-s``. Each variant is deployed, driven and deleted in
 turn, in one Ray session:
 
+- ``ember-app``: the same pool under the application-level ``EmberAppPolicy``, deployed from a
+  config as ``serve deploy`` / ``serve run ray_configs/sim.yaml`` do: it sees the ingress gate's
+  queue per tier beside the pool's sequences, so one look at a 4x step asks for 4 replicas;
 - ``ember``: ``policy: ember`` (``EmberPoolPolicy``, deployment level as under ``serve.run``:
-  it sees the pool's running and waiting sequences, not the gate's queue), gate following the
+  it sees the pool's running and waiting sequences, not the gate's queue, so a full pool looks
+  only "full", 1.25x its target, and it grows one replica per look), gate following the
   running replicas, waiting up to ``replica_start_s`` while the pool is below its maximum;
 - ``serve``: Serve's default policy (``target_ongoing_requests`` = 0.8 x max_num_seqs,
   ``upscale_delay_s`` 5 s, metrics every 10 s as Serve defaults), gate fixed at one replica.
@@ -44,7 +48,7 @@ LATENCY = {"step_base_s": 0.03, "decode_s_per_seq": 0.0005, "prefill_base_s": 0.
 
 
 def config(variant: str) -> dict:
-    if variant == "ember":
+    if variant in ("ember", "ember-app"):
         auto = {"min_replicas": 1, "max_replicas": MAX_REPLICAS, "policy": "ember", "downscale_delay_s": 60,
                 "replica_start_s": 30}
     else:
@@ -83,6 +87,8 @@ async def open_loop(http, url: str, key: str, rate: float, duration_s: float, se
         try:
             r = await http.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
             rec["status"] = r.status_code
+            if r.status_code == 200:
+                rec["ttft_s"] = float(r.headers["fireworks-server-time-to-first-token"])
         except Exception as exc:
             rec["status"] = type(exc).__name__
         rec["done_at"] = time.perf_counter() - t_origin
@@ -98,15 +104,23 @@ async def open_loop(http, url: str, key: str, rate: float, duration_s: float, se
     return results
 
 
-async def watch_replicas(app: str, t_origin: float, stop: asyncio.Event, out: list) -> None:
+async def watch_replicas(app: str, t_origin: float, stop: asyncio.Event, out: list, gates: list) -> None:
+    """Running replicas (Serve's status) and the gate's slots and queue (the ingress's gate_state),
+    four times a second."""
     from ray import serve
 
+    ingress = serve.get_app_handle(app)
     while not stop.is_set():
         try:
             st = await asyncio.to_thread(serve.status)
             dep = st.applications[app].deployments[DEPLOYMENT]
             running = dep.replica_states.get("RUNNING", 0)
             out.append((time.perf_counter() - t_origin, int(running)))
+        except Exception:
+            pass
+        try:
+            g = (await ingress.gate_state.remote())[MODEL]
+            gates.append((time.perf_counter() - t_origin, g["slots"], g["in_flight"], g["waiting"]))
         except Exception:
             pass
         await asyncio.sleep(0.25)
@@ -151,25 +165,50 @@ def analyse(variant: str, results: list[dict], timeline: list[tuple[float, int]]
     }
 
 
+def deploy_with_app_policy(app: str, args: dict) -> None:
+    """Deploy from a config, as ``serve deploy`` does: only that path takes an app-level policy."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster.config import AutoscalingConfig
+    from deployments.autoscaling import POLICY_APP
+
+    knobs = AutoscalingConfig.model_validate(args["models"][0]["autoscaling"]).knobs()
+    schema = ServeDeploySchema.model_validate({"applications": [{
+        "name": app, "route_prefix": f"/{app}", "import_path": "cluster.builder:build_app", "args": args,
+        "autoscaling_policy": {"policy_function": POLICY_APP, "policy_kwargs": knobs},
+    }]})
+    _get_global_client().deploy_apps(schema, _blocking=True)
+
+
 async def run_variant(http, base: str, key: str, variant: str, args) -> dict:
     from ray import serve
 
     from cluster.builder import build_app
 
     app = f"autoscale-{variant}"
-    serve.run(build_app(config(variant)), name=app, route_prefix=f"/{app}")
+    if variant == "ember-app":
+        deploy_with_app_policy(app, config(variant))
+    else:
+        serve.run(build_app(config(variant)), name=app, route_prefix=f"/{app}")
     url = f"{base}/{app}/v1/chat/completions"
     try:
         cap = replica_capacity_rps()
         t0 = time.perf_counter()
         stop = asyncio.Event()
         timeline: list[tuple[float, int]] = []
-        watcher = asyncio.create_task(watch_replicas(app, t0, stop, timeline))
+        gates: list[tuple[float, int, int, int]] = []
+        watcher = asyncio.create_task(watch_replicas(app, t0, stop, timeline, gates))
         warm = await open_loop(http, url, key, 0.8 * cap, args.warm_s, 1, t0, "warm")
         step = await open_loop(http, url, key, 4 * cap, args.step_s, 2, t0, "step")
         stop.set()
         await watcher
-        return analyse(variant, warm + step, timeline, args.warm_s, args.step_s)
+        out = analyse(variant, warm + step, timeline, args.warm_s, args.step_s)
+        # For notebooks/autoscale_step.ipynb: the gate over time and every request.
+        out["gate_timeline"] = gates
+        out["requests"] = [[r["sent_at"], r["done_at"], r["status"], r.get("ttft_s")] for r in warm + step]
+        out["step_start_s"] = args.warm_s
+        return out
     finally:
         serve.delete(app)
 
@@ -194,7 +233,8 @@ def main() -> None:
     ap.add_argument("--warm-s", type=float, default=15)
     ap.add_argument("--step-s", type=float, default=75)
     ap.add_argument("--timeout", type=float, default=120)
-    ap.add_argument("--variants", nargs="+", default=["ember", "serve"], choices=["ember", "serve"])
+    ap.add_argument("--variants", nargs="+", default=["ember-app", "ember", "serve"],
+                    choices=["ember-app", "ember", "serve"])
     ap.add_argument("--out", default="bench_results/autoscale.json")
     args = ap.parse_args()
     if args.small:

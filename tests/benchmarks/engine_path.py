@@ -38,14 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.benchmarks._common import (  # noqa: E402
     SERVE_PRESETS,
     HttpxClient,
+    ProcessCpu,
     apply_serve_env,
     closed_loop,
     free_port,
     paired_p50_difference_ms,
     percentile,
     print_table,
+    start_py_spy,
     start_ray_serve,
     stop_ray_serve,
+    summarize_collapsed,
     write_json,
 )
 
@@ -55,14 +58,19 @@ ENGINE = {"kind": "vllm", "block_size": 32, "max_num_seqs": 16, "cpu_kvcache_spa
 CONTEXT = 2048
 
 
-def ember_config(threads: int | None = None, interval: float | None = None) -> dict:
-    engine = dict(ENGINE)
+# On a GPU the three engines (Ember's and two vLLM servers) share one card.
+GPU_SHARE = 0.28
+
+
+def ember_config(threads: int | None = None, interval: float | None = None, gpu: bool = False) -> dict:
+    engine = dict(ENGINE, gpu_memory_utilization=GPU_SHARE)
     if threads:
         engine["cpu_threads"] = threads
     if interval is not None:
         engine["stream_interval_s"] = interval
     return {
-        "models": [{"id": MODEL, "context_length": CONTEXT, "num_replicas": 1, "resources": {"num_cpus": 1},
+        "models": [{"id": MODEL, "context_length": CONTEXT, "num_replicas": 1,
+                    "resources": {"num_cpus": 1, **({"num_gpus": 1} if gpu else {})},
                     "max_ongoing_requests": 256, "engine": engine,
                     # The limiter runs on every request but must never refuse one here.
                     "limits": {"floor": {"prompt": 10**9, "uncached": 10**9, "generated": 10**9},
@@ -78,7 +86,8 @@ def start_vllm(model_dir: Path, port: int, tuned_env: dict[str, str] | None = No
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", str(CONTEXT), "--block-size", "32", "--max-num-seqs", "16",
-           "--enforce-eager", "--enable-prefix-caching", "--disable-uvicorn-access-log"]
+           "--enforce-eager", "--enable-prefix-caching", "--disable-uvicorn-access-log",
+           "--gpu-memory-utilization", str(GPU_SHARE)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
 
 
@@ -135,7 +144,7 @@ async def run(args) -> dict:
     from cluster.config import EmberConfig
 
     os.environ["EMBER_DEMO_KEY"] = KEY
-    cfg = EmberConfig.model_validate(ember_config(args.engine_threads, args.stream_interval))
+    cfg = EmberConfig.model_validate(ember_config(args.engine_threads, args.stream_interval, args.device == "gpu"))
     ensure_models(cfg)
     model_dir = cfg.models[0].model_dir
     rng = random.Random(0)
@@ -162,14 +171,21 @@ async def run(args) -> dict:
             for name, send in senders.items():  # warm up all
                 await closed_loop(client, send, 4, 5)
             tput: dict[str, list] = {name: [] for name in urls}
+            used: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
+            # After the warm-up every actor exists; each vLLM server is one process tree.
+            cpu = ProcessCpu(trees={servers[0].pid: "vllm.server", servers[1].pid: "vllm-tuned.server"})
             names = list(urls)
             for r in range(args.rounds):
                 order = names[r % len(names):] + names[:r % len(names)]
                 for name in order:
+                    before = cpu.snapshot()
                     res = await closed_loop(client, senders[name], args.concurrency, args.round_s)
+                    used[name].append(ProcessCpu.delta(before, cpu.snapshot()))
                     tput[name].append(res)
                     print(f"round {r} {name:5s} C={args.concurrency}: {res.rps:6.2f} req/s, "
                           f"ttft p50 {percentile(sorted(res.ttft_s), 50) * 1e3:7.1f} ms, errors {res.errors}")
+            if args.profile:
+                results["profile"] = await profile_ember(args, client, senders["ember"], cpu)
             # Time to first token does not depend on the answer's length; short answers give many
             # more pairs in the same time, so a tighter interval.
             short = {name: make_sender(url, pair_prompts[i::len(urls)], args.pairs_max_tokens)
@@ -193,13 +209,66 @@ async def run(args) -> dict:
         summary[name] = {"rps": reqs / secs, "requests": reqs, "errors": sum(x.errors for x in rounds),
                          "ttft_p50_ms_loaded": percentile(ttfts, 50) * 1e3,
                          "ttft_p99_ms_loaded": percentile(ttfts, 99) * 1e3,
-                         "tok_per_s": reqs * args.max_tokens / secs}
+                         "tok_per_s": reqs * args.max_tokens / secs,
+                         "cpu_ms_per_request": cpu_by_role(name, used[name], reqs)}
     best = max(("vllm", "vllm-tuned"), key=lambda n: summary[n]["rps"])
     diffs = {n: paired_p50_difference_ms(paired["ember"], paired[n]) for n in ("vllm", "vllm-tuned")}
     results.update(summary=summary, baseline=best, paired_ttft=diffs[best], paired_ttft_all=diffs,
                    concurrency=args.concurrency, max_tokens=args.max_tokens,
                    ttft_p50_ms_c1={n: percentile(sorted(v), 50) * 1e3 for n, v in paired.items()})
     return results
+
+
+async def profile_ember(args, client: HttpxClient, send, cpu: ProcessCpu) -> dict:
+    """One extra Ember round with py-spy (GIL samples) on the proxy, the ingress and the pool
+    replica at once: where each role's Python time goes, per request."""
+    out_dir = Path(args.out).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    roles = [r for r in cpu.roles() if r == "serve.proxy" or r.startswith("ember.")]
+    spies = {}
+    for role in roles:
+        pids = cpu.pids(role)
+        if pids:
+            raw = out_dir / f"engine_path_{role}.txt"
+            proc = start_py_spy(pids[0], args.round_s + 1.0, raw, rate=100)
+            if proc is None:
+                return {"error": "py-spy not found (pip install py-spy)"}
+            spies[role] = (proc, raw)
+    await asyncio.sleep(0.5)  # let py-spy attach
+    before = cpu.snapshot()
+    res = await closed_loop(client, send, args.concurrency, args.round_s)
+    used = ProcessCpu.delta(before, cpu.snapshot())
+    result: dict = {"rps_while_profiled": round(res.rps, 2)}
+    for role, (proc, raw) in spies.items():
+        _, err = await asyncio.to_thread(proc.communicate)
+        if proc.returncode != 0 or not raw.exists():
+            result[role] = {"error": f"py-spy failed: {err.decode(errors='replace')[-300:]}"}
+            continue
+        summary = summarize_collapsed(raw, 100, res.requests, top=15)
+        summary["process_cpu_ms_per_request"] = round(used.get(role, 0.0) / max(res.requests, 1) * 1e3, 3)
+        result[role] = summary
+    return result
+
+
+def cpu_by_role(server: str, rounds: list[dict[str, float]], requests: int) -> dict[str, float]:
+    """CPU ms per request of the processes that serve ``server``, by role, over its own rounds.
+
+    vLLM's server is its process tree. Ember is every Ray process (proxy, ingress, pool replica
+    with its in-process engine, controller, limiter, raylet/GCS as ``ray.other``). The client and
+    the idle servers are left out.
+    """
+    total: dict[str, float] = {}
+    for delta in rounds:
+        for role, secs in delta.items():
+            total[role] = total.get(role, 0.0) + secs
+    if server.startswith("vllm"):
+        mine = {role: v for role, v in total.items() if role == f"{server}.server"}
+    else:
+        mine = {role: v for role, v in total.items()
+                if not role.endswith(".server") and role != "client(driver)"}
+    out = {role: round(v / max(requests, 1) * 1e3, 3) for role, v in sorted(mine.items())}
+    out["total"] = round(sum(mine.values()) / max(requests, 1) * 1e3, 3)
+    return out
 
 
 async def paired_ttft(client: HttpxClient, senders: dict, iterations: int, max_s: float) -> dict[str, list[float]]:
@@ -237,6 +306,10 @@ def main() -> None:
     ap.add_argument("--stream-interval", type=float, default=None, help="engine.stream_interval_s for Ember")
     ap.add_argument("--serve-preset", choices=sorted(SERVE_PRESETS), default="default",
                     help="Serve knobs for Ember (see _common.SERVE_PRESETS); haproxy removes the Python proxy")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                    help="gpu: the `gpu` extra's vLLM; Ember's replica takes the GPU (see gpu_check.sh)")
+    ap.add_argument("--profile", action="store_true",
+                    help="one extra Ember round with py-spy on the proxy, ingress and pool replica")
     ap.add_argument("--out", default="bench_results/engine_path.json")
     args = ap.parse_args()
     if args.small:
@@ -250,6 +323,20 @@ def main() -> None:
     print()
     print_table(["server", "req/s", "tok/s", f"TTFT p50 ms (C={args.concurrency})", "TTFT p99 ms", "errors"], rows)
     best = res["baseline"]
+    print()
+    ember_cpu = s["ember"]["cpu_ms_per_request"]
+    print_table(["ember role", "CPU ms/request"], [[r, v] for r, v in ember_cpu.items()])
+    for name in ("vllm", "vllm-tuned"):
+        print(f"{name} server CPU ms/request: {s[name]['cpu_ms_per_request']['total']:.2f}")
+    added_cpu = ember_cpu["total"] - s[best]["cpu_ms_per_request"]["total"]
+    res["added_cpu_ms_per_request"] = added_cpu
+    print(f"Ember's added CPU per request against {best}: {added_cpu:.2f} ms\n")
+    for role, prof in (res.get("profile") or {}).items():
+        if isinstance(prof, dict) and "self_top" in prof:
+            print(f"py-spy {role}: process CPU {prof['process_cpu_ms_per_request']:.2f} ms/request; "
+                  f"top self time (function, ms/request, % of samples):")
+            for row in prof["self_top"][:8]:
+                print(f"    {row[2]:5.1f}%  {row[1]:7.3f}  {row[0]}")
     for name in ("vllm", "vllm-tuned"):
         print(f"throughput ratio ember/{name}: {s['ember']['rps'] / s[name]['rps']:.3f}")
     ratio = s["ember"]["rps"] / s[best]["rps"]

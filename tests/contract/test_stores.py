@@ -337,3 +337,108 @@ def test_a_dropped_revocation_feed_raises_instead_of_reconnecting_silently():
         await feed.close()
 
     _run(go())
+
+
+def test_ledger_shows_batch_usage_apart_within_the_totals(kind, ledger_prefix):
+    async def go():
+        ledger = _ledger(kind, ledger_prefix)
+        acct = "acct-" + uuid.uuid4().hex
+        assert await ledger.record(usage_event(acct, 3, cost=1.0))
+        assert await ledger.record({**usage_event(acct, 6, cost=0.5), "tier": "batch"})
+        [row] = await ledger.totals(acct)
+        assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == (2, 29, 18)
+        assert (row["batch_requests"], row["batch_prompt_tokens"], row["batch_cached_tokens"],
+                row["batch_completion_tokens"]) == (1, 16, 0, 12)
+        assert row["cost_usd"] == pytest.approx(1.5) and row["batch_cost_usd"] == pytest.approx(0.5)
+
+    _run(go())
+
+
+# -- files and batches ---------------------------------------------------------------------------
+
+@pytest.fixture
+def batch_store(kind):
+    from cluster.stores import MemoryBatchStore, RedisBatchStore
+
+    if kind == "memory":
+        yield MemoryBatchStore()
+        return
+    import redis
+
+    prefix = f"ember:test:{uuid.uuid4().hex}:"
+    yield RedisBatchStore(REDIS_URL, prefix=prefix)
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(prefix + "*"))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+def _batch(bid, account="acct-a", status="validating", created_at=100):
+    return {"id": bid, "account": account, "status": status, "created_at": created_at, "endpoint": "/v1/completions",
+            "metadata": None, "request_counts": {"total": 3, "completed": 0, "failed": 0}}
+
+
+def test_files_are_scoped_to_their_account_and_paged_newest_first(batch_store):
+    async def go():
+        for i in range(5):
+            await batch_store.put_file({"id": f"file-{i}", "account": "acct-a", "bytes": i, "created_at": 10 + i,
+                                        "filename": "f.jsonl", "purpose": "batch"})
+        await batch_store.put_file({"id": "file-x", "account": "acct-b", "bytes": 1, "created_at": 50,
+                                    "filename": "x.jsonl", "purpose": "batch_output"})
+        assert (await batch_store.get_file("acct-a", "file-2"))["bytes"] == 2
+        assert await batch_store.get_file("acct-b", "file-2") is None
+        page, more = await batch_store.list_files("acct-a", None, 2)
+        assert [f["id"] for f in page] == ["file-4", "file-3"] and more
+        page, more = await batch_store.list_files("acct-a", "file-3", 10)
+        assert [f["id"] for f in page] == ["file-2", "file-1", "file-0"] and not more
+        assert (await batch_store.list_files("acct-b", None, 10, purpose="batch"))[0] == []
+        assert await batch_store.delete_file("acct-b", "file-1") is False
+        assert await batch_store.delete_file("acct-a", "file-1") is True
+        assert await batch_store.get_file("acct-a", "file-1") is None
+
+    _run(go())
+
+
+def test_batch_status_moves_only_from_the_expected_state(batch_store):
+    async def go():
+        await batch_store.put_batch(_batch("batch_1"))
+        await batch_store.put_batch(_batch("batch_2", account="acct-b", created_at=101))
+        assert sorted(await batch_store.active_batches()) == ["batch_1", "batch_2"]
+        assert await batch_store.get_batch("acct-b", "batch_1") is None
+        assert (await batch_store.get_batch(None, "batch_1"))["account"] == "acct-a"
+        moved = await batch_store.update_batch("batch_1", {"status": "in_progress", "in_progress_at": 5},
+                                               expect=("validating",))
+        assert moved["status"] == "in_progress" and moved["in_progress_at"] == 5 and moved["metadata"] is None
+        assert await batch_store.update_batch("batch_1", {"status": "failed"}, expect=("validating",)) is None
+        assert await batch_store.update_batch("nope", {"status": "failed"}) is None
+        await batch_store.update_batch("batch_1", {"status": "cancelled"}, expect=("in_progress",))
+        assert await batch_store.active_batches() == ["batch_2"]
+        assert [b["id"] for b in (await batch_store.list_batches("acct-a", None, 10))[0]] == ["batch_1"]
+
+    _run(go())
+
+
+def test_a_line_is_completed_once_and_counted_once(batch_store):
+    async def go():
+        await batch_store.put_batch(_batch("batch_l"))
+        assert [await batch_store.claim_line("batch_l", 7) for _ in range(3)] == [1, 2, 3]
+        first = {"custom_id": "a", "response": {"status_code": 200}, "error": None}
+        assert await batch_store.complete_line("batch_l", 7, first, failed=False) is True
+        assert await batch_store.complete_line("batch_l", 7, {"custom_id": "a", "late": 1}, failed=False) is False
+        assert await batch_store.complete_line("batch_l", 8, {"custom_id": "b"}, failed=True) is True
+        assert await batch_store.line_results("batch_l") == {7: first, 8: {"custom_id": "b"}}
+        assert await batch_store.counts("batch_l") == (1, 1)
+        assert await batch_store.counts("batch_other") == (0, 0)
+
+    _run(go())
+
+
+def test_concurrent_completions_of_one_line_store_one_result(batch_store):
+    async def go():
+        wins = await asyncio.gather(*(batch_store.complete_line("batch_c", 1, {"n": i}, failed=False)
+                                      for i in range(20)))
+        assert sum(wins) == 1
+        assert await batch_store.counts("batch_c") == (1, 0)
+
+    _run(go())

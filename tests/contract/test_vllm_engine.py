@@ -139,7 +139,17 @@ def test_demo_model_chat_template(demo_model_dir: Path) -> None:
     without = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
     assert not without.endswith("<|assistant|>\n")
     with pytest.raises(Exception, match="unsupported role"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+        tok.apply_chat_template([{"role": "function", "content": "x"}], tokenize=False)
+    # Tools in the Hermes format that vLLM's `hermes` parser reads.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "",
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    text = tok.apply_chat_template(history, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert '<tools>\n{"type": "function"' in text
+    assert '<|assistant|>\n<tool_call>{"name": "f", "arguments": {}}</tool_call><|eos|>' in text
+    assert "<|user|>\n<tool_response>\n42\n</tool_response><|eos|>" in text
 
 
 def test_demo_model_tokenizer_round_trips_ascii(demo_model_dir: Path) -> None:

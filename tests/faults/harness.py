@@ -92,6 +92,14 @@ class App:
         for name in names:
             ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
 
+    def kill_batch_runner(self) -> None:
+        import ray
+
+        names = self._actors("batch-runner")
+        assert names, "no batch runner replica to kill"
+        for name in names:
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+
     def wait_idle(self, timeout_s: float = 30.0) -> dict:
         """Until the gate holds nothing and no engine runs a request; returns the last gate state."""
         deadline = time.monotonic() + timeout_s

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import select
 import socket
 import time
 from urllib.parse import urlsplit
@@ -34,6 +35,7 @@ def _config() -> dict:
              "engine": {"kind": "sim", "block_size": 32}},
         ],
         "ingress": {"num_cpus": 0.05, "max_concurrent_per_account": 4, "body_read_timeout_s": 1.0,
+                    "failed_large_limit": 3, "failed_large_window_s": 30,
                     "usage_requests_per_minute": 3, "max_completion_tokens": 4000},
         "rate_limit": {"enabled": True, "lease_fraction": 0.02},
     }
@@ -60,21 +62,68 @@ def _account(app, name: str, **fields) -> str:
     return httpx.post(f"{app}/admin/accounts/{name}/keys", headers=ADMIN, timeout=30).json()["key"]
 
 
-def test_an_account_past_its_concurrency_cap_gets_429_before_its_body_is_read(app):
-    key = _account(app, "greedy")
+def _trickle(app, key: str, declared: int = 1000) -> socket.socket:
+    """A connection that sends its headers and one byte of a body, then nothing."""
     u = urlsplit(app)
-    socks = []
+    s = socket.create_connection((u.hostname, u.port))
+    s.sendall((f"POST {u.path}/v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n{{").encode())
+    return s
+
+
+def _response(s: socket.socket, timeout_s: float = 30) -> tuple[bytes, dict]:
+    s.settimeout(timeout_s)
+    data = b""
+    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, json.loads(body[body.index(b"{"):])
+
+
+def test_an_account_past_its_concurrency_cap_gets_429(app):
+    client = _client(app, _account(app, "greedy"))
+    streams = []
     try:
-        for _ in range(4):  # four slow senders hold the account's four places
-            s = socket.create_connection((u.hostname, u.port))
-            s.sendall((f"POST {u.path}/v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
-                       "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode())
-            socks.append(s)
-        time.sleep(0.3)
+        for _ in range(4):  # four long streams hold the account's four places in the ingress
+            stream = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2000, stream=True)
+            next(iter(stream))
+            streams.append(stream)
         with pytest.raises(openai.RateLimitError) as e:
-            _client(app, key).chat.completions.create(model=MODEL, messages=MSG, max_tokens=2)
+            client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2)
         assert e.value.body["code"] == "concurrency_limit_exceeded"
-        # Another account is not affected.
+        assert _client(app).chat.completions.create(model=MODEL, messages=MSG, max_tokens=2).choices
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def _answered(socks: list[socket.socket], want: int, within_s: float) -> list[bytes]:
+    """The first response bytes of sockets that got an answer, until ``want`` did or time ran out."""
+    got: dict[socket.socket, bytes] = {}
+    deadline = time.monotonic() + within_s
+    while len(got) < want and time.monotonic() < deadline:
+        ready, _, _ = select.select([s for s in socks if s not in got], [], [], 0.1)
+        for s in ready:
+            got[s] = s.recv(65536)
+    return list(got.values())
+
+
+def test_slow_senders_are_held_and_capped_in_the_proxy_not_the_ingress(app):
+    # The proxy reads bodies itself and caps a key at 64 requests (EMBER_PROXY_MAX_PER_KEY in
+    # tests/conftest.py). Trickling bodies wait there, so the ingress (whose cap for this account
+    # is 4) never sees them and the account's complete requests pass.
+    key = _account(app, "trickler")
+    socks = [_trickle(app, key) for _ in range(10)]
+    try:
+        time.sleep(0.5)
+        assert _client(app, key).chat.completions.create(model=MODEL, messages=MSG, max_tokens=2).choices
+        socks += [_trickle(app, key) for _ in range(60)]
+        answered = _answered(socks, want=6, within_s=3.0)  # well before the 5 s body deadline
+        assert len(answered) == 70 - 64, answered
+        assert all(a.startswith(b"HTTP/1.1 429") for a in answered), answered
         assert _client(app).chat.completions.create(model=MODEL, messages=MSG, max_tokens=2).choices
     finally:
         for s in socks:
@@ -82,20 +131,29 @@ def test_an_account_past_its_concurrency_cap_gets_429_before_its_body_is_read(ap
 
 
 def test_a_body_that_trickles_past_its_deadline_gets_408_in_the_openai_shape(app):
-    u = urlsplit(app)
-    with socket.create_connection((u.hostname, u.port)) as s:
-        s.sendall((f"POST {u.path}/v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {DEMO_KEY}\r\n"
-                   "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"").encode())
-        s.settimeout(30)
-        data = b""
-        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+    with _trickle(app, DEMO_KEY, declared=100) as s:
+        head, body = _response(s)
     assert head.startswith(b"HTTP/1.1 408"), head
-    assert json.loads(body[body.index(b"{"):])["error"]["code"] == "body_timeout"
+    assert body["error"]["code"] == "body_timeout"
+
+
+def test_an_account_whose_large_bodies_keep_failing_is_refused_then_held_in_the_proxy(app, openai_schemas):
+    key = _account(app, "flooder")
+    bad = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "x"}] * 9000}  # > context
+    http = httpx.Client(base_url=app + "/v1", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    codes = [http.post("/chat/completions", json=bad).status_code for _ in range(3)]
+    assert codes == [400, 400, 400]  # failed_large_limit: 3 (in _config)
+    r = http.post("/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 1})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_failed_requests", r.text
+    assert int(r.headers["retry-after"]) >= 1 and "x-ember-hold-key-s" not in r.headers
+    openai_schemas("ErrorResponse").validate(r.json())
+    # Now the proxy answers for the ingress, without waiting for a body that never comes.
+    with _trickle(app, key) as s:
+        head, body = _response(s, timeout_s=3)  # the proxy's body deadline is 5 s
+    assert head.startswith(b"HTTP/1.1 429"), head
+    assert body["error"]["code"] == "too_many_failed_requests"
+    # Other accounts are not affected.
+    assert _client(app).chat.completions.create(model=MODEL, messages=MSG, max_tokens=1).choices
 
 
 def test_generated_tokens_are_reserved_in_full_so_a_burst_cannot_pass_the_limit(app):

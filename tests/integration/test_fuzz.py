@@ -192,8 +192,8 @@ def test_non_finite_literals_are_not_json(body):
 
 
 def test_the_words_nan_and_infinity_in_strings_are_fine():
-    req = CompletionRequest.model_validate_json(b'{"model": "NaN", "prompt": "Infinity and NaN", "x": "-Infinity"}')
-    assert req.prompt == "Infinity and NaN"
+    req = CompletionRequest.model_validate_json(b'{"model": "NaN", "prompt": "Infinity and NaN", "user": "-Infinity"}')
+    assert req.prompt == "Infinity and NaN" and req.user == "-Infinity"
 
 
 # -- the live service -------------------------------------------------------------------------

@@ -121,8 +121,46 @@ def test_no_account_can_read_use_or_delete_another_accounts_response(client, sim
         client.responses.delete(mine.id)
 
 
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"], "additionalProperties": False}}
+
+
+def test_function_tools_call_and_take_their_output_back(client, sim_app, sdk_schemas):
+    import jsonschema
+
+    choice = {"type": "function", "name": "get_weather"}
+    raw = client.responses.with_raw_response.create(model=SIM_MODEL, input="Weather in Oslo?", tools=[WEATHER],
+                                                    tool_choice=choice, max_output_tokens=64)
+    sdk_schemas("Response").validate(raw.http_response.json())
+    resp = raw.parse()
+    call = resp.output[-1]
+    assert call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+
+    back = client.responses.create(model=SIM_MODEL, previous_response_id=resp.id, tools=[WEATHER],
+                                   input=[{"type": "function_call_output", "call_id": call.call_id,
+                                           "output": "sunny, 21 C"}], max_output_tokens=4)
+    assert back.usage.input_tokens > resp.usage.input_tokens + resp.usage.output_tokens
+
+    valid = sdk_schemas("ResponseStreamEvent")
+    events = []
+    with httpx.stream("POST", f"{sim_app}/responses", headers={"Authorization": f"Bearer {DEMO_KEY}"},
+                      json={"model": SIM_MODEL, "input": "Weather in Rome?", "tools": [WEATHER],
+                            "tool_choice": choice, "max_output_tokens": 64, "stream": True}, timeout=30) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    for e in events:
+        valid.validate(e)
+    kinds = [e["type"] for e in events]
+    assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
+    done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+    jsonschema.validate(json.loads(done["arguments"]), WEATHER["parameters"])
+
+
 @pytest.mark.parametrize("body, param", [
-    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}, "tools"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+      "tool_choice": {"type": "function", "name": "g"}}, "tool_choice"),
+    ({"input": "x", "tools": [{"type": "custom", "name": "f"}]}, "tools"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input"),

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import openai
 import pytest
 
 from tests.conftest import DEMO_KEY
+from tests.integration.test_openai_features import (
+    CITY, TIME, WEATHER, _assert_calls_valid, _stream, _streamed_calls, _text)
 
 pytestmark = pytest.mark.vllm
 VLLM_MODEL = "accounts/ember/models/demo"
@@ -21,6 +26,7 @@ def vllm_client(serve_instance):
         "models": [{
             "id": VLLM_MODEL,
             "context_length": 1024,
+            "tool_call_parser": "hermes",
             "num_replicas": 1,
             "resources": {"num_cpus": 0.5},
             "engine": {"kind": "vllm", "block_size": 32, "max_num_seqs": 8, "cpu_kvcache_space_gib": 0.5},
@@ -69,3 +75,76 @@ def test_vllm_rejects_what_does_not_fit(vllm_client):
     with pytest.raises(openai.BadRequestError) as e:
         vllm_client.chat.completions.create(model=VLLM_MODEL, messages=[{"role": "user", "content": "w " * 3000}])
     assert e.value.body["code"] == "context_length_exceeded"
+
+
+# -- structured outputs and tools: vLLM's own constrained decoding on random weights ----------
+
+
+def test_json_schema_on_vllm_parses_and_validates_streamed_or_not(vllm_client, openai_schemas):
+    rf = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    kw = dict(model=VLLM_MODEL, messages=[{"role": "user", "content": "A city"}], max_tokens=400,
+              response_format=rf, n=2, seed=1)
+    raw = vllm_client.chat.completions.with_raw_response.create(**kw)
+    body = raw.http_response.json()
+    openai_schemas("CreateChatCompletionResponse").validate(body)
+    for choice in body["choices"]:
+        assert choice["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(choice["message"]["content"]), CITY)
+    chunks = _stream(vllm_client, openai_schemas, **kw)
+    for i in range(2):
+        jsonschema.validate(json.loads(_text(chunks, i)), CITY)
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_json_object_and_grammar_on_vllm(vllm_client):
+    obj = vllm_client.chat.completions.create(model=VLLM_MODEL, messages=[{"role": "user", "content": "x"}],
+                                              max_tokens=400, response_format={"type": "json_object"}, seed=2)
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    grammar = 'root ::= ("yes" | "no") " " [0-9]'
+    for seed in range(3):
+        resp = vllm_client.chat.completions.create(
+            model=VLLM_MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=20, seed=seed,
+            extra_body={"response_format": {"type": "grammar", "grammar": grammar}})
+        content = resp.choices[0].message.content
+        assert content.split(" ")[0] in ("yes", "no") and content[-1].isdigit(), content
+    with pytest.raises(openai.BadRequestError) as e:  # vLLM's backend cannot compile it: 400, not 500
+        vllm_client.chat.completions.create(
+            model=VLLM_MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5,
+            extra_body={"response_format": {"type": "grammar", "grammar": "root ::= ("}})
+    assert e.value.body["param"] == "response_format"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_and_named_tool_calls_on_vllm_validate(vllm_client, openai_schemas, stream):
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        kw = dict(model=VLLM_MODEL, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER, TIME],
+                  tool_choice=choice, max_tokens=300, seed=4)
+        if stream:
+            chunks = _stream(vllm_client, openai_schemas, **kw)
+            done = [ch for c in chunks for ch in c["choices"] if ch["finish_reason"]]
+            assert done[-1]["finish_reason"] == "tool_calls"
+            calls = _streamed_calls(chunks)
+        else:
+            raw = vllm_client.chat.completions.with_raw_response.create(**kw)
+            body = raw.http_response.json()
+            openai_schemas("CreateChatCompletionResponse").validate(body)
+            assert body["choices"][0]["finish_reason"] == "tool_calls"
+            calls = body["choices"][0]["message"]["tool_calls"]
+        _assert_calls_valid(calls)
+
+
+def test_sampling_controls_on_vllm(vllm_client):
+    base = dict(model=VLLM_MODEL, prompt="Hello", max_tokens=6, seed=5)
+    forced = vllm_client.completions.create(**base, logit_bias={"300": 100})
+    assert forced.choices[0].text == " o" * 6  # token 300 of the demo tokenizer is " o"
+    stopped = vllm_client.completions.create(**base, logit_bias={"300": 100},
+                                             extra_body={"stop_token_ids": [300], "min_tokens": 2})
+    # min_tokens holds the stop token off for 2 tokens; then the bias forces it; it counts, unsent.
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == 3
+    tuned = vllm_client.completions.create(**base, presence_penalty=2, frequency_penalty=2,
+                                           extra_body={"repetition_penalty": 1.5, "min_p": 0.05,
+                                                       "ignore_eos": True})
+    assert tuned.usage.completion_tokens == 6
+    echo = vllm_client.completions.create(**base, echo=True, extra_body={"ignore_eos": True})
+    assert echo.choices[0].text.startswith("Hello")

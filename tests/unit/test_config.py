@@ -101,3 +101,14 @@ def test_autoscaling_knobs():
             EmberConfig.model_validate({"models": [{**MODEL, "autoscaling": bad}]})
     with pytest.raises(ValidationError):
         EmberConfig.model_validate({"models": [{**MODEL, "graceful_shutdown_timeout_s": 0}]})
+
+
+def test_tool_call_parser_is_one_ember_knows():
+    from deployments.tool_calls import TOOL_CALL_PARSERS
+
+    base = {"models": [{"id": "accounts/ember/models/m"}]}
+    assert EmberConfig.model_validate(base).models[0].tool_call_parser is None
+    ok = {"models": [{"id": "accounts/ember/models/m", "tool_call_parser": "hermes"}]}
+    assert EmberConfig.model_validate(ok).models[0].tool_call_parser in TOOL_CALL_PARSERS
+    with pytest.raises(ValidationError, match="tool_call_parser"):
+        EmberConfig.model_validate({"models": [{"id": "accounts/ember/models/m", "tool_call_parser": "llama3_json"}]})

@@ -130,3 +130,35 @@ def test_responses_events_and_body_follow_the_official_shapes(sdk_schemas, finis
     whole = ResponsesRenderer("resp_abc", "m", req, None).response(outs, Usage(9, 3, 0), 1)
     sdk_schemas("Response").validate(whole)
     assert whole["output"] == final["output"]
+
+
+def test_responses_tool_calls_become_function_call_items_and_events(sdk_schemas):
+    from deployments.tool_calls import ToolCalling
+
+    req = ResponsesRequest.model_validate_json(json.dumps({
+        "model": "m", "input": "weather?", "tool_choice": {"type": "function", "name": "get_weather"},
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}))
+    chat = req.to_chat([{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "ok"}])
+    assert [m.role for m in chat.messages] == ["user", "assistant", "user"]
+    assert chat.tools[0].function.name == "get_weather" and chat.tool_choice.function.name == "get_weather"
+    r = ResponsesRenderer("resp_t", "m", req, None, ToolCalling("named", lambda text: (text, []), True, "get_weather"))
+    outs = [EngineOutput([ChoiceDelta(0, [5], '{"city": ')]),
+            EngineOutput([ChoiceDelta(0, [6], '"Oslo"}', "stop")], final=True, usage=Usage(9, 2, 0))]
+    stream = b"".join(r.opening()) + b"".join(c for o in outs if (c := r.chunk(o))) + b"".join(
+        r.closing(r.final(Usage(9, 2, 0))))
+    events = _events(stream)
+    for e in events:
+        sdk_schemas("ResponseStreamEvent").validate(e)
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"]
+    final = events[-1]["response"]
+    sdk_schemas("Response").validate(final)
+    (item,) = final["output"]
+    assert (item["type"], item["name"], json.loads(item["arguments"])) == ("function_call", "get_weather", {"city": "Oslo"})
+    turn = r.conversation([])[-1]
+    assert turn["tool_calls"][0]["id"] == item["call_id"]
+    back = ResponsesRequest.model_validate_json(json.dumps({"model": "m", "input": [
+        {"type": "function_call_output", "call_id": item["call_id"], "output": "sunny"}]}))
+    assert back.turns() == [{"role": "tool", "tool_call_id": item["call_id"], "content": "sunny"}]

@@ -120,3 +120,96 @@ def test_priority_goes_ahead_of_waiting_standard():
         assert gate.in_flight == 1
 
     asyncio.run(scenario())
+
+
+async def _turns() -> None:
+    """Let woken waiters run (a handed-over slot resumes its task a few loop turns later)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def _fair_gate(order: str = "vtc") -> PoolGate:
+    model = {"id": "accounts/t/models/m", "num_replicas": 1, "engine": {"kind": "sim", "max_num_seqs": 1}}
+    cfg = EmberConfig.model_validate({"models": [model], "ingress": {"max_queue_wait_s": 30,
+                                                                     "queue_order": order}})
+    return PoolGate(cfg.models[0], cfg)
+
+
+async def _queue_up(gate: PoolGate, account: str, n: int, tokens: tuple[int, int] = (10, 20)) -> list[asyncio.Task]:
+    tasks = [asyncio.create_task(gate.acquire("standard", "m", account, *tokens)) for _ in range(n)]
+    await _turns()
+    return tasks
+
+
+def test_a_quiet_account_goes_ahead_of_a_noisy_accounts_backlog():
+    async def scenario():
+        gate = _fair_gate()
+        await gate.acquire("standard", "m", "noisy", 10, 20)
+        noisy = await _queue_up(gate, "noisy", 5)
+        quiet = await _queue_up(gate, "quiet", 1)
+        gate.release()  # quiet joined level with noisy and was served less recently: it goes first
+        await _turns()
+        assert quiet[0].done() and not any(t.done() for t in noisy)
+        for _ in range(5):
+            gate.release()
+            await _turns()
+        assert all(t.done() for t in noisy) and gate.waiting() == 0
+
+    asyncio.run(scenario())
+
+
+def test_fcfs_order_serves_the_noisy_backlog_first():
+    async def scenario():
+        gate = _fair_gate("fcfs")
+        await gate.acquire("standard", "m", "noisy", 10, 20)
+        noisy = await _queue_up(gate, "noisy", 5)
+        quiet = await _queue_up(gate, "quiet", 1)
+        for _ in range(5):
+            gate.release()
+            await _turns()
+        assert all(t.done() for t in noisy) and not quiet[0].done()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("corrected", [True, False])
+def test_an_overestimated_request_is_corrected_at_settle(corrected):
+    async def scenario():
+        gate = _fair_gate()
+        charged = await gate.acquire("standard", "m", "a", 10, 1000)  # max_tokens 1000: charged 2010
+        b = await _queue_up(gate, "b", 2, (10, 20))
+        a = await _queue_up(gate, "a", 1, (10, 20))
+        if corrected:
+            gate.correct("standard", "a", charged, 10, 1)  # it generated one token: a falls to 12
+        gate.release()  # b (counter 0) goes first either way
+        await _turns()
+        gate.release()  # then a, once corrected; uncorrected, b's second request
+        await _turns()
+        assert b[0].done()
+        assert a[0].done() is corrected and b[1].done() is not corrected
+
+    asyncio.run(scenario())
+
+
+def test_waiters_of_many_accounts_given_up_at_random_never_leak_slots():
+    async def scenario():
+        gate = _fair_gate()
+        await gate.acquire("standard", "m", "x", 1, 1)
+        waiters = [asyncio.create_task(gate.acquire("standard", "m", f"acct{i % 3}", 1 + i, 1))
+                   for i in range(30)]
+        await _turns()
+        for i, w in enumerate(waiters):
+            if i % 4 in (1, 2):
+                w.cancel()
+        gate.release()  # possibly to a waiter that is being cancelled: it passes the slot on
+        await _turns()
+        left = {w for w in waiters if not w.cancelled()}
+        assert len(left) == 15
+        while left:  # whoever was handed the slot finishes and hands it on, in the gate's order
+            done, left = await asyncio.wait(left, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+            assert len(done) == 1 and next(iter(done)).exception() is None
+            gate.release()
+        await _turns()
+        assert gate.in_flight == 0 and gate.waiting() == 0
+
+    asyncio.run(scenario())

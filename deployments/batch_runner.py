@@ -1,0 +1,266 @@
+"""The batch runner: takes batches from the store and runs their lines through an ingress.
+
+It keeps nothing that matters in memory. Each active batch's state is in the store (its status,
+and per line an attempt count and, once done, its result), so a runner that dies and restarts
+(a Serve replica replaced, or the ingress process it runs in) picks every batch up where the
+store says it is:
+
+- a line has a result → it is never run again;
+- a line without one is run (again): its attempt count gives the new engine request a fresh id,
+  while its op id (``<batch>-<line>``, what the ledger dedupes on) stays the same, so a line
+  whose earlier attempt was still running (the runner, a replica or the ingress died) is billed
+  once and its result stored once (``BatchStore.complete_line`` refuses a second).
+
+Exactly once, then, is what the store records: each line's result once and its usage once. An
+attempt cut off mid-run may have cost engine time that nobody pays for.
+
+Admission: lines go to the ingress's ``batch_line`` (``deployments.batch_api``), which runs them
+through the request lifecycle at tier ``batch``. A line refused there (no free slot, a rate or
+spend limit: ``busy``) goes back to the head of the queue without costing an attempt; the window
+of lines in flight (``policies.batch.Window``) halves on any refusal and whenever interactive
+requests wait at the pool's gate, and grows slowly while they do not. Batch never waits in a
+queue in front of anyone.
+
+Prefix affinity: lines are dispatched grouped by prompt prefix (``policies.batch.dispatch_order``)
+with the group as their session key, so a group's lines reach the same replica. A group's first
+line runs alone; the rest follow once it has finished, when its prefix is in that replica's cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any
+
+from cluster.blobs import BlobStore
+from cluster.config import BatchConfig
+from cluster.stores import BatchStore
+from deployments.batch_api import BUSY, LOST
+from policies.batch import Line, Window, dispatch_order, expired, parse_input
+
+log = logging.getLogger("ember.batch")
+
+
+class BatchRunner:
+    """``executor`` has ``batch_validate(batch_id)`` and ``batch_line(account, endpoint, body,
+    op_id, attempt, session)``: an ``Ingress`` in process, or ``HandleExecutor`` over its handle."""
+
+    def __init__(self, cfg: BatchConfig, store: BatchStore, blobs: BlobStore, executor: Any, clock=time.time):
+        self.cfg = cfg
+        self.store = store
+        self.blobs = blobs
+        self.executor = executor
+        self.clock = clock
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._wake = asyncio.Event()
+        self._main: asyncio.Task | None = None
+        self.window = Window(float(cfg.start_concurrency), cfg.max_concurrency)
+
+    def start(self) -> None:
+        if self._main is None or self._main.done():
+            self._wake = asyncio.Event()
+            self._main = asyncio.get_running_loop().create_task(self.run_forever(), name="ember-batch-runner")
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        for t in [self._main, *self._tasks.values()]:
+            if t is not None:
+                t.cancel()
+        await asyncio.gather(*[t for t in [self._main, *self._tasks.values()] if t is not None],
+                             return_exceptions=True)
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                for batch_id in await self.store.active_batches():
+                    task = self._tasks.get(batch_id)
+                    if task is None or task.done():
+                        self._tasks[batch_id] = asyncio.get_running_loop().create_task(
+                            self._run_guarded(batch_id), name=f"ember-batch-{batch_id}")
+            except Exception:  # the store is down: try again on the next round
+                log.warning("batch runner: cannot list active batches", exc_info=True)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval_s)
+            except TimeoutError:
+                pass
+
+    async def _run_guarded(self, batch_id: str) -> None:
+        try:
+            await self.run_batch(batch_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # picked up again on the next poll
+            log.exception("batch %s: runner step failed; retrying", batch_id)
+            await asyncio.sleep(self.cfg.poll_interval_s)
+
+    async def run_batch(self, batch_id: str) -> None:
+        rec = await self.store.get_batch(None, batch_id)
+        if rec is None:
+            return
+        if rec["status"] == "validating":
+            rec = await self.executor.batch_validate(batch_id) or await self.store.get_batch(None, batch_id)
+        if rec["status"] == "in_progress":
+            await self._run_lines(rec)
+            rec = await self.store.get_batch(None, batch_id)
+        if rec["status"] in ("finalizing", "cancelling"):
+            await self._finalize(rec)
+        elif rec["status"] == "in_progress" and expired(rec["created_at"], self.cfg.completion_window_s,
+                                                         self.clock()):
+            await self._finalize(rec, expire=True)
+
+    async def _lines(self, rec: dict) -> list[Line]:
+        data = await asyncio.to_thread(self.blobs.get, rec["input_file_id"])
+        parsed = await asyncio.to_thread(parse_input, data, rec["endpoint"], self.cfg.max_lines,
+                                         self.cfg.max_file_bytes)
+        return dispatch_order(parsed.lines)
+
+    async def _run_lines(self, rec: dict) -> None:
+        batch_id = rec["id"]
+        done = set(await self.store.line_results(batch_id))
+        lines = [ln for ln in await self._lines(rec) if ln.index not in done]
+        pending = collections.deque(lines)
+        warm = {ln.group for ln in await self._lines(rec) if ln.index in done} if done else set()
+        leading: set[str] = set()  # groups whose first line is running
+        losses: dict[int, int] = {}
+        running: dict[asyncio.Task, Line] = {}
+        hold_until = 0.0
+        next_check = 0.0
+        stopping = False
+        try:
+            while pending or running:
+                now = time.monotonic()
+                if now >= next_check:  # cancelled or expired meanwhile? then finish what runs, start nothing
+                    cur = await self.store.get_batch(None, batch_id)
+                    stopping = cur is None or cur["status"] != "in_progress" or expired(
+                        rec["created_at"], self.cfg.completion_window_s, self.clock())
+                    next_check = now + self.cfg.poll_interval_s
+                if stopping:
+                    pending.clear()
+                while pending and not stopping and len(running) < self.window.limit and now >= hold_until:
+                    line = _next_line(pending, warm, leading)
+                    if line is None:
+                        break
+                    if line.group not in warm:
+                        leading.add(line.group)
+                    running[asyncio.get_running_loop().create_task(self._attempt(rec, line))] = line
+                if not running:
+                    await asyncio.sleep(max(0.01, min(hold_until - now, self.cfg.poll_interval_s)))
+                    continue
+                finished, _ = await asyncio.wait(running, timeout=self.cfg.poll_interval_s,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    line = running.pop(task)
+                    leading.discard(line.group)
+                    outcome = task.result() if not task.cancelled() and task.exception() is None else {
+                        "outcome": LOST, "waiting": 0}
+                    if outcome["outcome"] == "done":
+                        warm.add(line.group)
+                        self.window.on_success(outcome.get("waiting", 0))
+                        continue
+                    if outcome["outcome"] == BUSY:
+                        self.window.on_busy()
+                        hold_until = time.monotonic() + min(self.cfg.busy_backoff_s,
+                                                            outcome.get("retry_after_s") or self.cfg.busy_backoff_s)
+                        pending.appendleft(line)
+                        continue
+                    losses[line.index] = losses.get(line.index, 0) + 1
+                    if losses[line.index] >= self.cfg.max_attempts:
+                        await self.store.complete_line(batch_id, line.index, _error_line(
+                            rec, line, "attempts_exhausted",
+                            f"the line failed {losses[line.index]} times as its replica or ingress failed"), True)
+                    else:
+                        pending.appendleft(line)
+        finally:
+            for task in running:
+                task.cancel()
+        if not stopping:
+            await self.store.update_batch(batch_id, {"status": "finalizing", "finalizing_at": int(self.clock())},
+                                          expect=("in_progress",))
+
+    async def _attempt(self, rec: dict, line: Line) -> dict:
+        op_id = f"{rec['id']}-{line.index}"
+        attempt = await self.store.claim_line(rec["id"], line.index)
+        try:
+            out = await self.executor.batch_line(rec["account"], rec["endpoint"], line.body, op_id, attempt,
+                                                 f"batch:{rec['id']}:{line.group}")
+        except Exception as exc:  # the ingress died or is restarting: the line runs again
+            log.warning("batch line %s attempt %d lost: %r", op_id, attempt, exc)
+            return {"outcome": LOST, "waiting": 0}
+        if out["outcome"] != "done":
+            return out
+        result = {"id": f"batch_req_{op_id}", "custom_id": line.custom_id,
+                  "response": {"status_code": out["status_code"], "request_id": out["request_id"],
+                               "body": out["body"]}, "error": None}
+        await self.store.complete_line(rec["id"], line.index, result, out["status_code"] != 200)
+        return out
+
+    async def _finalize(self, rec: dict, expire: bool = False) -> None:
+        """Write the output and error files and move to the final state. Idempotent: the files'
+        ids come from the batch's, so a runner that died half-way rewrites the same ones."""
+        batch_id = rec["id"]
+        results = await self.store.line_results(batch_id)
+        ok = [r for _, r in sorted(results.items()) if r["error"] is None and r["response"]["status_code"] == 200]
+        bad = [r for _, r in sorted(results.items()) if r not in ok]
+        changes: dict = {"request_counts": {"total": (rec.get("request_counts") or {}).get("total", len(results)),
+                                            "completed": len(ok), "failed": len(bad)}}
+        hexid = batch_id.removeprefix("batch_")
+        for key, name, rows in (("output_file_id", f"file-{hexid}-output", ok), ("error_file_id", f"file-{hexid}-errors", bad)):
+            if not rows:
+                continue
+            data = b"".join(_jsonl(r) for r in rows)
+            await asyncio.to_thread(self.blobs.put, name, data)
+            await self.store.put_file({"id": name, "account": rec["account"], "bytes": len(data),
+                                       "created_at": int(self.clock()), "filename": f"{batch_id}_{key[:-8]}.jsonl",
+                                       "purpose": "batch_output"})
+            changes[key] = name
+        now = int(self.clock())
+        if expire:
+            changes.update(status="expired", expired_at=now)
+            await self.store.update_batch(batch_id, changes, expect=("in_progress", "finalizing"))
+        elif rec["status"] == "cancelling":
+            changes.update(status="cancelled", cancelled_at=now)
+            await self.store.update_batch(batch_id, changes, expect=("cancelling",))
+        else:
+            changes.update(status="completed", completed_at=now)
+            await self.store.update_batch(batch_id, changes, expect=("finalizing",))
+
+
+def _next_line(pending: collections.deque, warm: set[str], leading: set[str]) -> Line | None:
+    """The first pending line that may start: its group is warm (its prefix is cached), or no
+    line of its group is running yet (it leads). Lines of a group whose leader runs wait."""
+    for i, line in enumerate(pending):
+        if line.group in warm or line.group not in leading:
+            del pending[i]
+            return line
+        if i > 256:  # a long run of waiting followers: leave them; more will be startable soon
+            return None
+    return None
+
+
+def _error_line(rec: dict, line: Line, code: str, message: str) -> dict:
+    return {"id": f"batch_req_{rec['id']}-{line.index}", "custom_id": line.custom_id, "response": None,
+            "error": {"code": code, "message": message}}
+
+
+def _jsonl(obj: dict) -> bytes:
+    import json
+
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+class HandleExecutor:
+    """The runner's steps through the ingress deployment's handle (any replica)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def batch_validate(self, batch_id: str):
+        return await self.handle.batch_validate.remote(batch_id)
+
+    async def batch_line(self, *args):
+        return await self.handle.batch_line.remote(*args)

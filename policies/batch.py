@@ -1,0 +1,187 @@
+"""Batch jobs: input validation, state rules, prefix grouping and adaptive concurrency. Pure.
+
+States (OpenAI's names; Fireworks' in brackets, accepted as aliases in the docs):
+
+    validating [VALIDATING] → in_progress [PENDING/RUNNING] → finalizing → completed [COMPLETED]
+    validating → failed [FAILED]                 (the file is refused, with line-numbered errors)
+    in_progress → expired [EXPIRED]              (the window passed; completed lines are kept)
+    validating | in_progress → cancelling → cancelled [CANCELLED]   (completed lines are kept)
+
+Worked example of the concurrency window (``Window``): it starts at 2 lines in flight. Each line
+that finishes while the pool had no interactive request waiting adds 1/window, so a whole
+window of successes adds one line: 2 → 3 → 4 ... up to ``max``. A refused slot, or any
+interactive request waiting at the pool gate, halves it at once (4 → 2), never below 1: batch
+backs off within one line's time of an interactive queue forming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "validating": ("in_progress", "failed", "cancelling"),
+    "in_progress": ("finalizing", "cancelling", "expired"),
+    "finalizing": ("completed", "expired"),
+    "cancelling": ("cancelled",),
+}
+FIREWORKS_ALIASES = {"VALIDATING": "validating", "PENDING": "in_progress", "RUNNING": "in_progress",
+                     "COMPLETED": "completed", "FAILED": "failed", "EXPIRED": "expired",
+                     "CANCELLED": "cancelled"}
+MAX_ERRORS = 100  # line errors reported per file; the count of the rest is in the last one
+
+
+def can_move(old: str, new: str) -> bool:
+    return new in TRANSITIONS.get(old, ())
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    line: int  # 1-based, as editors count
+    code: str
+    message: str
+    param: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    index: int  # 0-based position in the file
+    custom_id: str
+    body: dict
+    group: str  # lines with the same group share a prompt prefix
+
+
+@dataclass
+class ParsedInput:
+    lines: list[Line] = field(default_factory=list)
+    errors: list[LineError] = field(default_factory=list)
+    model: str | None = None
+
+
+def prefix_group(body: dict) -> str:
+    """A key shared by lines whose prompts start alike: the model plus the system messages of a
+    chat (or, with none, the first message), or the first 512 characters of a completion prompt.
+
+    >>> a = prefix_group({"model": "m", "messages": [{"role": "system", "content": "S"},
+    ...                                             {"role": "user", "content": "q1"}]})
+    >>> a == prefix_group({"model": "m", "messages": [{"role": "system", "content": "S"},
+    ...                                               {"role": "user", "content": "q2"}]})
+    True
+    """
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        head = [m for m in msgs if isinstance(m, dict) and m.get("role") in ("system", "developer")] or msgs[:1]
+        key = json.dumps(head, sort_keys=True, default=str)
+    else:
+        prompt = body.get("prompt")
+        key = prompt[:512] if isinstance(prompt, str) else json.dumps(prompt, default=str)[:512]
+    return hashlib.sha256(f"{body.get('model')}\x00{key}".encode()).hexdigest()[:16]
+
+
+def parse_input(data: bytes, endpoint: str, max_lines: int, max_bytes: int) -> ParsedInput:
+    """Check a batch input file's shape: limits, JSON, ``custom_id``, method, url, one model.
+
+    The bodies themselves are checked by the request models of the endpoint (the caller does that
+    for each line of ``lines``). Errors are line-numbered; a file with any error runs nothing.
+    """
+    out = ParsedInput()
+    if len(data) > max_bytes:
+        out.errors.append(LineError(0, "file_too_large", f"the file is {len(data)} bytes; the limit is {max_bytes}"))
+        return out
+    raw_lines = data.decode("utf-8", "replace").splitlines()
+    while raw_lines and not raw_lines[-1].strip():
+        raw_lines.pop()
+    if not raw_lines:
+        out.errors.append(LineError(0, "empty_file", "the file holds no requests"))
+        return out
+    if len(raw_lines) > max_lines:
+        out.errors.append(LineError(0, "too_many_requests",
+                                    f"the file holds {len(raw_lines)} requests; the limit is {max_lines}"))
+        return out
+    seen: dict[str, int] = {}
+    for n, text in enumerate(raw_lines, start=1):
+        err = _check_line(n, text, endpoint, seen, out)
+        if err is not None:
+            out.errors.append(err)
+    if len(out.errors) > MAX_ERRORS:
+        more = len(out.errors) - MAX_ERRORS
+        out.errors = out.errors[:MAX_ERRORS] + [LineError(0, "more_errors", f"{more} more lines have errors")]
+    return out
+
+
+def _check_line(n: int, text: str, endpoint: str, seen: dict[str, int], out: ParsedInput) -> LineError | None:
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        return LineError(n, "invalid_json_line", f"line {n} is not valid JSON: {exc}")
+    if not isinstance(obj, dict):
+        return LineError(n, "invalid_json_line", f"line {n} is not a JSON object")
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        return LineError(n, "missing_custom_id", f"line {n} has no custom_id (a non-empty string)", "custom_id")
+    if cid in seen:
+        return LineError(n, "duplicate_custom_id", f"line {n}: custom_id {cid!r} is also on line {seen[cid]}",
+                         "custom_id")
+    seen[cid] = n
+    if obj.get("method", "POST") != "POST":
+        return LineError(n, "invalid_method", f"line {n}: method must be POST", "method")
+    if obj.get("url", endpoint) != endpoint:
+        return LineError(n, "mismatched_endpoint",
+                         f"line {n}: url {obj.get('url')!r} differs from the batch's endpoint {endpoint}", "url")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        return LineError(n, "invalid_body", f"line {n}: body must be a JSON object", "body")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return LineError(n, "missing_model", f"line {n}: body.model is required", "body.model")
+    if out.model is None:
+        out.model = model
+    elif model != out.model:
+        return LineError(n, "mismatched_model",
+                         f"line {n}: model {model!r} differs from {out.model!r}; a batch uses one model",
+                         "body.model")
+    if body.get("stream"):
+        return LineError(n, "invalid_body", f"line {n}: stream is not supported in a batch", "body.stream")
+    out.lines.append(Line(n - 1, cid, body, prefix_group(body)))
+    return None
+
+
+def dispatch_order(lines: list[Line]) -> list[Line]:
+    """Lines of one prefix group together, groups in order of first appearance (stable), so that
+    a group's lines reach its replica back to back and hit the prefix its first line cached."""
+    first: dict[str, int] = {}
+    for ln in lines:
+        first.setdefault(ln.group, ln.index)
+    return sorted(lines, key=lambda ln: (first[ln.group], ln.index))
+
+
+@dataclass
+class Window:
+    """Additive-increase, multiplicative-decrease limit on lines in flight (see the module doc)."""
+
+    size: float
+    max: int
+    min: int = 1
+
+    @property
+    def limit(self) -> int:
+        return max(self.min, min(self.max, int(self.size)))
+
+    def on_success(self, interactive_waiting: int) -> None:
+        if interactive_waiting > 0:
+            self.on_busy()
+        else:
+            self.size = min(float(self.max), self.size + 1.0 / max(1.0, self.size))
+
+    def on_busy(self) -> None:
+        self.size = max(float(self.min), self.size / 2)
+
+
+def expired(created_at: float, window_s: float, now: float) -> bool:
+    return now >= created_at + window_s
