@@ -38,9 +38,8 @@ from deployments.engines.protocol import ChoiceDelta, EngineOutput, Usage
 from deployments.errors import bad_request, not_found, to_error
 from deployments.lifecycle import LifeStream, RequestLife
 from deployments.openai_api import FUNCTION_NAME, INT64, ChatCompletionRequest, _Req, _require_strict_json
-from deployments.serving import AFFINITY_HEADER, Job, Renderer, _Serving, _tier, _tool_calling, dumps
+from deployments.serving import ChatServing, Job, Renderer, dumps
 from deployments.tool_calls import ToolCalling
-from policies.affinity import session_key
 
 log = logging.getLogger("ember.responses")
 
@@ -350,32 +349,17 @@ class ResponsesRenderer(Renderer):
 # -- serving ----------------------------------------------------------------------------------
 
 
-class ResponsesServing(_Serving):
+class ResponsesServing(ChatServing):
     """Runs a response as the chat completion ``ResponsesRequest.to_chat`` makes of it, through
     the chat path's checks (tools, tiers, context), prompt rendering and job building."""
 
-    def prepare(self, rid: str, account: str, req: ResponsesRequest, history: list[dict], headers) -> Job:
-        model = self._model_for(req.model, account)
+    def prepare_response(self, rid: str, account: str, req: ResponsesRequest, history: list[dict], headers) -> Job:
         if req.text is not None and req.text.format.type != "text":
             raise bad_request(f"text.format `{req.text.format.type}` is not supported on /v1/responses; "
                               "only `text` is", param="text.format", code="unsupported_parameter")
-        chat = req.to_chat(history)
-        tier, billed_tier = _tier(chat.service_tier, model)
-        tools, structured = _tool_calling(chat, model)
-        if len(chat.messages) >= model.context_length:
-            raise bad_request(f"{len(chat.messages)} messages cannot fit this model's context of "
-                              f"{model.context_length} tokens", param="input", code="context_length_exceeded")
-        try:
-            prompt_ids = self.prompts[model.id].chat(
-                chat.messages, [t.model_dump(exclude_none=True) for t in chat.tools or ()])
-        except ValueError as exc:  # the template rejected the conversation
-            raise bad_request(str(exc), param="input") from exc
-        max_tokens = self._max_tokens(model, len(prompt_ids), req.max_output_tokens, "max_output_tokens")
-        session = session_key(account, header=headers.get(AFFINITY_HEADER), prompt_cache_key=req.prompt_cache_key,
-                              user=req.user, messages=((m.role, m.text) for m in chat.messages))
-        rid = "resp_" + rid
-        return self._job(rid, account, model, chat, prompt_ids, max_tokens, session, billed_tier,
-                         ResponsesRenderer(rid, model.id, req, tier, tools), structured)
+        return self.chat_job(rid, account, req.to_chat(history), headers, prefix="resp_", param="input",
+                             max_param="max_output_tokens",
+                             renderer=lambda rid, model, tier, tools: ResponsesRenderer(rid, model.id, req, tier, tools))
 
 
 class ResponsesApi:
@@ -395,7 +379,7 @@ class ResponsesApi:
             if req.previous_response_id:
                 record = await self._load(account, req.previous_response_id, param="previous_response_id")
                 history.extend(record["conversation"])
-            return self.serving.prepare(rid, account, req, history, headers)
+            return self.serving.prepare_response(rid, account, req, history, headers)
 
         life, first, headers = await self.ingress.run_request(request, prepare)
         if life.job.stream:
