@@ -72,6 +72,7 @@ class PoolGate:
         self.slots = self._slots_for(self.replicas)
         # Slots held back for Priority; a model that offers no Priority tier keeps none idle.
         self.reserve = ing.priority_reserve if model.pricing.priority is not None else 0.0
+        self.batch_headroom = config.batch.headroom  # slots Batch leaves free for interactive arrivals
         self.in_flight = 0
         self.service_time_s = 0.5  # prior until the first request finishes
         self._queues: dict[str, collections.deque[asyncio.Future]] = {
@@ -132,7 +133,8 @@ class PoolGate:
         return self._queues["priority" if tier == "priority" else "standard"]
 
     def _usable(self, tier: str) -> int:
-        return usable_slots("priority" if tier == "priority" else "standard", self.slots, self.reserve)
+        return usable_slots(tier if tier in ("priority", "batch") else "standard", self.slots, self.reserve,  # type: ignore[arg-type]
+                            self.batch_headroom)
 
     def _cold_retry_after(self) -> int:
         since = self._cold_since if self._cold_since is not None else time.monotonic()
@@ -152,7 +154,7 @@ class PoolGate:
             ahead = self.in_flight + self.waiting("priority") + (self.waiting("standard") if tier != "priority" else 0)
             growing = self.replica_start_s if self.replicas < self.max_replicas else None
             d = shed(tier, ahead, self.slots, self.service_time_s, ing.max_queue_wait_s,  # type: ignore[arg-type]
-                     ing.priority_headroom, self.reserve, growing)
+                     ing.priority_headroom, self.reserve, growing, self.batch_headroom)
             if not d.admit:
                 raise overloaded(model_id, d.expected_wait_s)
             bound_s = 2 * d.bound_s  # the estimate said it fits the bound; twice it is the hard stop
