@@ -549,6 +549,9 @@ class BatchConfig(_Strict):
     # refused; never above `max_concurrency` (per runner).
     start_concurrency: int = Field(2, ge=1)
     max_concurrency: int = Field(64, ge=1)
+    # The share of a pool gate's slots batch lines leave free, so that interactive requests
+    # arriving find a slot at once (policies.tiers.usable_slots).
+    headroom: float = Field(0.25, ge=0, lt=1)
     # A line whose attempts all died with their replica or ingress fails after this many.
     max_attempts: int = Field(3, ge=1)
     poll_interval_s: float = Field(0.5, gt=0, le=60)

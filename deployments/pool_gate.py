@@ -141,6 +141,7 @@ class PoolGate:
         self.priority_in_flight = 0
         self._peak_now = self._peak_before = 0
         self._peak_since = time.monotonic()
+        self.batch_headroom = config.batch.headroom  # slots Batch leaves free for interactive arrivals
         self.in_flight = 0
         self.service_time_s = 0.5  # prior until the first request finishes
         weights = TokenWeights(ing.fair_share_weights.input, ing.fair_share_weights.output)
@@ -206,8 +207,12 @@ class PoolGate:
         if tier == "priority":
             return self.slots
         if not self.offers_priority:
-            return usable_slots("standard", self.slots, self.reserve)
-        return max(1, self.slots - priority_reserve_slots(self.slots, self.reserve, self.priority_peak()))
+            standard = usable_slots("standard", self.slots, self.reserve)
+        else:
+            standard = max(1, self.slots - priority_reserve_slots(self.slots, self.reserve, self.priority_peak()))
+        if tier == "batch":  # Batch also leaves batch_headroom of the slots to interactive arrivals
+            return max(1, standard - math.ceil(self.slots * self.batch_headroom - 1e-9))
+        return standard
 
     def _standard_reserve(self) -> float:
         """The share of slots Standard leaves to Priority now (for the shedding estimate)."""
@@ -255,7 +260,7 @@ class PoolGate:
                                       waiting_priority + queue.ahead(account))
             growing = self.replica_start_s if self.replicas < self.max_replicas else None
             d = shed(tier, ahead, self.slots, self.service_time_s, ing.max_queue_wait_s,  # type: ignore[arg-type]
-                     ing.priority_headroom, self._standard_reserve(), growing)
+                     ing.priority_headroom, self._standard_reserve(), growing, self.batch_headroom)
             if not d.admit:
                 raise overloaded(model_id, d.expected_wait_s)
             bound_s = 2 * d.bound_s  # the estimate said it fits the bound; twice it is the hard stop

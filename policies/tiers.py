@@ -46,9 +46,16 @@ class ShedDecision:
     bound_s: float
 
 
-def usable_slots(tier: Tier, slots: int, priority_reserve: float) -> int:
+def usable_slots(tier: Tier, slots: int, priority_reserve: float, batch_headroom: float = 0.0) -> int:
+    """Slots a tier may run in. Batch also leaves ``batch_headroom`` of them free, so that an
+    interactive request arriving finds a slot at once rather than behind a batch line.
+
+    Example: 32 slots, no Priority reserve, headroom 0.25: Standard may use 32, Batch 24.
+    """
     if tier == "priority":
         return slots
+    if tier == "batch":
+        return max(1, math.floor(slots * (1 - priority_reserve - batch_headroom) + 1e-9))
     return max(1, math.floor(slots * (1 - priority_reserve) + 1e-9))
 
 
@@ -73,10 +80,10 @@ def expected_wait_s(ahead: int, slots: int, service_time_s: float) -> float:
 
 def shed(tier: Tier, ahead: int, slots: int, service_time_s: float, max_queue_wait_s: float,
          priority_headroom: float, priority_reserve: float = 0.0,
-         scale_up_wait_s: float | None = None) -> ShedDecision:
+         scale_up_wait_s: float | None = None, batch_headroom: float = 0.0) -> ShedDecision:
     """Admit or refuse; ``scale_up_wait_s`` (not None) says the pool is below its maximum size
     and may wait that long for the replicas on their way (see the module doc)."""
-    usable = usable_slots(tier, slots, priority_reserve)
+    usable = usable_slots(tier, slots, priority_reserve, batch_headroom)
     wait = expected_wait_s(ahead, usable, service_time_s)
     base = max_queue_wait_s if scale_up_wait_s is None else max(max_queue_wait_s, scale_up_wait_s)
     if tier == "priority":

@@ -70,6 +70,10 @@ def _client(app: App):
     return openai.OpenAI(base_url=app.base, api_key=DEMO_KEY, max_retries=8, timeout=60)
 
 
+class Reached(Exception):
+    """Raised by an ``on_update`` to stop watching."""
+
+
 def _watch(client, batch_id: str, timeout_s: float, on_update=None, until=None):
     """``batch_client.watch`` that rides out an ingress restart (polls fail meanwhile)."""
     from cluster.batch_client import FINAL, watch
@@ -79,7 +83,7 @@ def _watch(client, batch_id: str, timeout_s: float, on_update=None, until=None):
         try:
             return watch(client, batch_id, on_update=on_update, poll_s=0.1,
                          timeout_s=max(1.0, deadline - time.monotonic()), until=until or FINAL)
-        except TimeoutError:
+        except (TimeoutError, Reached):
             raise
         except Exception as exc:  # the ingress is restarting
             if time.monotonic() > deadline:
@@ -247,11 +251,11 @@ def scenario_cancel(app: App) -> dict:
 
     def until_some(b):
         if b.request_counts and b.request_counts.completed >= 50:
-            raise StopIteration
+            raise Reached
 
     try:
         _watch(client, batch.id, timeout_s=120, on_update=until_some)
-    except StopIteration:
+    except Reached:
         pass
     t0 = time.monotonic()
     client.batches.cancel(batch.id)
