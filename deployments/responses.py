@@ -386,7 +386,8 @@ class ResponsesApi:
             return LifeStream(life, self._events(life, first, history), headers)
         try:
             outs = [out async for out in life.outputs(first)]
-        except BaseException:
+        except BaseException as exc:
+            life.outcome = exc
             life.settle()
             raise
         life.settle()
@@ -410,6 +411,7 @@ class ResponsesApi:
             for event in renderer.closing(final):
                 yield event
         except Exception as exc:  # cancellation (the client left) passes through untouched
+            life.outcome = exc
             yield renderer.error_event(exc)
         finally:
             life.settle()
