@@ -58,9 +58,11 @@ class EngineConfig(_Strict):
     # to the replica's num_cpus (1 for fractional CPUs), which halves throughput on 2 cores.
     cpu_threads: int | None = Field(None, ge=1, le=512)
     seed: int = 0
-    # vLLM's structured-output backend (JSON schemas, grammars, forced tool calls). "auto" is
-    # xgrammar, falling back to guidance (llguidance) for schemas xgrammar cannot compile.
-    structured_output_backend: Literal["auto", "xgrammar", "guidance"] = "auto"
+    # vLLM's structured-output backend (JSON schemas, grammars, forced tool calls): xgrammar or
+    # guidance (llguidance). Ember asks for compact JSON (no free whitespace between tokens), which
+    # vLLM offers for these two only (not for "auto"): fewer tokens, and a weak model cannot pad
+    # its answer with whitespace until max_tokens.
+    structured_output_backend: Literal["xgrammar", "guidance"] = "xgrammar"
 
     @model_validator(mode="after")
     def _vllm_cpu_block_size(self) -> "EngineConfig":

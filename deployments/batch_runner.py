@@ -122,9 +122,9 @@ class BatchRunner:
     async def _run_lines(self, rec: dict) -> None:
         batch_id = rec["id"]
         done = set(await self.store.line_results(batch_id))
-        lines = [ln for ln in await self._lines(rec) if ln.index not in done]
-        pending = collections.deque(lines)
-        warm = {ln.group for ln in await self._lines(rec) if ln.index in done} if done else set()
+        every = await self._lines(rec)
+        pending = collections.deque(ln for ln in every if ln.index not in done)
+        warm = {ln.group for ln in every if ln.index in done}  # groups whose prefix a finished line cached
         leading: set[str] = set()  # groups whose first line is running
         losses: dict[int, int] = {}
         running: dict[asyncio.Task, Line] = {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -37,6 +36,7 @@ from deployments.prompts import PromptBuilder
 from deployments.responses import ResponsesApi, ResponsesServing
 from deployments.rate_limiter import ACTOR_NAMESPACE, LimiterClient, RateLimiter
 from deployments.serving import SSE_DONE, ChatServing, CompletionServing, Job, dumps
+from deployments.wire import peek_model
 from deployments.telemetry import IngressTelemetry, configure_request_log
 from policies.consistent_hash import stable_hash
 from policies.rate_limit import RequestBucket
@@ -47,8 +47,6 @@ API_PREFIXES = ("/v1/", "/inference/v1/")
 REPLICA_HEADER = "x-ember-replica"  # which pool replica served a request: for operators and benchmarks
 REPLICA_SPAN_HEADER = "x-ember-replica-span"  # "start,end": when that replica held it (Unix seconds)
 INLINE_PREPARE_BYTES = 64 * 1024  # bodies below this are parsed on the event loop (a thread costs more)
-# An unescaped "model" key: inside a JSON string every quote is escaped, so this is a key.
-_MODEL_KEY = re.compile(rb'(?<!\\)"model"\s*:\s*"([^"\\]{1,512})"')
 
 
 def _usage_row(row: dict) -> dict:
@@ -59,13 +57,6 @@ def _usage_row(row: dict) -> dict:
     batch["cost_usd"] = round(batch.get("cost_usd", 0.0), 8)
     out["batch"] = batch
     return out
-
-
-def peek_model(body: bytes) -> str | None:
-    """The request's model id without parsing the body, if exactly one "model" key holds a plain
-    string (a nested "model" key, e.g. in a JSON schema, makes it ambiguous: None)."""
-    found = _MODEL_KEY.findall(body)
-    return found[0].decode("utf-8", "replace") if len(found) == 1 else None
 
 
 class Ingress:

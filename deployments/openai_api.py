@@ -352,7 +352,8 @@ class CompletionRequest(_Common):
         # A list of strings or of token lists is a batch; Ember takes one prompt per request.
         if isinstance(v, list) and v and isinstance(v[0], (str, list)):
             if len(v) != 1:
-                raise ValueError("send one prompt per request; batches of prompts go to the batch API")
+                raise ValueError("send one prompt per request; for many prompts, upload a JSONL file to "
+                                 "/v1/files (purpose=batch) and create a job at /v1/batches")
             v = v[0]
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")

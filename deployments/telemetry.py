@@ -346,22 +346,35 @@ class IngressTelemetry:
 
     # At settlement, once per request.
     def finished(self, life) -> None:
+        """Called once at settlement, which for a non-streamed request is before its response
+        leaves: take the request's numbers now, record them on the next turn of the event loop,
+        off the response's path."""
+        now = time.perf_counter()
+        m = life.server_metrics() if life.final is not None and life.final.metrics is not None else None
+        try:
+            asyncio.get_running_loop().call_soon(self._emit, life, now, m)
+        except RuntimeError:  # no loop (a synchronous caller): record at once
+            self._emit(life, now, m)
+
+    def _emit(self, life, now: float, m) -> None:
         status, reason = _status_of(life.outcome, life)
         job = life.job
-        now = time.perf_counter()
         usage = life.usage
         checked = job.model if job is not None else life.checked_model
         model = checked.id if checked is not None else "unknown"
         tier = job.billed_tier if job is not None else "unknown"
-        if self.metrics is not None:
-            self._metrics(life, job, model, tier, status, reason, usage, now)
-        record = self._record(life, job, model, tier, status, reason, usage, now) if self.request_log else None
-        if self.tracer is not None and (life.span is not None or job is not None):
-            self._end_trace(life, job, status, reason, usage, now, record)
-        if record is not None:
-            request_log.info(json.dumps(record, separators=(",", ":")))
+        try:
+            if self.metrics is not None:
+                self._metrics(life, job, model, tier, status, reason, usage, now, m)
+            record = self._record(life, job, model, tier, status, reason, usage, now, m) if self.request_log else None
+            if self.tracer is not None and (life.span is not None or job is not None):
+                self._end_trace(life, job, status, reason, usage, now, record)
+            if record is not None:
+                request_log.info(json.dumps(record, separators=(",", ":")))
+        except Exception:  # telemetry never fails a request
+            log.exception("recording telemetry of a request failed")
 
-    def _metrics(self, life, job, model, tier, status, reason, usage, now) -> None:
+    def _metrics(self, life, job, model, tier, status, reason, usage, now, m) -> None:
         s = self.metrics
         account = self.accounts.label(life.account, self.clock())
         s.requests.inc(1.0, tags={"model": model, "tier": tier, "status": str(status), "reason": reason,
@@ -383,15 +396,14 @@ class IngressTelemetry:
                 s.generated_tokens.inc(float(usage.completion_tokens), tags=at)
             if usage.prompt_tokens:
                 s.cache_hit_ratio.observe(usage.cached_tokens / usage.prompt_tokens, tags={"model": model})
-        if life.final is not None and life.final.metrics is not None:
-            m = life.server_metrics()
+        if m is not None:
             s.ttft.observe(m.time_to_first_token_s, tags=mt)
             if usage is not None and usage.completion_tokens > 1:
                 per_choice = usage.completion_tokens / max(1, job.engine_request.sampling.n)
                 if per_choice > 1:
                     s.itl.observe((m.processing_time_s - m.time_to_first_token_s) / (per_choice - 1), tags=mt)
 
-    def _record(self, life, job, model, tier, status, reason, usage, now) -> dict:
+    def _record(self, life, job, model, tier, status, reason, usage, now, m) -> dict:
         rec = {
             "ts": time.time(),
             "event": "request",
@@ -410,8 +422,7 @@ class IngressTelemetry:
             "replica": life.final.replica if life.final is not None else None,
             "trace_id": _trace_id(life),
         }
-        if life.final is not None and life.final.metrics is not None:
-            m = life.server_metrics()
+        if m is not None:
             rec["ttft_s"] = round(m.time_to_first_token_s, 6)
         if self.capture_content and life.prompt_body:
             rec["request_body"] = _text(life.prompt_body)

@@ -6,6 +6,11 @@ a Priority request would still wait for one to finish. The ingress therefore kee
 each pool's running slots (``priority_reserve``) that only Priority may use: Standard runs in
 the rest and waits for them at the ingress, not inside the engine.
 
+The reserve follows Priority's demand: Standard leaves Priority at least its configured share
+and, beyond it, Priority's peak in flight over the last ``PRIORITY_WINDOW_S`` plus one slot
+(``priority_reserve_slots``), so that the operator need not size it; a model with no Priority
+traffic keeps only the configured share idle.
+
 A request is shed (503 at once, never a timeout) when the queue wait it would face exceeds a
 bound: for Standard ``max_queue_wait_s`` over its usable slots; for Priority
 ``priority_headroom`` times that over all slots; Batch whenever it would wait at all.
@@ -31,6 +36,7 @@ from typing import Literal
 
 Tier = Literal["priority", "standard", "batch"]
 ENGINE_PRIORITY: dict[str, int] = {"priority": 0, "standard": 1, "batch": 2}
+PRIORITY_WINDOW_S = 30.0  # how long Priority's peak in flight widens the reserve
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +49,21 @@ class ShedDecision:
 def usable_slots(tier: Tier, slots: int, priority_reserve: float) -> int:
     if tier == "priority":
         return slots
-    return max(1, math.floor(slots * (1 - priority_reserve)))
+    return max(1, math.floor(slots * (1 - priority_reserve) + 1e-9))
+
+
+def priority_reserve_slots(slots: int, priority_reserve: float, recent_priority_peak: int) -> int:
+    """Slots Standard leaves to Priority: the configured share, or more when Priority has
+    recently needed more: its peak in flight over the last window plus one, so that a Priority
+    request arriving on top of that peak still finds a free slot instead of waiting for one to
+    end. Standard always keeps at least one slot.
+
+    Worked example: 16 slots, reserve 0.25 → 4 reserved. Priority peaked at 6 in flight over the
+    last window → 7 reserved, Standard runs in 9. Priority at 15 → 15 reserved (Standard keeps 1).
+    """
+    static = slots - usable_slots("standard", slots, priority_reserve)
+    dynamic = recent_priority_peak + 1 if recent_priority_peak > 0 else 0
+    return max(0, min(slots - 1, max(static, dynamic)))
 
 
 def expected_wait_s(ahead: int, slots: int, service_time_s: float) -> float:

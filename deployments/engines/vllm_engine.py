@@ -197,7 +197,9 @@ class VLLMEngine:
             # The replica reports its own metrics; vLLM's periodic stats lines are noise here.
             disable_log_stats=True,
             enable_log_requests=False,
-            structured_outputs_config=StructuredOutputsConfig(backend=cfg.structured_output_backend),
+            # Compact JSON: see EngineConfig.structured_output_backend.
+            structured_outputs_config=StructuredOutputsConfig(backend=cfg.structured_output_backend,
+                                                              disable_any_whitespace=True),
         )
         # No local variable holds the engine: this frame outlives the call (tracebacks of
         # imports made under it keep it), and a local in it would keep the engine alive too.
@@ -450,10 +452,11 @@ class VLLMEngine:
         s = request.sampling
         structured = None
         if s.structured is not None:
-            # No free whitespace: an untrained model would fill its token budget with it.
+            # Whitespace is the engine's setting (disable_any_whitespace in _build_llm); vLLM 0.32
+            # reads it there, not from the request.
             structured = StructuredOutputsParams(
                 json=s.structured.json_schema, grammar=s.structured.grammar,
-                json_object=True if s.structured.json_object else None, disable_any_whitespace=True)
+                json_object=True if s.structured.json_object else None)
         try:
             return VLLMSamplingParams(
                 n=s.n,

@@ -89,7 +89,7 @@ def schemas(n: int, with_patterns: bool) -> list[dict]:
 
 
 def model_id(backend: str) -> str:
-    return MODEL if backend == "auto" else f"{MODEL}-{backend}"
+    return MODEL if backend == "xgrammar" else f"{MODEL}-{backend}"
 
 
 def config(backends: list[str]) -> dict:
@@ -195,7 +195,8 @@ async def tools(client, model: str, sets: int, with_patterns: bool) -> dict:
     return out
 
 
-async def cost(client, all_schemas: list[dict], rounds: int, concurrency: int, per_round: int) -> dict:
+async def cost(client, model: str, all_schemas: list[dict], rounds: int, concurrency: int,
+               per_round: int) -> dict:
     samples = {"plain": {"ttft": [], "tokens": 0, "seconds": 0.0},
                "json_schema": {"ttft": [], "tokens": 0, "seconds": 0.0}}
 
@@ -206,7 +207,7 @@ async def cost(client, all_schemas: list[dict], rounds: int, concurrency: int, p
             async with sem:
                 k = r * per_round + j
                 schema = all_schemas[k % len(all_schemas)]
-                kw = dict(model=MODEL, max_tokens=128, seed=k,
+                kw = dict(model=model, max_tokens=128, seed=k,
                           messages=[{"role": "user", "content": f"Fill in record {k}."}])
                 if kind == "json_schema":
                     kw["response_format"] = {"type": "json_schema",
@@ -243,7 +244,8 @@ async def run(base: str, args) -> dict:
         await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "warm"}], max_tokens=2)
         result["validity"][backend] = await validity(client, model, all_schemas)
         result["tools"][backend] = await tools(client, model, args.tool_sets, not args.no_patterns)
-    result["cost"] = await cost(client, all_schemas, args.rounds, args.concurrency, args.per_round)
+    result["cost"] = await cost(client, model_id(args.backends[0]), all_schemas, args.rounds, args.concurrency,
+                                args.per_round)
     result["seconds"] = time.perf_counter() - began
     return result
 
@@ -256,9 +258,9 @@ def main() -> int:
     p.add_argument("--per-round", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--no-patterns", action="store_true", help="leave `pattern` out of the schemas")
-    p.add_argument("--backends", default="auto", type=lambda v: v.split(","),
-                   help="vLLM structured-output backends to compare, one pool each (auto,guidance); "
-                        "the cost part runs on auto")
+    p.add_argument("--backends", default="xgrammar", type=lambda v: v.split(","),
+                   help="vLLM structured-output backends to compare, one pool each (xgrammar,guidance); "
+                        "the cost part runs on the first")
     p.add_argument("--out", default="bench_results/structured.json")
     args = p.parse_args()
 
