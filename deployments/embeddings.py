@@ -24,24 +24,19 @@ from pydantic import Field, field_validator
 
 from deployments.engines.protocol import EmbedRequest, EngineOutput, Usage
 from deployments.errors import bad_request
-from deployments.openai_api import TokenId, _Req, _require_strict_json
+from deployments.openai_api import TokenId, _Body
 from deployments.serving import AFFINITY_HEADER, Job, Renderer, _Serving
 from policies.affinity import session_key
 from policies.tiers import ENGINE_PRIORITY
 
 
-class EmbeddingRequest(_Req):
+class EmbeddingRequest(_Body):
     model: str = Field(min_length=1, max_length=512)
     # A string, a list of strings, a list of token ids, or a list of token-id lists.
     input: Union[str, list[str], list[TokenId], list[list[TokenId]]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = Field(None, max_length=512)
-
-    @classmethod
-    def model_validate_json(cls, json_data, *args, **kwargs):
-        _require_strict_json(cls.__name__, json_data)
-        return super().model_validate_json(json_data, *args, **kwargs)
 
     @field_validator("input")
     @classmethod

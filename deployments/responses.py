@@ -37,7 +37,7 @@ from cluster.stores import ResponseStore, StoreUnavailable
 from deployments.engines.protocol import ChoiceDelta, EngineOutput, Usage
 from deployments.errors import bad_request, not_found, to_error
 from deployments.lifecycle import LifeStream, RequestLife
-from deployments.openai_api import FUNCTION_NAME, INT64, ChatCompletionRequest, _Req, _require_strict_json
+from deployments.openai_api import FUNCTION_NAME, INT64, ChatCompletionRequest, _Body, _Req
 from deployments.serving import ChatServing, Job, Renderer, dumps
 from deployments.tool_calls import ToolCalling
 
@@ -119,7 +119,7 @@ class TextConfig(_Req):
     format: TextFormat = TextFormat()
 
 
-class ResponsesRequest(_Req):
+class ResponsesRequest(_Body):
     model: str = Field(min_length=1, max_length=512)
     input: Union[str, list[InputItem]]
     instructions: str | None = None
@@ -138,11 +138,6 @@ class ResponsesRequest(_Req):
     prompt_cache_key: str | None = Field(None, max_length=512)
     service_tier: Literal["auto", "default", "priority", "flex", "scale", "fast"] | None = None
     metadata: dict[str, str] | None = None
-
-    @classmethod
-    def model_validate_json(cls, json_data, *args, **kwargs):
-        _require_strict_json(cls.__name__, json_data)
-        return super().model_validate_json(json_data, *args, **kwargs)
 
     def turns(self) -> list[dict]:
         """This request's input as chat messages (without the instructions)."""
@@ -386,7 +381,8 @@ class ResponsesApi:
             return LifeStream(life, self._events(life, first, history), headers)
         try:
             outs = [out async for out in life.outputs(first)]
-        except BaseException:
+        except BaseException as exc:
+            life.outcome = exc
             life.settle()
             raise
         life.settle()
@@ -410,6 +406,7 @@ class ResponsesApi:
             for event in renderer.closing(final):
                 yield event
         except Exception as exc:  # cancellation (the client left) passes through untouched
+            life.outcome = exc
             yield renderer.error_event(exc)
         finally:
             life.settle()

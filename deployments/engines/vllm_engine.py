@@ -256,6 +256,9 @@ class VLLMEngine:
         for ids in request.inputs:
             if not ids:
                 raise EngineRequestError("an input must contain at least one token", param="input")
+            if len(ids) > self.context_length:
+                raise EngineRequestError(f"an input is {len(ids)} tokens; this model's maximum context length "
+                                         f"is {self.context_length} tokens", param="input")
             self._check_ids(ids, "input")
 
         from vllm.inputs.engine import tokens_input
