@@ -31,6 +31,7 @@ install: $(STAMP)
 
 model: install
 	HF_HUB_OFFLINE=1 $(PY) -m cluster.demo_model
+	HF_HUB_OFFLINE=1 $(PY) -m cluster.demo_model --kind embed
 
 run: model
 	@key="$${EMBER_DEMO_KEY:-$$($(PY) -c 'import secrets; print("ember-" + secrets.token_urlsafe(24))')}"; \

@@ -221,8 +221,9 @@ def ensure_models(config: EmberConfig) -> None:
         if m.path is None and not (m.model_dir / "tokenizer.json").exists():
             from cluster.demo_model import build_demo_model
 
-            log.warning("building the demo model in %s", m.model_dir)
-            build_demo_model(m.model_dir)
+            kind = "embed" if m.task == "embed" else "chat"
+            log.warning("building the demo %s model in %s", kind, m.model_dir)
+            build_demo_model(m.model_dir, kind=kind)
         elif not m.model_dir.exists():
             raise FileNotFoundError(f"model {m.id}: directory {m.model_dir} does not exist")
 

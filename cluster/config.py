@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MODEL_ID_RE = re.compile(r"^accounts/[a-z0-9][a-z0-9-]*/(models|routers)/[a-z0-9][a-z0-9._-]*$")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DEMO_MODEL_DIR = REPO_ROOT / "models" / "ember-demo"
+DEFAULT_DEMO_EMBED_MODEL_DIR = REPO_ROOT / "models" / "ember-demo-embed"
 
 
 class _Strict(BaseModel):
@@ -57,9 +58,11 @@ class EngineConfig(_Strict):
     # to the replica's num_cpus (1 for fractional CPUs), which halves throughput on 2 cores.
     cpu_threads: int | None = Field(None, ge=1, le=512)
     seed: int = 0
-    # vLLM's structured-output backend (JSON schemas, grammars, forced tool calls). "auto" is
-    # xgrammar, falling back to guidance (llguidance) for schemas xgrammar cannot compile.
-    structured_output_backend: Literal["auto", "xgrammar", "guidance"] = "auto"
+    # vLLM's structured-output backend (JSON schemas, grammars, forced tool calls): xgrammar or
+    # guidance (llguidance). Ember asks for compact JSON (no free whitespace between tokens), which
+    # vLLM offers for these two only (not for "auto"): fewer tokens, and a weak model cannot pad
+    # its answer with whitespace until max_tokens.
+    structured_output_backend: Literal["xgrammar", "guidance"] = "xgrammar"
 
     @model_validator(mode="after")
     def _vllm_cpu_block_size(self) -> "EngineConfig":
@@ -194,8 +197,16 @@ class PriceRow(_Strict):
         return self.input * 0.5 if self.cached_input is None else self.cached_input
 
 
+class EmbeddingPriceRow(_Strict):
+    """USD per 1M input tokens of an embedding model (there is no output, and no cache discount)."""
+
+    input: float = Field(ge=0)
+
+
 class PricingConfig(_Strict):
     standard: PriceRow = PriceRow(input=0.20, output=0.20)
+    # What an embedding model (task: embed) bills instead of `standard`.
+    embedding: EmbeddingPriceRow = EmbeddingPriceRow(input=0.02)
     # Priority's own row; None means the model offers no Priority tier (service_tier=priority → 400).
     priority: PriceRow | None = None
     batch_discount: float = Field(0.5, gt=0, le=1)
@@ -231,8 +242,26 @@ class ReplicaResources(_Strict):
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
 
 
+class EmbeddingConfig(_Strict):
+    """What a pool with ``task: embed`` serves (``POST /v1/embeddings``).
+
+    ``dimensions`` is the model's vector size (the engine checks it at start). With ``matryoshka``
+    the model was trained so that a vector's leading components are an embedding of their own, and
+    a request's ``dimensions`` (1..dimensions) truncates each vector and normalises it again;
+    without it, ``dimensions`` in a request is a 400.
+    """
+
+    dimensions: int = Field(ge=1, le=65536)
+    matryoshka: bool = False
+    max_inputs: int = Field(256, ge=1, le=2048)  # inputs per request (OpenAI allows 2048)
+
+
 class ModelConfig(_Strict):
     id: str
+    # "generate": chat and completions. "embed": /v1/embeddings only, served by vLLM's pooling
+    # runner (SimEngine: deterministic vectors); it needs `embedding`.
+    task: Literal["generate", "embed"] = "generate"
+    embedding: EmbeddingConfig | None = None
     # A model directory (config.json, weights, tokenizer). None means the locally built demo model.
     path: str | None = None
     context_length: int = Field(2048, ge=16)
@@ -277,6 +306,10 @@ class ModelConfig(_Strict):
     def _scaling(self) -> "ModelConfig":
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("set num_replicas or autoscaling, not both")
+        if (self.task == "embed") != (self.embedding is not None):
+            raise ValueError("a model with task: embed needs `embedding` (and only such a model has it)")
+        if self.task == "embed" and self.pricing.priority is not None:
+            raise ValueError("an embedding model offers no Priority tier (pricing.priority)")
         return self
 
     @property
@@ -290,7 +323,9 @@ class ModelConfig(_Strict):
 
     @property
     def model_dir(self) -> Path:
-        return Path(self.path).expanduser() if self.path else demo_model_dir()
+        if self.path:
+            return Path(self.path).expanduser()
+        return demo_embed_model_dir() if self.task == "embed" else demo_model_dir()
 
     @property
     def deployment_name(self) -> str:
@@ -440,6 +475,9 @@ class StoreConfig(_Strict):
     # ledger in the background, so an ingress crash or a store outage delays billing but never
     # loses it. Shared by the ingress replicas of one node. None: a folder under the temp dir.
     outbox_dir: str | None = None
+    # How long a stored response (POST /v1/responses with store: true) stays readable by its
+    # owner and usable as previous_response_id. OpenAI keeps them 30 days.
+    response_ttl_s: float = Field(30 * 24 * 3600, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -511,6 +549,9 @@ class BatchConfig(_Strict):
     # refused; never above `max_concurrency` (per runner).
     start_concurrency: int = Field(2, ge=1)
     max_concurrency: int = Field(64, ge=1)
+    # The share of a pool gate's slots batch lines leave free, so that interactive requests
+    # arriving find a slot at once (policies.tiers.usable_slots).
+    headroom: float = Field(0.25, ge=0, lt=1)
     # A line whose attempts all died with their replica or ingress fails after this many.
     max_attempts: int = Field(3, ge=1)
     poll_interval_s: float = Field(0.5, gt=0, le=60)
@@ -566,3 +607,7 @@ class EmberConfig(_Strict):
 
 def demo_model_dir() -> Path:
     return Path(os.environ.get("EMBER_DEMO_MODEL_DIR", DEFAULT_DEMO_MODEL_DIR))
+
+
+def demo_embed_model_dir() -> Path:
+    return Path(os.environ.get("EMBER_DEMO_EMBED_MODEL_DIR", DEFAULT_DEMO_EMBED_MODEL_DIR))

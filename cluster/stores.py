@@ -638,6 +638,73 @@ class RedisLedgerStore:
         return float(raw[0] or 0.0), float(raw[1] or 0.0)
 
 
+# -- stored responses (POST /v1/responses with store: true) -------------------------------------
+
+class ResponseStore(Protocol):
+    """Stored responses, each readable only under the account that created it, for ``ttl_s``.
+
+    Keys are scoped by account (Redis: ``ember:resp:<account>:<id>``), so another account's id is
+    simply not there: a lookup by the wrong account finds nothing, exactly as an unknown id.
+    """
+
+    async def put(self, account: str, response_id: str, record: dict, ttl_s: float) -> None: ...
+
+    async def get(self, account: str, response_id: str) -> dict | None: ...
+
+    async def delete(self, account: str, response_id: str) -> bool: ...  # False if it was not there
+
+
+class MemoryResponseStore:
+    def __init__(self, clock: Callable[[], float] | None = None, max_items: int = 10_000) -> None:
+        import time
+
+        self._clock = clock or time.monotonic
+        self._items: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
+        self._max_items = max_items
+
+    async def put(self, account: str, response_id: str, record: dict, ttl_s: float) -> None:
+        self._items[(account, response_id)] = (self._clock() + ttl_s, json.dumps(record))
+        while len(self._items) > self._max_items:
+            self._items.popitem(last=False)
+
+    async def get(self, account: str, response_id: str) -> dict | None:
+        item = self._items.get((account, response_id))
+        if item is None:
+            return None
+        if item[0] <= self._clock():
+            del self._items[(account, response_id)]
+            return None
+        return json.loads(item[1])
+
+    async def delete(self, account: str, response_id: str) -> bool:
+        found = await self.get(account, response_id) is not None
+        self._items.pop((account, response_id), None)
+        return found
+
+
+RESPONSE_PREFIX = "ember:resp:"
+
+
+class RedisResponseStore:
+    def __init__(self, url: str, timeout_s: float = 1.0, prefix: str = RESPONSE_PREFIX) -> None:
+        self._r = _redis(url, timeout_s)
+        self.prefix = prefix
+
+    def _key(self, account: str, response_id: str) -> str:
+        return f"{self.prefix}{account}:{response_id}"
+
+    async def put(self, account: str, response_id: str, record: dict, ttl_s: float) -> None:
+        await _redis_call(self._r.set(self._key(account, response_id), json.dumps(record),
+                                      px=max(1, int(ttl_s * 1000))))
+
+    async def get(self, account: str, response_id: str) -> dict | None:
+        raw = await _redis_call(self._r.get(self._key(account, response_id)))
+        return json.loads(raw) if raw is not None else None
+
+    async def delete(self, account: str, response_id: str) -> bool:
+        return bool(await _redis_call(self._r.delete(self._key(account, response_id))))
+
+
 # -- files and batches ---------------------------------------------------------------------------
 
 TERMINAL_BATCH_STATES = ("completed", "failed", "expired", "cancelled")
@@ -909,9 +976,11 @@ class Stores:
             self.keys: KeyStore = mem_keys
             self.accounts: AccountStore = MemoryAccountStore(mem_keys)
             self.ledger: LedgerStore = MemoryLedgerStore()
+            self.responses: ResponseStore = MemoryResponseStore()
             self.batches: BatchStore = MemoryBatchStore()
         else:
             self.keys = RedisKeyStore(url)
             self.accounts = RedisAccountStore(url)
             self.ledger = RedisLedgerStore(url)
+            self.responses = RedisResponseStore(url)
             self.batches = RedisBatchStore(url)

@@ -134,12 +134,16 @@ class BatchApi:
                                                  _limit(request, 10_000, 10_000), request.query_params.get("purpose"))
         return JSONResponse(_list_body([file_object(r) for r in page], more))
 
-    async def _file(self, request: Request, file_id: str) -> tuple[str, dict]:
+    async def _owned(self, request: Request, kind: str, rid: str) -> tuple[str, dict]:
+        """(account, record) of the caller's file or batch; another account's is 404 too."""
         account = await self._account_of(request)
-        rec = await self.store.get_file(account, file_id)
+        rec = await (self.store.get_file if kind == "file" else self.store.get_batch)(account, rid)
         if rec is None:
-            raise not_found(f"no file with id '{file_id}'", param="file_id", code="file_not_found")
+            raise not_found(f"no {kind} with id '{rid}'", param=f"{kind}_id", code=f"{kind}_not_found")
         return account, rec
+
+    async def _file(self, request: Request, file_id: str) -> tuple[str, dict]:
+        return await self._owned(request, "file", file_id)
 
     async def get_file(self, request: Request, rid: str, file_id: str) -> Response:
         return JSONResponse(file_object((await self._file(request, file_id))[1]))
@@ -195,11 +199,7 @@ class BatchApi:
         return JSONResponse(batch_object(rec))
 
     async def _batch(self, request: Request, batch_id: str) -> tuple[str, dict]:
-        account = await self._account_of(request)
-        rec = await self.store.get_batch(account, batch_id)
-        if rec is None:
-            raise not_found(f"no batch with id '{batch_id}'", param="batch_id", code="batch_not_found")
-        return account, rec
+        return await self._owned(request, "batch", batch_id)
 
     async def _live(self, rec: dict) -> dict:
         live = rec["status"] not in TERMINAL_BATCH_STATES

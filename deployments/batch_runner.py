@@ -14,6 +14,9 @@ store says it is:
 Exactly once, then, is what the store records: each line's result once and its usage once. An
 attempt cut off mid-run may have cost engine time that nobody pays for.
 
+Cancel and expiry stop the lines still running (an unfinished line is not billed) and keep every
+result stored so far.
+
 Admission: lines go to the ingress's ``batch_line`` (``deployments.batch_api``), which runs them
 through the request lifecycle at tier ``batch``. A line refused there (no free slot, a rate or
 spend limit: ``busy``) goes back to the head of the queue without costing an attempt; the window
@@ -122,9 +125,9 @@ class BatchRunner:
     async def _run_lines(self, rec: dict) -> None:
         batch_id = rec["id"]
         done = set(await self.store.line_results(batch_id))
-        lines = [ln for ln in await self._lines(rec) if ln.index not in done]
-        pending = collections.deque(lines)
-        warm = {ln.group for ln in await self._lines(rec) if ln.index in done} if done else set()
+        every = await self._lines(rec)
+        pending = collections.deque(ln for ln in every if ln.index not in done)
+        warm = {ln.group for ln in every if ln.index in done}  # groups whose prefix a finished line cached
         leading: set[str] = set()  # groups whose first line is running
         losses: dict[int, int] = {}
         running: dict[asyncio.Task, Line] = {}
@@ -139,8 +142,10 @@ class BatchRunner:
                     stopping = cur is None or cur["status"] != "in_progress" or expired(
                         rec["created_at"], self.cfg.completion_window_s, self.clock())
                     next_check = now + self.cfg.poll_interval_s
-                if stopping:
+                if stopping:  # cancelled or expired: lines still running stop too (unbilled: unfinished)
                     pending.clear()
+                    for task in running:
+                        task.cancel()
                 while pending and not stopping and len(running) < self.window.limit and now >= hold_until:
                     line = _next_line(pending, warm, leading)
                     if line is None:
@@ -161,6 +166,8 @@ class BatchRunner:
                     if outcome["outcome"] == "done":
                         warm.add(line.group)
                         self.window.on_success(outcome.get("waiting", 0))
+                        continue
+                    if stopping:
                         continue
                     if outcome["outcome"] == BUSY:
                         self.window.on_busy()
@@ -196,7 +203,8 @@ class BatchRunner:
         result = {"id": f"batch_req_{op_id}", "custom_id": line.custom_id,
                   "response": {"status_code": out["status_code"], "request_id": out["request_id"],
                                "body": out["body"]}, "error": None}
-        await self.store.complete_line(rec["id"], line.index, result, out["status_code"] != 200)
+        # Shielded: once the line has an answer (and is billed), a cancel must not drop its result.
+        await asyncio.shield(self.store.complete_line(rec["id"], line.index, result, out["status_code"] != 200))
         return out
 
     async def _finalize(self, rec: dict, expire: bool = False) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from cluster.config import ModelConfig, StoreConfig
 from cluster.stores import Stores, StoreUnavailable
 from deployments.outbox import Outbox
-from policies.pricing import Price, request_cost, spend_admits, spend_status, spend_tier
+from policies.pricing import Price, embedding_price, request_cost, spend_admits, spend_status, spend_tier
 
 log = logging.getLogger("ember.billing")
 
@@ -77,6 +77,8 @@ class AccountView:
 def price_for(model: ModelConfig, tier: str) -> tuple[Price, float]:
     """(price row, discount) for a model and service tier."""
     p = model.pricing
+    if model.task == "embed":
+        return embedding_price(p.embedding.input), 1.0
     row = p.priority if tier == "priority" and p.priority is not None else p.standard
     discount = p.batch_discount if tier == "batch" else 1.0
     return Price(row.input, row.cached, row.output), discount

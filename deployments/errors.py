@@ -28,6 +28,7 @@ from ray.serve.exceptions import (
 
 from cluster.stores import StoreUnavailable
 from deployments.engines.protocol import EngineDeadError, EngineRequestError
+from deployments.wire import hold_headers
 
 log = logging.getLogger("ember.errors")
 
@@ -97,17 +98,12 @@ def stream_stalled(idle_s: float) -> ApiError:
                     type="timeout_error", code="stream_timeout")
 
 
-# An account-wide refusal that Serve's proxy may repeat by itself, without reading the body, for
-# this many seconds (deployments/proxy_guard.py strips the header before it reaches the caller).
-HOLD_HEADER = "x-ember-hold-key-s"
-
-
 def too_many_failed_large(retry_after_s: float, window_s: float) -> ApiError:
     wait = max(1, math.ceil(retry_after_s))
     return ApiError(429, f"too many large request bodies from this account failed validation in the last "
                          f"{window_s:g} s; fix the requests and retry in {wait} s",
                     type="rate_limit_error", code="too_many_failed_requests",
-                    headers={"Retry-After": str(wait), HOLD_HEADER: f"{retry_after_s:.3f}"})
+                    headers={"Retry-After": str(wait), **hold_headers(retry_after_s)})
 
 
 def store_unavailable(what: str) -> ApiError:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -27,13 +26,17 @@ from deployments.admin import AdminApi
 from deployments.auth import FailureThrottle, KeyAuth
 from deployments.batch_api import BatchApi
 from deployments.billing import Billing, outbox_path
-from deployments.errors import ApiError, error_response, error_sse_event, not_found, to_error
+from deployments.embeddings import EmbeddingServing
+from deployments.errors import ApiError, bad_request, error_response, error_sse_event, not_found, to_error
+from deployments.engines.protocol import EngineOutput
 from deployments.lifecycle import LifeStream, RequestLife, Runtime
 from deployments.openai_api import perf_headers, perf_metrics
 from deployments.pool_gate import PoolGate
 from deployments.prompts import PromptBuilder
+from deployments.responses import ResponsesApi, ResponsesServing
 from deployments.rate_limiter import ACTOR_NAMESPACE, LimiterClient, RateLimiter
 from deployments.serving import SSE_DONE, ChatServing, CompletionServing, Job, dumps
+from deployments.wire import peek_model
 from deployments.telemetry import IngressTelemetry, configure_request_log
 from policies.consistent_hash import stable_hash
 from policies.rate_limit import RequestBucket
@@ -44,8 +47,6 @@ API_PREFIXES = ("/v1/", "/inference/v1/")
 REPLICA_HEADER = "x-ember-replica"  # which pool replica served a request: for operators and benchmarks
 REPLICA_SPAN_HEADER = "x-ember-replica-span"  # "start,end": when that replica held it (Unix seconds)
 INLINE_PREPARE_BYTES = 64 * 1024  # bodies below this are parsed on the event loop (a thread costs more)
-# An unescaped "model" key: inside a JSON string every quote is escaped, so this is a key.
-_MODEL_KEY = re.compile(rb'(?<!\\)"model"\s*:\s*"([^"\\]{1,512})"')
 
 
 def _usage_row(row: dict) -> dict:
@@ -56,13 +57,6 @@ def _usage_row(row: dict) -> dict:
     batch["cost_usd"] = round(batch.get("cost_usd", 0.0), 8)
     out["batch"] = batch
     return out
-
-
-def peek_model(body: bytes) -> str | None:
-    """The request's model id without parsing the body, if exactly one "model" key holds a plain
-    string (a nested "model" key, e.g. in a JSON schema, makes it ambiguous: None)."""
-    found = _MODEL_KEY.findall(body)
-    return found[0].decode("utf-8", "replace") if len(found) == 1 else None
 
 
 class Ingress:
@@ -93,14 +87,19 @@ class Ingress:
         )
         configure_request_log(self.config.observability)
         prompts = {m.id: PromptBuilder(m.model_dir) for m in served}
-        self.chat = ChatServing(self.config, prompts, self._model)
-        self.completion = CompletionServing(self.config, prompts, self._model)
+        self.chat = ChatServing(self.config, prompts, self._generative_model)
+        self.completion = CompletionServing(self.config, prompts, self._generative_model)
+        self.embeddings = EmbeddingServing(self.config, prompts, self._embedding_model)
+        self.responses = ResponsesApi(self, ResponsesServing(self.config, prompts, self._generative_model),
+                                      self.stores.responses, self.config.store.response_ttl_s)
         self._created = int(time.time())
         self._heavy: dict[str, asyncio.Lock] = {}  # account -> its turn at preparing a large body
         self._usage_reads: dict[str, RequestBucket] = {}
         self._routes: dict[tuple[str, str], Callable[[Request, str], Awaitable[Response]]] = {
             ("POST", "chat/completions"): lambda req, rid: self._generate(req, rid, self.chat),
             ("POST", "completions"): lambda req, rid: self._generate(req, rid, self.completion),
+            ("POST", "embeddings"): lambda req, rid: self._generate(req, rid, self.embeddings),
+            ("POST", "responses"): self.responses.create,
             ("GET", "models"): self.list_models,
             ("GET", "usage"): self.usage,
         }
@@ -183,6 +182,12 @@ class Ingress:
                     return handler
                 if request.method == "GET" and tail.startswith("accounts/"):
                     return lambda req, rid: self.account_info(req, tail[len("accounts/"):])
+                if tail.startswith("responses/") and "/" not in tail[len("responses/"):]:
+                    response_id = tail[len("responses/"):]
+                    if request.method == "GET":
+                        return lambda req, rid: self.responses.retrieve(req, response_id)
+                    if request.method == "DELETE":
+                        return lambda req, rid: self.responses.delete(req, response_id)
                 if request.method == "GET" and tail.startswith("models/"):
                     # Model ids hold slashes: everything after "models/" is the id.
                     return lambda req, rid: self.retrieve_model(req, tail[len("models/"):])
@@ -260,9 +265,44 @@ class Ingress:
                             param="model", code="model_removed")
         return model
 
+    def _generative_model(self, model_id: str, account: str) -> ModelConfig:
+        model = self._model(model_id, account)
+        if model.task == "embed":
+            raise bad_request(f"`{model_id}` is an embedding model: it serves POST /v1/embeddings, not text "
+                              "generation", param="model", code="model_not_supported")
+        return model
+
+    def _embedding_model(self, model_id: str, account: str) -> ModelConfig:
+        model = self._model(model_id, account)
+        if model.task != "embed":
+            raise bad_request(f"`{model_id}` generates text; embeddings need an embedding model",
+                              param="model", code="model_not_supported")
+        return model
+
     # -- generation ---------------------------------------------------------------------
 
     async def _generate(self, request: Request, rid: str, serving) -> Response:
+        life, first, headers = await self.run_request(
+            request, lambda account, body, hdrs: self._prepare(serving, rid, account, body, hdrs))
+        try:
+            if life.job.stream:
+                return LifeStream(life, self._sse(life, first), headers)  # settles when the response ends
+            outs = [out async for out in life.outputs(first)]
+        except BaseException as exc:  # the client left, a deadline passed, a replica failed: settle what ran
+            life.outcome = exc
+            life.settle()
+            raise
+        life.settle()
+        return self._whole(life, outs, headers)
+
+    async def run_request(self, request: Request, prepare: Callable[[str, bytes, Any], Awaitable[Job]]
+                          ) -> tuple[RequestLife, EngineOutput, dict[str, str]]:
+        """A request's lifecycle up to its first output: auth, the account's place, the body,
+        ``prepare(account, body, headers)`` (the Job), admission, a gate slot and dispatch.
+
+        Returns the started life (the caller reads the rest and settles it), the first output and
+        the headers every response carries. Whatever fails on the way is settled here.
+        """
         started = time.perf_counter()
         account = await self.auth.account(request)
         life = RequestLife(self.rt, account, started)
@@ -276,20 +316,15 @@ class Ingress:
             model = self.config.model(model_id) if model_id else None
             if model is not None and self.config.is_visible(model, account):
                 await life.precheck(model)  # refused already? then without parsing or tokenizing
-            job: Job = await self._prepare(serving, rid, account, body, request.headers)
-            life.job = job
+            life.job = await prepare(account, body, request.headers)
             headers = await life.admit()
             await life.take_slot()
             first = await life.start()
-            if job.stream:
-                return LifeStream(life, self._sse(life, first), headers)  # settles when the response ends
-            outs = [out async for out in life.outputs(first)]
-        except BaseException as exc:  # the client left, a deadline passed, a replica failed: settle what ran
+        except BaseException as exc:
             life.outcome = exc
             life.settle()
             raise
-        life.settle()
-        return self._whole(life, outs, headers)
+        return life, first, headers
 
     async def _prepare(self, serving, rid: str, account: str, body: bytes, headers) -> Job:
         """Parse, render and tokenize: on a worker thread for large bodies, so the event loop

@@ -23,7 +23,8 @@ ingress shutdown                  Serve cancels the request: as "client leaves"
 prompt's cached-token count, later outputs the tokens generated so far (streams coalesce per
 ``engine.stream_interval_s``, non-streamed requests report progress every
 ``NON_STREAM_PROGRESS_S``). A request that produced no output is not billed: nothing shows that
-the engine ran it.
+the engine ran it. A batch line is billed only when it completes: one cut short is run again by
+the batch runner under the same op id, and that run is what it pays for.
 
 ``settle()`` is synchronous and never raises, so it is safe in ``finally`` blocks while the task
 is being cancelled; the usage event it writes is durable (``deployments.billing``'s outbox)
@@ -60,6 +61,7 @@ from deployments.errors import (
 from deployments.pool_gate import PoolGate
 from deployments.rate_limiter import Admission, LimiterClient, rate_limit_headers
 from deployments.serving import Job
+from deployments.wire import hold_headers
 from policies.pricing import request_cost
 
 log = logging.getLogger("ember.lifecycle")
@@ -321,10 +323,12 @@ class RequestLife:
         if self.gate is not None:
             _quietly(self.gate.correct, self.job.billed_tier, self.account, self.charged, u.prompt_tokens,
                      u.completion_tokens)
-            _quietly(self.gate.release)
+            _quietly(self.gate.release, self.job.billed_tier)
         if self.admission is not None and self.rt.limiter is not None:
             _quietly(self.rt.limiter.settle, self.admission, u.prompt_tokens, u.cached_tokens,
                      u.completion_tokens)
+        if self.job.billed_tier == "batch" and self.final is None:
+            return  # an interrupted batch line runs again under the same op id: only its answer is billed
         if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
             self.billed = _quietly(self.rt.billing.bill, self.job.op_id or self.job.engine_request.request_id,
                                    self.account, self.job.model, self.job.billed_tier, usage.prompt_tokens,
@@ -350,7 +354,10 @@ def _rate_limited(model: ModelConfig, adm: Admission, headers: dict[str, str], c
     return ApiError(429, f"rate limit exceeded for {model.id}: {what}; retry after {adm.retry_after_s:.3f} s",
                     type="rate_limit_error", code="rate_limit_exceeded", param=adm.exhausted,
                     headers={**headers, **rate_limit_headers(adm, config.rate_limit.requests_per_minute),
-                             "Retry-After": str(max(1, math.ceil(adm.retry_after_s)))})
+                             "Retry-After": str(max(1, math.ceil(adm.retry_after_s))),
+                             # Serve's proxy repeats it for this key and model, as briefly as the
+                             # limiter remembers it (at most 1 s: a smaller request may fit then).
+                             **hold_headers(min(adm.retry_after_s, 1.0), model.id)})
 
 
 def _quietly(fn, *args):

@@ -8,6 +8,8 @@ uses it for non-streamed requests too, with a longer interval: the progress it s
 request abandoned half-way is billed for. ``generate`` (the whole result in one message) is the
 bare passthrough the gateway benchmark compares against.
 
+An ``EmbedRequest`` takes the same way: its one final output (``Engine.embed``) is the stream.
+
 When the caller cancels (the client left, a deadline passed), Serve cancels ``generate_stream``;
 its ``finally`` cancels the pump, whose engine generator aborts the request in the engine.
 """
@@ -21,7 +23,7 @@ from typing import AsyncIterator
 from cluster.config import ModelConfig
 from deployments.autoscaling import pool_stats
 from deployments.engines import make_engine
-from deployments.engines.protocol import EngineOutput, EngineRequest, merge_outputs
+from deployments.engines.protocol import EmbedRequest, EngineOutput, EngineRequest, merge_outputs
 
 _DONE = object()
 
@@ -35,15 +37,15 @@ class ModelPool:
     async def start(self) -> None:
         await self.engine.start()
 
-    async def generate(self, request: EngineRequest) -> EngineOutput:
+    async def generate(self, request: EngineRequest | EmbedRequest) -> EngineOutput:
         started = time.time()
-        outs = [out async for out in self.engine.generate(request)]
+        outs = [out async for out in self._outputs(request)]
         merged = merge_outputs(outs)
         merged.replica = self.replica_tag
         merged.replica_span = (started, time.time())
         return merged
 
-    async def generate_stream(self, request: EngineRequest,
+    async def generate_stream(self, request: EngineRequest | EmbedRequest,
                               interval_s: float | None = None) -> AsyncIterator[EngineOutput]:
         started = time.time()
         queue: asyncio.Queue = asyncio.Queue()
@@ -51,7 +53,7 @@ class ModelPool:
 
         async def pump() -> None:
             try:
-                async for out in self.engine.generate(request):
+                async for out in self._outputs(request):
                     queue.put_nowait(out)
                 queue.put_nowait(_DONE)
             except BaseException as exc:  # handed to the consumer, which re-raises it
@@ -92,6 +94,14 @@ class ModelPool:
         finally:
             if not task.done():
                 task.cancel()  # the engine's generator sees the cancel and aborts the request
+
+    def _outputs(self, request: EngineRequest | EmbedRequest) -> AsyncIterator[EngineOutput]:
+        if isinstance(request, EmbedRequest):
+            return self._embedded(request)
+        return self.engine.generate(request)
+
+    async def _embedded(self, request: EmbedRequest) -> AsyncIterator[EngineOutput]:
+        yield await self.engine.embed(request)
 
     async def check_health(self) -> None:
         # Serve calls this periodically; an exception marks the replica unhealthy and Serve

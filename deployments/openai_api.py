@@ -197,7 +197,16 @@ class StreamOptions(_Req):
     include_obfuscation: bool | None = None  # padding against side channels: nothing to pad here
 
 
-class _Common(_Req):
+class _Body(_Req):
+    """A whole request body: strict JSON (no NaN or Infinity anywhere), then the model."""
+
+    @classmethod
+    def model_validate_json(cls, json_data, *args, **kwargs):
+        _require_strict_json(cls.__name__, json_data)
+        return super().model_validate_json(json_data, *args, **kwargs)
+
+
+class _Common(_Body):
     model: str = Field(min_length=1, max_length=512)
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -222,11 +231,6 @@ class _Common(_Req):
     stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     min_tokens: int = Field(0, ge=0, le=2**31 - 1)
     response_format: ResponseFormat | None = None
-
-    @classmethod
-    def model_validate_json(cls, json_data, *args, **kwargs):
-        _require_strict_json(cls.__name__, json_data)
-        return super().model_validate_json(json_data, *args, **kwargs)
 
     @field_validator("stop")
     @classmethod
@@ -348,7 +352,8 @@ class CompletionRequest(_Common):
         # A list of strings or of token lists is a batch; Ember takes one prompt per request.
         if isinstance(v, list) and v and isinstance(v[0], (str, list)):
             if len(v) != 1:
-                raise ValueError("send one prompt per request; batches of prompts go to the batch API")
+                raise ValueError("send one prompt per request; for many prompts, upload a JSONL file to "
+                                 "/v1/files (purpose=batch) and create a job at /v1/batches")
             v = v[0]
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")

@@ -13,7 +13,9 @@ import copy
 from functools import lru_cache
 
 from cluster.config import EmberConfig
+from deployments.embeddings import EmbeddingRequest
 from deployments.openai_api import ChatCompletionRequest, CompletionRequest
+from deployments.responses import ResponsesRequest
 
 OPENAPI_VERSION = "3.1.0"
 REF = "#/components/schemas/{model}"
@@ -181,6 +183,46 @@ _RESPONSE_SCHEMAS: dict[str, dict] = {
             "perf_metrics": {"$ref": REF.format(model="PerfMetrics")},
         },
     },
+    "EmbeddingList": {
+        "type": "object",
+        "required": ["object", "data", "model", "usage"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {
+                "type": "object",
+                "required": ["object", "index", "embedding"],
+                "properties": {
+                    "object": {"const": "embedding"},
+                    "index": _INT,
+                    "embedding": {"anyOf": [{"type": "array", "items": _NUM},
+                                            {"type": "string", "description": "base64 of little-endian float32"}]},
+                },
+            }},
+            "model": _STR,
+            "usage": {"type": "object", "required": ["prompt_tokens", "total_tokens"],
+                      "properties": {"prompt_tokens": _INT, "total_tokens": _INT}},
+        },
+    },
+    "Response": {
+        "type": "object",
+        "description": "A response of the Responses API (OpenAI's shape; see its reference).",
+        "required": ["id", "object", "created_at", "status", "model", "output", "usage"],
+        "properties": {
+            "id": _STR,
+            "object": {"const": "response"},
+            "created_at": _INT,
+            "status": {"enum": ["completed", "incomplete", "in_progress"]},
+            "model": _STR,
+            "output": {"type": "array", "items": {"type": "object"}},
+            "previous_response_id": _nullable(_STR),
+            "usage": _nullable({"type": "object"}),
+        },
+    },
+    "ResponseDeleted": {
+        "type": "object",
+        "required": ["id", "object", "deleted"],
+        "properties": {"id": _STR, "object": {"const": "response"}, "deleted": {"const": True}},
+    },
     "Model": {
         "type": "object",
         "required": ["id", "object", "created", "owned_by"],
@@ -238,7 +280,7 @@ _RESPONSE_SCHEMAS: dict[str, dict] = {
 def _request_schemas() -> dict[str, dict]:
     """The request models' JSON Schemas, their nested models hoisted into components."""
     out: dict[str, dict] = {}
-    for model in (ChatCompletionRequest, CompletionRequest):
+    for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponsesRequest):
         schema = model.model_json_schema(ref_template=REF)
         out.update(schema.pop("$defs", {}))
         out[model.__name__] = schema
@@ -291,11 +333,14 @@ def _read(summary: str, op_id: str, response: str, tag: str, parameters: list | 
     return {"get": op}
 
 
+_RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": _STR}
+
+
 def openapi_document(config: EmberConfig) -> dict:
     served = [m.id for m in config.models if m.served]
     ingress = config.ingress
     schemas = copy.deepcopy(_request_schemas())
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
+    for name in ("ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "ResponsesRequest"):
         model_prop = schemas[name]["properties"]["model"]
         model_prop["examples"] = served
         model_prop["description"] = ("A model id; GET /v1/models lists those this account may call. "
@@ -335,6 +380,22 @@ def openapi_document(config: EmberConfig) -> dict:
             "/v1/completions": _generation(
                 "Create a completion (one prompt per request)", "CompletionRequest", "Completion",
                 "text_completion chunks whose final chunk carries usage", "inference"),
+            "/v1/embeddings": {"post": {**_generation(
+                "Create embeddings (embedding models only)", "EmbeddingRequest", "EmbeddingList", "",
+                "inference")["post"], "responses": {
+                    "200": {"description": "The vectors, in input order",
+                            "headers": _GENERATION_HEADERS, "content": _json("EmbeddingList")},
+                    **_errors(_GENERATION_ERRORS)}}},
+            "/v1/responses": _generation(
+                "Create a response (the Responses API)", "ResponsesRequest", "Response",
+                "response.* events (no [DONE]) ending with response.completed or response.incomplete",
+                "inference"),
+            "/v1/responses/{response_id}": {
+                **_read("A stored response (its owner only; any other account gets 404)", "getResponse",
+                        "Response", "inference", parameters=[_RESPONSE_ID]),
+                "delete": {**_read("Delete a stored response (its owner only)", "deleteResponse",
+                                   "ResponseDeleted", "inference", parameters=[_RESPONSE_ID])["get"]},
+            },
             "/v1/models": _read("List the models this account may call", "listModels", "ModelList",
                                 "inference"),
             "/v1/models/{model}": _read(

@@ -44,7 +44,7 @@ from cluster.config import EmberConfig, ModelConfig
 from deployments.capacity import REGISTRY, CapacityRegistry, Subscriber, current_app_name
 from deployments.errors import overloaded
 from policies.fair_share import TokenWeights, VirtualTokenCounter
-from policies.tiers import shed, usable_slots
+from policies.tiers import PRIORITY_WINDOW_S, priority_reserve_slots, shed, usable_slots
 
 _DEFAULT = object()
 DEFAULT_REPLICA_START_S = 30.0  # a fixed-size pool's replicas are restarts, not scale-ups
@@ -136,6 +136,12 @@ class PoolGate:
         self.slots = self._slots_for(self.replicas)
         # Slots held back for Priority; a model that offers no Priority tier keeps none idle.
         self.reserve = ing.priority_reserve if model.pricing.priority is not None else 0.0
+        self.offers_priority = model.pricing.priority is not None
+        # Priority's slots in flight and its peak over the last window, in two half-window buckets.
+        self.priority_in_flight = 0
+        self._peak_now = self._peak_before = 0
+        self._peak_since = time.monotonic()
+        self.batch_headroom = config.batch.headroom  # slots Batch leaves free for interactive arrivals
         self.in_flight = 0
         self.service_time_s = 0.5  # prior until the first request finishes
         weights = TokenWeights(ing.fair_share_weights.input, ing.fair_share_weights.output)
@@ -198,7 +204,36 @@ class PoolGate:
         return self._queues["priority" if tier == "priority" else "standard"]
 
     def _usable(self, tier: str) -> int:
-        return usable_slots("priority" if tier == "priority" else "standard", self.slots, self.reserve)
+        if tier == "priority":
+            return self.slots
+        if not self.offers_priority:
+            standard = usable_slots("standard", self.slots, self.reserve)
+        else:
+            standard = max(1, self.slots - priority_reserve_slots(self.slots, self.reserve, self.priority_peak()))
+        if tier == "batch":  # Batch also leaves batch_headroom of the slots to interactive arrivals
+            return max(1, standard - math.ceil(self.slots * self.batch_headroom - 1e-9))
+        return standard
+
+    def _standard_reserve(self) -> float:
+        """The share of slots Standard leaves to Priority now (for the shedding estimate)."""
+        return 1 - self._usable("standard") / self.slots
+
+    def priority_peak(self) -> int:
+        """The most Priority requests in flight at once over the last ``PRIORITY_WINDOW_S`` (or so)."""
+        now = time.monotonic()
+        if now - self._peak_since >= PRIORITY_WINDOW_S / 2:
+            recent = now - self._peak_since < PRIORITY_WINDOW_S
+            self._peak_before = self._peak_now if recent else 0
+            self._peak_now = self.priority_in_flight
+            self._peak_since = now
+        return max(self._peak_now, self._peak_before)
+
+    def _took(self, tier: str) -> None:
+        self.in_flight += 1
+        if tier == "priority":
+            self.priority_in_flight += 1
+            self.priority_peak()
+            self._peak_now = max(self._peak_now, self.priority_in_flight)
 
     def _cold_retry_after(self) -> int:
         since = self._cold_since if self._cold_since is not None else time.monotonic()
@@ -225,13 +260,13 @@ class PoolGate:
                                       waiting_priority + queue.ahead(account))
             growing = self.replica_start_s if self.replicas < self.max_replicas else None
             d = shed(tier, ahead, self.slots, self.service_time_s, ing.max_queue_wait_s,  # type: ignore[arg-type]
-                     ing.priority_headroom, self.reserve, growing)
+                     ing.priority_headroom, self._standard_reserve(), growing, self.batch_headroom)
             if not d.admit:
                 raise overloaded(model_id, d.expected_wait_s)
             bound_s = 2 * d.bound_s  # the estimate said it fits the bound; twice it is the hard stop
         if self.in_flight < self._usable(tier) and not self._queues["priority"].count and (
                 tier == "priority" or not self._queues["standard"].count):
-            self.in_flight += 1
+            self._took(tier)
             return queue.vtc.charge(queue.key(account), input_tokens, output_tokens)
         if cold and bound_s <= 0:
             raise self._cold_error(model_id)
@@ -246,7 +281,7 @@ class PoolGate:
             if fut.done() and not fut.cancelled():
                 # Handed a slot just as it gave up: pass it on, and take back the charge.
                 queue.vtc.correct(queue.key(account), queue.vtc.weights.cost(input_tokens, output_tokens), 0, 0)
-                self.release()
+                self.release(tier)
             else:
                 queue.give_up(account, fut)
             if isinstance(exc, TimeoutError):
@@ -268,21 +303,19 @@ class PoolGate:
         err.headers = {**err.headers, "Retry-After": str(retry)}
         return err
 
-    def release(self) -> None:
+    def release(self, tier: str = "standard") -> None:
+        """A request of ``tier`` gives its slot back."""
         self.in_flight -= 1
+        if tier == "priority":
+            self.priority_in_flight = max(0, self.priority_in_flight - 1)
         self._hand_over()
 
     def _hand_over(self) -> None:
-        while True:
-            fut = self._next_waiter()
-            if fut is None:
-                return
-            self.in_flight += 1
-            fut.set_result(None)
-
-    def _next_waiter(self) -> asyncio.Future | None:
         for tier in ("priority", "standard"):
             queue = self._queues[tier]
-            if queue.count and self.in_flight < self._usable(tier):
-                return queue.pop()
-        return None
+            while queue.count and self.in_flight < self._usable(tier):
+                fut = queue.pop()
+                if fut is None:
+                    break
+                self._took(tier)
+                fut.set_result(None)

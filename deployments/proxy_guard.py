@@ -20,10 +20,11 @@ cross the Ray hop to the ingress:
 - **Requests per key** in flight through this proxy are capped (``EMBER_PROXY_MAX_PER_KEY``, 128;
   the key is the ``Authorization`` header's hash, or the client address without one): past it,
   429 at once.
-- **Account-wide refusals are repeated here**: when the ingress refuses an account for a while
-  (the ``x-ember-hold-key-s`` header on its 429, e.g. after too many large bodies that failed
-  validation), this proxy answers that key's requests with the same 429 until then, without
-  reading their bodies. The header never reaches the caller.
+- **Refusals that hold for a while are repeated here** (the hold headers of ``deployments.wire``
+  on a 429): an account refused as a whole (too many large bodies that failed validation) is
+  answered here without its bodies being read; a key refused by a model's rate limit is answered
+  here for that model (its body read, not forwarded) for as long as the limiter remembers the
+  refusal. The headers never reach the caller.
 
 Serve loads it in the proxy process when ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` is
 ``deployments.proxy_guard:middlewares`` in the environment of the Ray nodes (``make run`` and the
@@ -42,9 +43,12 @@ from collections import OrderedDict
 
 from starlette.middleware import Middleware
 
+from deployments import wire
+
 CALLBACK = "deployments.proxy_guard:middlewares"
 STRIPPED = (b"x-request-timeout-seconds", b"x-request-disconnect-disabled")
-HOLD_HEADER = b"x-ember-hold-key-s"  # deployments.errors.HOLD_HEADER (not imported: no Ray here)
+HOLD = wire.HOLD_HEADER.encode()
+HOLD_MODEL = wire.HOLD_MODEL_HEADER.encode()
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 MAX_HOLDS = 10_000  # keys remembered at once (oldest first out)
 _KINDS = {
@@ -95,7 +99,9 @@ class ProxyGuard:
         self.max_body_bytes = int(_env_number("EMBER_PROXY_MAX_BODY_BYTES", 4 * 1024 * 1024))
         self.max_per_key = int(_env_number("EMBER_PROXY_MAX_PER_KEY", 128))
         self.in_flight: dict[bytes, int] = {}
-        self.holds: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()  # key -> (until, 429 body)
+        # (key, model id or None for every model) -> (until, the 429's body)
+        self.holds: OrderedDict[tuple[bytes, str | None], tuple[float, bytes]] = OrderedDict()
+        self.model_holds: dict[bytes, int] = {}  # key -> how many of its holds are per model
 
     @staticmethod
     def _key(scope) -> bytes:
@@ -105,18 +111,37 @@ class ProxyGuard:
         client = scope.get("client")
         return b"addr:" + (client[0].encode() if client else b"?")
 
-    def _held(self, key: bytes) -> tuple[float, bytes] | None:
-        hold = self.holds.get(key)
+    def _held(self, key: bytes, model: str | None) -> tuple[float, bytes] | None:
+        hold = self.holds.get((key, model))
         if hold is not None and hold[0] <= self.clock():
-            del self.holds[key]
+            self._unhold((key, model))
             return None
         return hold
 
-    def _hold(self, key: bytes, seconds: float, body: bytes) -> None:
-        self.holds[key] = (self.clock() + seconds, body)
-        self.holds.move_to_end(key)
+    def _hold(self, key: bytes, model: str | None, seconds: float, body: bytes) -> None:
+        if (key, model) not in self.holds and model is not None:
+            self.model_holds[key] = self.model_holds.get(key, 0) + 1
+        self.holds[(key, model)] = (self.clock() + seconds, body)
+        self.holds.move_to_end((key, model))
         while len(self.holds) > MAX_HOLDS:
-            self.holds.popitem(last=False)
+            self._unhold(next(iter(self.holds)))
+
+    def _unhold(self, hk: tuple[bytes, str | None]) -> None:
+        del self.holds[hk]
+        key, model = hk
+        if model is not None:
+            left = self.model_holds.get(key, 1) - 1
+            if left > 0:
+                self.model_holds[key] = left
+            else:
+                self.model_holds.pop(key, None)
+
+    async def _repeat(self, send, hold: tuple[float, bytes]) -> None:
+        wait = str(max(1, math.ceil(hold[0] - self.clock())))
+        await send({"type": "http.response.start", "status": 429,
+                    "headers": [(b"content-type", b"application/json"), (b"retry-after", wait.encode()),
+                                (b"content-length", str(len(hold[1])).encode())]})
+        await send({"type": "http.response.body", "body": hold[1]})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -124,13 +149,9 @@ class ProxyGuard:
         scope = dict(scope)
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() not in STRIPPED]
         key = self._key(scope)
-        hold = self._held(key)
+        hold = self._held(key, None)
         if hold is not None:
-            wait = str(max(1, math.ceil(hold[0] - self.clock())))
-            await send({"type": "http.response.start", "status": 429,
-                        "headers": [(b"content-type", b"application/json"), (b"retry-after", wait.encode()),
-                                    (b"content-length", str(len(hold[1])).encode())]})
-            return await send({"type": "http.response.body", "body": hold[1]})
+            return await self._repeat(send, hold)
         held = self.in_flight.get(key, 0)
         if held >= self.max_per_key:
             return await _respond(send, 429, f"too many concurrent requests with this key: at most "
@@ -139,9 +160,14 @@ class ProxyGuard:
         self.in_flight[key] = held + 1
         try:
             if scope["method"] in BODY_METHODS and not _multipart(scope):
-                receive = await self._buffered(scope, receive, send)
-                if receive is None:
+                body = await self._buffered(scope, receive, send)
+                if body is None:
                     return
+                if key in self.model_holds:
+                    hold = self._held(key, wire.peek_model(body))
+                    if hold is not None:
+                        return await self._repeat(send, hold)
+                receive = _replay(body, receive)
             await self._forward(scope, receive, send, key)
         finally:
             left = self.in_flight.get(key, 1) - 1
@@ -150,9 +176,8 @@ class ProxyGuard:
             else:
                 self.in_flight.pop(key, None)
 
-    async def _buffered(self, scope, receive, send):
-        """Read the whole body within the deadline and cap; a ``receive`` that replays it (then
-        passes on to the client's, so the app still hears a disconnect), or None if answered."""
+    async def _buffered(self, scope, receive, send) -> bytes | None:
+        """The whole body, read within the deadline and cap; None if answered (or the client left)."""
         declared = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await _respond(send, 413, f"request body is {int(declared)} bytes; the limit is "
@@ -178,29 +203,23 @@ class ProxyGuard:
             await _respond(send, 408, f"the request body did not arrive within {self.body_timeout_s:g} s",
                            "body_timeout", "invalid_request_error")
             return None
-        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        async def replay():
-            nonlocal whole
-            if whole is not None:
-                message, whole = whole, None
-                return message
-            return await receive()
-
-        return replay
+        return b"".join(chunks)
 
     async def _forward(self, scope, receive, send, key: bytes):
         start: dict | None = None
         chunks: list[bytes] = []
         hold_s: float | None = None
+        hold_model: str | None = None
 
         async def guarded_send(message):
-            nonlocal start, hold_s
+            nonlocal start, hold_s, hold_model
             if message["type"] == "http.response.start":
                 raw = message.get("headers") or []
-                hold = next((v for k, v in raw if k.lower() == HOLD_HEADER), None)
+                hold = next((v for k, v in raw if k.lower() == HOLD), None)
                 if hold is not None:
-                    message = {**message, "headers": [(k, v) for k, v in raw if k.lower() != HOLD_HEADER]}
+                    model = next((v for k, v in raw if k.lower() == HOLD_MODEL), None)
+                    hold_model = model.decode("utf-8", "replace") if model is not None else None
+                    message = {**message, "headers": [(k, v) for k, v in raw if k.lower() not in (HOLD, HOLD_MODEL)]}
                     hold_s = _seconds(hold)
                     if hold_s is not None and message["status"] == 429:
                         chunks.clear()
@@ -219,7 +238,7 @@ class ProxyGuard:
                     return
                 if hold_s is not None:
                     body = b"".join(chunks)
-                    self._hold(key, hold_s, body)
+                    self._hold(key, hold_model, hold_s, body)
                     await send(start)
                     return await send({"type": "http.response.body", "body": body})
                 body = openai_error_body(start["status"], b"".join(chunks).decode("utf-8", "replace"))
@@ -231,6 +250,21 @@ class ProxyGuard:
             return await send(message)
 
         await self.app(scope, receive, guarded_send)
+
+
+def _replay(body: bytes, receive):
+    """A ``receive`` that gives the whole body once, then passes on to the client's (so the app
+    still hears a disconnect)."""
+    whole: dict | None = {"type": "http.request", "body": body, "more_body": False}
+
+    async def replay():
+        nonlocal whole
+        if whole is not None:
+            message, whole = whole, None
+            return message
+        return await receive()
+
+    return replay
 
 
 def _seconds(raw: bytes) -> float | None:

@@ -245,7 +245,12 @@ class _Serving:
 
 class ChatServing(_Serving):
     def prepare(self, rid: str, account: str, body: bytes, headers) -> Job:
-        req = ChatCompletionRequest.model_validate_json(body)
+        return self.chat_job(rid, account, ChatCompletionRequest.model_validate_json(body), headers)
+
+    def chat_job(self, rid: str, account: str, req: ChatCompletionRequest, headers, *, prefix: str = "chatcmpl-",
+                 param: str = "messages", max_param: str | None = None, renderer=None) -> Job:
+        """The Job of a chat request. The Responses API runs its requests through here too, with
+        its own id prefix, parameter names and ``renderer(rid, model, tier, tools)``."""
         model = self._model_for(req.model, account)
         tier, billed_tier = _tier(req.service_tier, model)
         tools, structured = _tool_calling(req, model)
@@ -253,20 +258,21 @@ class ChatServing(_Serving):
             # Every message costs at least its role token: this cannot fit, so say so before the
             # (costly) rendering and tokenizing.
             raise bad_request(f"{len(req.messages)} messages cannot fit this model's context of "
-                              f"{model.context_length} tokens", param="messages", code="context_length_exceeded")
+                              f"{model.context_length} tokens", param=param, code="context_length_exceeded")
         try:
             prompt_ids = self.prompts[model.id].chat(
                 req.messages, [t.model_dump(exclude_none=True) for t in req.tools or ()])
         except ValueError as exc:  # the template rejected the conversation
-            raise bad_request(str(exc), param="messages") from exc
-        max_tokens = self._max_tokens(model, len(prompt_ids), req.requested_max_tokens,
-                                      "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+            raise bad_request(str(exc), param=param) from exc
+        max_param = max_param or ("max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+        max_tokens = self._max_tokens(model, len(prompt_ids), req.requested_max_tokens, max_param)
         session = session_key(account, header=headers.get(AFFINITY_HEADER),
                               prompt_cache_key=req.prompt_cache_key, user=req.user,
                               messages=((m.role, m.text) for m in req.messages))
-        rid = "chatcmpl-" + rid
-        return self._job(rid, account, model, req, prompt_ids, max_tokens, session, billed_tier,
-                         ChatRenderer(rid, model.id, tier, tools), structured)
+        rid = prefix + rid
+        made = (renderer(rid, model, tier, tools) if renderer is not None
+                else ChatRenderer(rid, model.id, tier, tools))
+        return self._job(rid, account, model, req, prompt_ids, max_tokens, session, billed_tier, made, structured)
 
 
 def _tool_calling(req: ChatCompletionRequest, model: ModelConfig):

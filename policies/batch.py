@@ -7,11 +7,12 @@ States (OpenAI's names; Fireworks' in brackets, accepted as aliases in the docs)
     in_progress → expired [EXPIRED]              (the window passed; completed lines are kept)
     validating | in_progress → cancelling → cancelled [CANCELLED]   (completed lines are kept)
 
-Worked example of the concurrency window (``Window``): it starts at 2 lines in flight. Each line
-that finishes while the pool had no interactive request waiting adds 1/window, so a whole
-window of successes adds one line: 2 → 3 → 4 ... up to ``max``. A refused slot, or any
-interactive request waiting at the pool gate, halves it at once (4 → 2), never below 1: batch
-backs off within one line's time of an interactive queue forming.
+Worked example of the concurrency window (``Window``): it starts at 2 lines in flight and, like
+TCP's slow start, adds one line per success until the first back-off (2 → 4 → 8 per round of
+lines), so an idle pool fills within a few rounds. A refused slot, or any interactive request
+waiting at the pool gate, halves it at once (16 → 8, never below 1) and ends the slow start; from
+then on a whole window of successes adds one line (8 → 9 after 8 successes): batch backs off
+within one line's time of an interactive queue forming and creeps back.
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ class Window:
     size: float
     max: int
     min: int = 1
+    slow_start: bool = True  # until the first back-off: one more line per success
 
     @property
     def limit(self) -> int:
@@ -176,10 +178,12 @@ class Window:
     def on_success(self, interactive_waiting: int) -> None:
         if interactive_waiting > 0:
             self.on_busy()
-        else:
-            self.size = min(float(self.max), self.size + 1.0 / max(1.0, self.size))
+            return
+        step = 1.0 if self.slow_start else 1.0 / max(1.0, self.size)
+        self.size = min(float(self.max), self.size + step)
 
     def on_busy(self) -> None:
+        self.slow_start = False
         self.size = max(float(self.min), self.size / 2)
 
 

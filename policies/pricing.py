@@ -26,6 +26,14 @@ class Price:
     output: float
 
 
+def embedding_price(input_usd_per_m: float) -> Price:
+    """An embedding model's row as a ``Price``: every input token at the one rate, nothing else.
+
+    Example: 1,000 input tokens at $0.02 per 1M cost 1000 × 0.02 / 1e6 = $0.00002.
+    """
+    return Price(input=input_usd_per_m, cached_input=input_usd_per_m, output=0.0)
+
+
 def request_cost(price: Price, prompt_tokens: int, cached_tokens: int, completion_tokens: int,
                  discount: float = 1.0) -> float:
     uncached = max(0, prompt_tokens - cached_tokens)

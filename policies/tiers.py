@@ -6,6 +6,11 @@ a Priority request would still wait for one to finish. The ingress therefore kee
 each pool's running slots (``priority_reserve``) that only Priority may use: Standard runs in
 the rest and waits for them at the ingress, not inside the engine.
 
+The reserve follows Priority's demand: Standard leaves Priority at least its configured share
+and, beyond it, Priority's peak in flight over the last ``PRIORITY_WINDOW_S`` plus one slot
+(``priority_reserve_slots``), so that the operator need not size it; a model with no Priority
+traffic keeps only the configured share idle.
+
 A request is shed (503 at once, never a timeout) when the queue wait it would face exceeds a
 bound: for Standard ``max_queue_wait_s`` over its usable slots; for Priority
 ``priority_headroom`` times that over all slots; Batch whenever it would wait at all.
@@ -31,6 +36,7 @@ from typing import Literal
 
 Tier = Literal["priority", "standard", "batch"]
 ENGINE_PRIORITY: dict[str, int] = {"priority": 0, "standard": 1, "batch": 2}
+PRIORITY_WINDOW_S = 30.0  # how long Priority's peak in flight widens the reserve
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +46,31 @@ class ShedDecision:
     bound_s: float
 
 
-def usable_slots(tier: Tier, slots: int, priority_reserve: float) -> int:
+def usable_slots(tier: Tier, slots: int, priority_reserve: float, batch_headroom: float = 0.0) -> int:
+    """Slots a tier may run in. Batch also leaves ``batch_headroom`` of them free, so that an
+    interactive request arriving finds a slot at once rather than behind a batch line.
+
+    Example: 32 slots, no Priority reserve, headroom 0.25: Standard may use 32, Batch 24.
+    """
     if tier == "priority":
         return slots
-    return max(1, math.floor(slots * (1 - priority_reserve)))
+    if tier == "batch":
+        return max(1, math.floor(slots * (1 - priority_reserve - batch_headroom) + 1e-9))
+    return max(1, math.floor(slots * (1 - priority_reserve) + 1e-9))
+
+
+def priority_reserve_slots(slots: int, priority_reserve: float, recent_priority_peak: int) -> int:
+    """Slots Standard leaves to Priority: the configured share, or more when Priority has
+    recently needed more: its peak in flight over the last window plus one, so that a Priority
+    request arriving on top of that peak still finds a free slot instead of waiting for one to
+    end. Standard always keeps at least one slot.
+
+    Worked example: 16 slots, reserve 0.25 → 4 reserved. Priority peaked at 6 in flight over the
+    last window → 7 reserved, Standard runs in 9. Priority at 15 → 15 reserved (Standard keeps 1).
+    """
+    static = slots - usable_slots("standard", slots, priority_reserve)
+    dynamic = recent_priority_peak + 1 if recent_priority_peak > 0 else 0
+    return max(0, min(slots - 1, max(static, dynamic)))
 
 
 def expected_wait_s(ahead: int, slots: int, service_time_s: float) -> float:
@@ -53,10 +80,10 @@ def expected_wait_s(ahead: int, slots: int, service_time_s: float) -> float:
 
 def shed(tier: Tier, ahead: int, slots: int, service_time_s: float, max_queue_wait_s: float,
          priority_headroom: float, priority_reserve: float = 0.0,
-         scale_up_wait_s: float | None = None) -> ShedDecision:
+         scale_up_wait_s: float | None = None, batch_headroom: float = 0.0) -> ShedDecision:
     """Admit or refuse; ``scale_up_wait_s`` (not None) says the pool is below its maximum size
     and may wait that long for the replicas on their way (see the module doc)."""
-    usable = usable_slots(tier, slots, priority_reserve)
+    usable = usable_slots(tier, slots, priority_reserve, batch_headroom)
     wait = expected_wait_s(ahead, usable, service_time_s)
     base = max_queue_wait_s if scale_up_wait_s is None else max(max_queue_wait_s, scale_up_wait_s)
     if tier == "priority":

@@ -112,3 +112,20 @@ def openai_schemas():
         return jsonschema.Draft202012Validator(schema)
 
     return validator
+
+
+SDK_SCHEMA_FILE = REPO_ROOT / "tests" / "openai_schema" / "openai-sdk-schemas.json"  # Apache-2.0
+
+
+@pytest.fixture(scope="session")
+def sdk_schemas():
+    """Validators for the embeddings and Responses shapes, by root name: ``CreateEmbeddingResponse``,
+    ``Response``, ``ResponseStreamEvent`` (tests/openai_schema/sdk_schemas.py made the file)."""
+    import jsonschema
+
+    doc = json.loads(SDK_SCHEMA_FILE.read_text())
+
+    def validator(name: str) -> "jsonschema.protocols.Validator":
+        return jsonschema.Draft202012Validator({"$defs": doc["$defs"], **doc["roots"][name]})
+
+    return validator

@@ -10,7 +10,7 @@ def make_engine(model: ModelConfig) -> Engine:
     if model.engine.kind == "sim":
         from deployments.engines.sim import SimEngine
 
-        return SimEngine(model.model_dir, model.engine, model.context_length)
+        return SimEngine(model.model_dir, model.engine, model.context_length, embedding=model.embedding)
     from deployments.engines.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model.model_dir, model.engine, model.context_length)
+    return VLLMEngine(model.model_dir, model.engine, model.context_length, embedding=model.embedding)

@@ -18,6 +18,22 @@ Streaming convention (written down once, every engine follows it):
   ``generate`` and from ``check_health``), so that Serve replaces its replica; everything else is
   a fault of this one request.
 
+Embedding convention (models with ``task: embed``):
+
+- ``embed(request)`` takes an ``EmbedRequest`` (one or more token-id inputs) and returns one
+  ``EngineOutput`` with ``final`` set, ``embeddings`` holding one vector per input in input order
+  (the model's full size, L2-normalised), no deltas, and ``usage`` counting every input token as
+  a prompt token (``completion_tokens=0``, ``cached_tokens=0``).
+- An ``EmbedRequest`` looks like a prompt-only ``EngineRequest`` to the ingress's lifecycle: its
+  ``prompt_token_ids`` are all inputs in a row and its ``sampling`` allows no output, so
+  admission, rate limits and billing treat it as a prompt with nothing generated.
+- Errors follow the generation rules (``EngineRequestError``, ``EngineDeadError``); a generative
+  engine that is asked to embed, or an embedding engine asked to generate, raises
+  ``EngineRequestError``.
+
+Example: ``EmbedRequest("e1", [[5, 6], [7]])`` returns
+``EngineOutput([], final=True, embeddings=[[...], [...]], usage=Usage(3, 0, 0))``.
+
 Example: a request with ``max_tokens=3`` and ``n=1`` may stream
 ``[ChoiceDelta(0, [5], "a")]``, ``[ChoiceDelta(0, [9, 2], " bc", finish_reason="length")]`` and then
 a final output with ``usage=Usage(prompt_tokens=7, completion_tokens=3, cached_tokens=0)``.
@@ -83,6 +99,26 @@ class EngineRequest:
     trace_context: dict[str, str] | None = None
 
 
+_NO_OUTPUT = SamplingParams(max_tokens=0)
+
+
+@dataclass(slots=True)
+class EmbedRequest:
+    request_id: str
+    inputs: list[list[int]]  # token ids, one list per input
+    priority: int = 0
+    trace_context: dict[str, str] | None = None  # as EngineRequest's
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        """Every input's tokens in a row: what admission and billing count."""
+        return [t for ids in self.inputs for t in ids]
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return _NO_OUTPUT
+
+
 @dataclass(slots=True)
 class TokenLogprob:
     token: str
@@ -129,6 +165,7 @@ class EngineOutput:
     replica: str | None = None  # set by the model pool on final outputs: which replica served it
     # Also set there: when the replica started and finished the request (Unix seconds).
     replica_span: tuple[float, float] | None = None
+    embeddings: list[list[float]] | None = None  # EmbedRequest only: one vector per input
 
 
 class EngineRequestError(ValueError):
@@ -153,6 +190,9 @@ class Engine(Protocol):
 
     async def abort(self, request_id: str) -> None:
         """Stop a running request and free its resources."""
+
+    async def embed(self, request: EmbedRequest) -> EngineOutput:
+        """Embed every input of the request (embedding models; see the convention above)."""
 
     async def check_health(self) -> None:
         """Return if the engine can serve; raise ``EngineDeadError`` if it cannot."""
@@ -196,4 +236,6 @@ def merge_outputs(outputs: list[EngineOutput]) -> EngineOutput:
             merged.cached_tokens = out.cached_tokens
         if out.replica is not None:
             merged.replica = out.replica
+        if out.embeddings is not None:
+            merged.embeddings = out.embeddings
     return merged

@@ -23,15 +23,17 @@ import asyncio
 import heapq
 import itertools
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
-from cluster.config import EngineConfig
+from cluster.config import EmbeddingConfig, EngineConfig
 from deployments.engines.protocol import (
     ChoiceDelta,
+    EmbedRequest,
     EngineMetrics,
     EngineDeadError,
     EngineOutput,
@@ -97,8 +99,11 @@ class SimEngine:
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         vocab: list[tuple[int, str]] | None = None,
+        embedding: EmbeddingConfig | None = None,
     ):
         self.model_dir = Path(model_dir)
+        self.embedding = embedding  # set: an embedding model (embed only), else generate only
+        self._token_vectors: dict[int, list[float]] = {}
         self.config = engine
         self.context_length = context_length
         self.cache = PrefixCache(engine.block_size, engine.cache_capacity_tokens)
@@ -122,6 +127,8 @@ class SimEngine:
             self._vocab_text = dict(self._vocab)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if self.embedding is not None:
+            raise EngineRequestError("this model embeds; it does not generate text", param="model")
         if self._vocab is None:
             await self.start()
         self._validate(request)
@@ -135,6 +142,41 @@ class SimEngine:
         finally:
             if not seq.queue.empty() or request.request_id in self._by_id:
                 await self.abort(request.request_id)
+
+    async def embed(self, request: EmbedRequest) -> EngineOutput:
+        """Deterministic unit vectors: the normalised sum of a fixed random vector per token id
+        (seeded by the id), so equal inputs embed equally and shared tokens pull vectors together.
+        Takes the latency model's prefill time for all its tokens; nothing is cached."""
+        if self.embedding is None:
+            raise EngineRequestError("this model generates text; it does not embed", param="model")
+        received = self._clock()
+        for ids in request.inputs:
+            if not ids:
+                raise EngineRequestError("an input must contain at least one token", param="input")
+            if len(ids) > self.context_length:
+                raise EngineRequestError(f"an input is {len(ids)} tokens; this model's maximum context length "
+                                         f"is {self.context_length} tokens", param="input")
+        n_tokens = sum(len(ids) for ids in request.inputs)
+        lat = self.config.latency
+        await self._sleep(lat.prefill_base_s + lat.prefill_s_per_token * n_tokens)
+        vectors = [self._embed_one(ids) for ids in request.inputs]
+        took = self._clock() - received
+        return EngineOutput(deltas=[], final=True, usage=Usage(n_tokens, 0, 0),
+                            metrics=EngineMetrics(took, took), cached_tokens=0, embeddings=vectors)
+
+    def _embed_one(self, ids: list[int]) -> list[float]:
+        assert self.embedding is not None
+        dims = self.embedding.dimensions
+        acc = [0.0] * dims
+        for tid in ids:
+            vec = self._token_vectors.get(tid)
+            if vec is None:
+                rng = random.Random(tid)
+                vec = self._token_vectors[tid] = [rng.gauss(0.0, 1.0) for _ in range(dims)]
+            for j in range(dims):
+                acc[j] += vec[j]
+        norm = math.sqrt(sum(x * x for x in acc)) or 1.0
+        return [x / norm for x in acc]
 
     async def abort(self, request_id: str) -> None:
         seq = self._by_id.pop(request_id, None)

@@ -34,6 +34,12 @@ Mapping onto vLLM (see ``deployments/engines/protocol.py`` for the convention):
   the request with an internal ``EngineGenerateError`` for seeds beyond 64 bits). Seeds go to vLLM
   reduced modulo 2**64, the value torch seeds with anyway, so -1, which vLLM reads as "no seed", is
   a seed like any other.
+- An embedding model (``embedding`` set: ``task: embed``) runs on vLLM's pooling runner
+  (``runner="pooling"``, the model's own pooler, normalised vectors) and serves ``embed`` only:
+  each input is one ``AsyncLLM.encode`` request (``PoolingParams(task="embed")``), all of them
+  at once; vLLM batches them. Prefix caching is off: a vector is not reused, and vLLM's last-token
+  pooling cannot read a cached prompt. The vector size must equal ``embedding.dimensions``
+  (checked at start).
 - vLLM's ``EngineDeadError`` (engine core gone) becomes the protocol's ``EngineDeadError``, from
   ``generate`` and ``check_health``; so does calling either before ``start()`` or after
   ``shutdown()``, since such an engine can serve nothing.
@@ -51,9 +57,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster.config import EngineConfig
+from cluster.config import EmbeddingConfig, EngineConfig
 from deployments.engines.protocol import (
     ChoiceDelta,
+    EmbedRequest,
     EngineDeadError,
     EngineMetrics,
     EngineOutput,
@@ -92,10 +99,12 @@ class VLLMEngine:
     exactly ``engine.cpu_kvcache_space_gib``; on GPU vLLM sizes it from ``gpu_memory_utilization``.
     """
 
-    def __init__(self, model_dir: str | Path, engine: EngineConfig, context_length: int) -> None:
+    def __init__(self, model_dir: str | Path, engine: EngineConfig, context_length: int,
+                 embedding: EmbeddingConfig | None = None) -> None:
         self.model_dir = Path(model_dir).expanduser()
         self.config = engine
         self.context_length = context_length
+        self.embedding = embedding
         self._llm: AsyncLLM | None = None
         self._start_lock = asyncio.Lock()
         self._decode: Callable[[list[int]], str] | None = None  # set with the engine
@@ -132,6 +141,14 @@ class VLLMEngine:
         # the first request, and separately the first one asking for logprobs, pay seconds of
         # one-off set-up (measured: ~2 s each on 2 cores). Pay both here, before the replica
         # reports ready. use_cache=False keeps the warm-up out of everyone's prefix cache.
+        if self.embedding is not None:
+            out = await self.embed(EmbedRequest(f"warmup-{uuid.uuid4().hex}", [[0, 1, 2, 3]]))
+            assert out.embeddings is not None
+            size = len(out.embeddings[0])
+            if size != self.embedding.dimensions:
+                raise ValueError(f"{self.model_dir} makes vectors of {size} dimensions; the model config "
+                                 f"says embedding.dimensions={self.embedding.dimensions}")
+            return
         request = EngineRequest(
             request_id=f"warmup-{uuid.uuid4().hex}",
             prompt_token_ids=[0, 1, 2, 3],
@@ -169,7 +186,8 @@ class VLLMEngine:
             seed=cfg.seed,
             max_model_len=self.context_length,
             block_size=cfg.block_size,
-            enable_prefix_caching=True,
+            enable_prefix_caching=self.embedding is None,
+            runner="pooling" if self.embedding is not None else "auto",
             max_num_seqs=cfg.max_num_seqs,
             enforce_eager=cfg.enforce_eager,
             scheduling_policy="priority",
@@ -179,7 +197,9 @@ class VLLMEngine:
             # The replica reports its own metrics; vLLM's periodic stats lines are noise here.
             disable_log_stats=True,
             enable_log_requests=False,
-            structured_outputs_config=StructuredOutputsConfig(backend=cfg.structured_output_backend),
+            # Compact JSON: see EngineConfig.structured_output_backend.
+            structured_outputs_config=StructuredOutputsConfig(backend=cfg.structured_output_backend,
+                                                              disable_any_whitespace=True),
         )
         # No local variable holds the engine: this frame outlives the call (tracebacks of
         # imports made under it keep it), and a local in it would keep the engine alive too.
@@ -228,9 +248,71 @@ class VLLMEngine:
 
     # -- generation --------------------------------------------------------------------------
 
+    async def embed(self, request: EmbedRequest) -> EngineOutput:
+        received = time.perf_counter()
+        llm = self._require_llm()
+        if self.embedding is None:
+            raise EngineRequestError("this model generates text; it does not embed", param="model")
+        for ids in request.inputs:
+            if not ids:
+                raise EngineRequestError("an input must contain at least one token", param="input")
+            if len(ids) > self.context_length:
+                raise EngineRequestError(f"an input is {len(ids)} tokens; this model's maximum context length "
+                                         f"is {self.context_length} tokens", param="input")
+            self._check_ids(ids, "input")
+
+        from vllm.inputs.engine import tokens_input
+        from vllm.pooling_params import PoolingParams
+
+        async def one(index: int, ids: list[int]) -> list[float]:
+            stream = llm.encode(tokens_input(list(ids)), PoolingParams(task="embed"),
+                                f"{request.request_id}-{index}", priority=request.priority)
+            try:
+                last = None
+                async for last in self._guarded(llm, stream):
+                    pass
+                if last is None or not last.finished:
+                    raise RuntimeError(f"vLLM ended embedding request {request.request_id} without a result")
+                return last.outputs.data.tolist()
+            finally:
+                await stream.aclose()
+
+        # A TaskGroup cancels the other inputs when one fails; each stream's aclose aborts it in vLLM.
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(one(i, ids)) for i, ids in enumerate(request.inputs)]
+        took = time.perf_counter() - received
+        n_tokens = sum(len(ids) for ids in request.inputs)
+        return EngineOutput(deltas=[], final=True, usage=Usage(n_tokens, 0, 0), cached_tokens=0,
+                            metrics=EngineMetrics(took, took), embeddings=[t.result() for t in tasks])
+
+    @staticmethod
+    async def _guarded(llm, stream):
+        """vLLM's stream with its errors mapped onto the protocol's.
+
+        vLLM raises its EngineDeadError when the engine core is gone; anything else
+        (EngineGenerateError) fails this request only, unless the engine died.
+        """
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+
+        while True:
+            try:
+                out = await stream.__anext__()
+            except StopAsyncIteration:
+                return
+            except VLLMClientError as exc:
+                raise EngineRequestError(str(exc), getattr(exc, "parameter", None)) from exc
+            except Exception as exc:
+                if isinstance(exc, VLLMEngineDeadError) or llm.errored:
+                    raise EngineDeadError(f"the vLLM engine core died: {exc!r}") from exc
+                raise
+            yield out
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         received = time.perf_counter()
         llm = self._require_llm()
+        if self.embedding is not None:
+            raise EngineRequestError("this model embeds; it does not generate text", param="model")
         self._check_request(request)
         params = self._sampling_params(request)
 
@@ -346,17 +428,19 @@ class VLLMEngine:
     def _check_request(self, request: EngineRequest) -> None:
         # vLLM 0.32 rejects out-of-vocabulary prompt ids too (cleanly), but against the larger of
         # the tokenizer's and the model's vocabulary; the model's embedding is the real bound.
-        ids = request.prompt_token_ids
+        self._check_ids(request.prompt_token_ids, "prompt")
+        seed = request.sampling.seed
+        if seed is not None and seed not in _INT64:
+            raise EngineRequestError(
+                f"seed {seed} is out of range (a signed 64-bit integer)", param="seed")
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
         if ids:
             lo, hi = min(ids), max(ids)
             if lo < 0 or hi >= self._vocab_size:
                 raise EngineRequestError(
                     f"token id {lo if lo < 0 else hi} is out of vocabulary "
-                    f"(ids are 0..{self._vocab_size - 1})", param="prompt")
-        seed = request.sampling.seed
-        if seed is not None and seed not in _INT64:
-            raise EngineRequestError(
-                f"seed {seed} is out of range (a signed 64-bit integer)", param="seed")
+                    f"(ids are 0..{self._vocab_size - 1})", param=param)
 
     def _sampling_params(self, request: EngineRequest) -> VLLMSamplingParams:
         from vllm.exceptions import VLLMClientError
@@ -368,10 +452,11 @@ class VLLMEngine:
         s = request.sampling
         structured = None
         if s.structured is not None:
-            # No free whitespace: an untrained model would fill its token budget with it.
+            # Whitespace is the engine's setting (disable_any_whitespace in _build_llm); vLLM 0.32
+            # reads it there, not from the request.
             structured = StructuredOutputsParams(
                 json=s.structured.json_schema, grammar=s.structured.grammar,
-                json_object=True if s.structured.json_object else None, disable_any_whitespace=True)
+                json_object=True if s.structured.json_object else None)
         try:
             return VLLMSamplingParams(
                 n=s.n,

@@ -81,6 +81,7 @@ def new_key(app: str, account: str) -> str:
 async def victim_p99_ms(app: str, key: str, seconds: float, clients: int = 4) -> dict:
     lat: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}  # "status code" of each error, to say what the victim saw
     end = time.monotonic() + seconds
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
     async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {key}"}) as c:
@@ -93,10 +94,15 @@ async def victim_p99_ms(app: str, key: str, seconds: float, clients: int = 4) ->
                     lat.append(time.perf_counter() - t)
                 else:
                     errors += 1
+                    try:
+                        code = r.json()["error"]["code"]
+                    except Exception:
+                        code = r.text[:60]
+                    kinds[f"{r.status_code} {code}"] = kinds.get(f"{r.status_code} {code}", 0) + 1
 
         await asyncio.gather(*(loop() for _ in range(clients)))
     lat.sort()
-    return {"requests": len(lat), "errors": errors, "p50_ms": percentile(lat, 50) * 1000,
+    return {"requests": len(lat), "errors": errors, "error_kinds": kinds, "p50_ms": percentile(lat, 50) * 1000,
             "p99_ms": percentile(lat, 99) * 1000}
 
 

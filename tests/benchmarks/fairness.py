@@ -16,8 +16,8 @@ each driven over HTTP (httpx), one app at a time:
    prompts and long answers, each from more closed-loop clients than the pool has slots, so
    that both always have requests waiting at the gate (an account whose requests all run is not
    backlogged, and VTC rightly gives the other the freed slots).
-   A request's weighted tokens (prompt + 2 x generated) count as served when its first token
-   comes (the request's start + the server's TTFT). Reported: the largest difference of the two
+   A request's weighted tokens (prompt + 2 x generated) count as served when a pool replica takes
+   it (the start of its ``x-ember-replica-span``: just after the gate handed it a slot). Reported: the largest difference of the two
    accounts' service over any interval while both are backlogged (from 2 s after the start until
    the clients stop), max D - min D with D(t) = served_A(t) - served_B(t),
    against the VTC bound 2 x max(max prompt, 2 x max generated). Both apps are redeployed for
@@ -152,12 +152,13 @@ def quiet_summary(results: list[dict], wall_s: float) -> dict:
 
 
 def backlog_summary(results: list[dict], skip_s: float, end_s: float) -> dict:
-    """Service counted at each request's first token; the largest difference over any interval
+    """Service counted when a replica takes the request (the start of its x-ember-replica-span,
+    right after the gate hands it a slot; else its first token); the largest difference over any interval
     within [skip_s, end_s]: both accounts backlogged (not while the first requests take the free
     slots, nor after the clients stop and the queues drain)."""
     ok = [r for r in results if r["status"] == 200]
-    events = sorted((r["sent_at"] + r["ttft_s"], r["account"], r["usage"]["prompt"] + 2 * r["usage"]["completion"])
-                    for r in ok)
+    events = sorted((r["sent_at"] + r.get("to_replica_s", r["ttft_s"]), r["account"],
+                     r["usage"]["prompt"] + 2 * r["usage"]["completion"]) for r in ok)
     served = dict.fromkeys(SHAPES, 0.0)
     a, b = SHAPES
     diffs = []

@@ -132,10 +132,11 @@ def summarize(name: str, results: list[dict]) -> dict:
     return out
 
 
-async def measured_capacity(http, base: str, key: str, seconds: float) -> float:
+async def measured_capacity(http, base: str, key: str, seconds: float) -> tuple[float, list[dict]]:
     """Completed requests per second with exactly as many closed-loop clients as the pool has
-    slots: every slot busy, nothing queued."""
+    slots: every slot busy, nothing queued. Also the records (for the ledger check)."""
     done = 0
+    records: list[dict] = []
     t0 = time.perf_counter()
 
     async def client(c: int) -> None:
@@ -146,10 +147,12 @@ async def measured_capacity(http, base: str, key: str, seconds: float) -> float:
                     "messages": [{"role": "user", "content": f"Calibration {c} {i}: summarise the tier rules."}]}
             r = await http.post(base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
             done += r.status_code == 200
+            records.append({"tier": "standard", "status": r.status_code,
+                            "usage": r.json()["usage"] if r.status_code == 200 else None})
             i += 1
 
     await asyncio.gather(*(client(c) for c in range(REPLICAS * SEQS)))
-    return done / (time.perf_counter() - t0)
+    return done / (time.perf_counter() - t0), records
 
 
 def traffic_share(share: float, share_of: str) -> float:
@@ -178,7 +181,8 @@ async def run(args) -> dict:
             warm = await open_loop(http, base, key, nominal / 10, 3, 1.0, seed=1)
             # What the pool really finishes on this machine now (a shared 2-core box runs the sim
             # engine slower than its latency model): the load below is relative to this.
-            capacity = await measured_capacity(http, base, key, args.calibrate_s) if args.calibrate_s else nominal
+            capacity, calibration = (await measured_capacity(http, base, key, args.calibrate_s) if args.calibrate_s
+                                     else (nominal, []))
             # Priority alone at a tenth of capacity: the unloaded reference.
             unloaded = await open_loop(http, base, key, capacity / 10, args.unloaded_s, 1.0, seed=2)
             phases = [(s, "traffic") for s in args.shares] + [(s, "capacity") for s in args.capacity_shares]
@@ -195,7 +199,7 @@ async def run(args) -> dict:
     finally:
         stop_ray_serve()
 
-    everything = warm + unloaded + [r for rs in [*loaded.values(), *alone.values()] for r in rs]
+    everything = warm + calibration + unloaded + [r for rs in [*loaded.values(), *alone.values()] for r in rs]
     client = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0}
     for r in everything:
         if r["status"] == 200:

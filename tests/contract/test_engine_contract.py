@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.config import EngineConfig
-from deployments.engines.protocol import EngineRequest, EngineRequestError, SamplingParams
+from deployments.engines.protocol import EngineRequest, EngineRequestError, SamplingParams, StructuredOutput
 
 BLOCK = 32
 CONTEXT = 2048
@@ -136,6 +136,52 @@ def test_every_int64_seed_is_reproducible(engine, run, seed):
         return "".join(d.text for o in outs for d in o.deltas)
 
     assert text(f"seed{seed}-a") == text(f"seed{seed}-b")
+
+
+SCHEMA = {"type": "object", "properties": {
+    "id": {"type": "integer", "minimum": 1, "maximum": 999},
+    "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}, "maxItems": 3},
+    "name": {"type": "string", "maxLength": 8}}, "required": ["id", "tags", "name"], "additionalProperties": False}
+
+
+def _text(outs) -> str:
+    return "".join(d.text for o in outs for d in o.deltas)
+
+
+def test_json_schema_output_is_an_instance_and_usage_counts_its_tokens(engine, run):
+    import json
+
+    import jsonschema
+
+    for seed in range(3):
+        req = _req(f"js-{seed}", _prompt(seed, 12), max_tokens=300, seed=seed,
+                   structured=StructuredOutput(json_schema=SCHEMA))
+        req.sampling.ignore_eos = False
+        outs = run(_collect(engine, req))
+        jsonschema.validate(json.loads(_text(outs)), SCHEMA)
+        assert [d.finish_reason for o in outs for d in o.deltas if d.finish_reason] == ["stop"]
+        tokens = [t for o in outs for d in o.deltas for t in d.token_ids]
+        assert outs[-1].usage.completion_tokens == len(tokens)
+
+
+def test_stop_token_ids_count_but_are_not_sent_and_min_tokens_holds_them_off(engine, run):
+    # logit_bias +100 forces token 300; as a stop token it ends the choice at once ...
+    outs = run(_collect(engine, _req("st-1", _prompt(5, 8), max_tokens=10, logit_bias={300: 100},
+                                     stop_token_ids=[300])))
+    assert outs[-1].usage.completion_tokens == 1 and _text(outs) == ""
+    # ... unless min_tokens keeps stop tokens out of the first 2 tokens.
+    outs = run(_collect(engine, _req("st-2", _prompt(5, 8), max_tokens=10, logit_bias={300: 100},
+                                     stop_token_ids=[300], min_tokens=2)))
+    assert outs[-1].usage.completion_tokens == 3
+    assert [d.finish_reason for o in outs for d in o.deltas if d.finish_reason] == ["stop"]
+
+
+def test_logit_bias_bans_a_token(engine, run):
+    outs = run(_collect(engine, _req("lb-1", _prompt(6, 8), max_tokens=6, logit_bias={300: 100})))
+    assert [t for o in outs for d in o.deltas for t in d.token_ids] == [300] * 6
+    banned = run(_collect(engine, _req("lb-2", _prompt(6, 8), max_tokens=30, seed=1,
+                                       logit_bias={t: -100 for t in range(300, 1300)})))
+    assert not {t for o in banned for d in o.deltas for t in d.token_ids} & set(range(300, 1300))
 
 
 def test_check_health_passes_on_a_live_engine(engine, run):

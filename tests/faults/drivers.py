@@ -164,11 +164,12 @@ async def fresh(base: str, model: str, n: int, max_tokens: int = 4) -> Tally:
 
 
 def usage_totals(base: str, api_key: str = DEMO_KEY) -> dict:
-    """The account's ledger totals for all models: requests and tokens."""
+    """The account's ledger totals for all models: requests and tokens, and ``batch_requests``."""
     r = httpx.get(base + "/usage", headers={"Authorization": f"Bearer {api_key}"}, timeout=60)
     r.raise_for_status()
     total = Counter()
     for row in r.json()["data"]:
         for k in ("requests", "prompt_tokens", "cached_tokens", "completion_tokens"):
             total[k] += row[k]
+        total["batch_requests"] += row["batch"]["requests"]
     return dict(total)

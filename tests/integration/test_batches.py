@@ -5,47 +5,33 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import httpx
 import openai
 import pytest
 
+from cluster.batch_client import results, sample_lines, to_jsonl, watch
 from cluster.cli import main as cli
 from policies.pricing import Price, request_cost
-from tests.conftest import ADMIN_TOKEN, SIM_MODEL
+from tests.conftest import ADMIN_TOKEN, DEMO_KEY, SIM_MODEL
 
-SYSTEMS = ["You are a terse assistant. " * 8, "You answer in French, briefly. " * 8]
 
 
 def lines(n: int, model: str = SIM_MODEL, max_tokens: int = 4) -> list[dict]:
-    return [{"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
-             "body": {"model": model, "max_tokens": max_tokens,
-                      "messages": [{"role": "system", "content": SYSTEMS[i % 2]},
-                                   {"role": "user", "content": f"question number {i}"}]}}
-            for i in range(n)]
-
-
-def jsonl(rows) -> bytes:
-    return b"".join((r if isinstance(r, str) else json.dumps(r)).encode() + b"\n" for r in rows)
+    return sample_lines(n, model, max_tokens=max_tokens)
 
 
 def upload(client, rows) -> "openai.types.FileObject":
-    return client.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+    return client.files.create(file=("in.jsonl", io.BytesIO(to_jsonl(rows))), purpose="batch")
 
 
-def wait(client, batch_id: str, until=("completed", "failed", "expired", "cancelled"), timeout_s: float = 60,
-         schema=None):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        raw = client.batches.with_raw_response.retrieve(batch_id)
+def wait(client, batch_id: str, timeout_s: float = 60, schema=None):
+    """Until the batch is final, checking every poll's raw body against ``schema``."""
+    def poll(_):
         if schema is not None:
-            schema.validate(raw.http_response.json())
-        batch = raw.parse()
-        if batch.status in until:
-            return batch
-        assert time.monotonic() < deadline, f"batch {batch_id} still {batch.status}"
-        time.sleep(0.1)
+            schema.validate(client.batches.with_raw_response.retrieve(batch_id).http_response.json())
+
+    return watch(client, batch_id, on_update=poll, poll_s=0.1, timeout_s=timeout_s)
 
 
 def usage_batch(client) -> dict:
@@ -59,15 +45,15 @@ def usage_batch(client) -> dict:
 
 def test_sdk_upload_create_retrieve_download_with_schema_valid_bodies_and_half_price(client, openai_schemas):
     before = usage_batch(client)
-    raw = client.files.with_raw_response.create(file=("in.jsonl", io.BytesIO(jsonl(lines(12)))), purpose="batch")
+    raw = client.files.with_raw_response.create(file=("in.jsonl", io.BytesIO(to_jsonl(lines(12)))), purpose="batch")
     openai_schemas("OpenAIFile").validate(raw.http_response.json())
     f = raw.parse()
-    assert f.purpose == "batch" and f.bytes == len(jsonl(lines(12)))
+    assert f.purpose == "batch" and f.bytes == len(to_jsonl(lines(12)))
     assert client.files.retrieve(f.id).filename == "in.jsonl"
     listed = client.files.with_raw_response.list()
     openai_schemas("ListFilesResponse").validate(listed.http_response.json())
     assert f.id in [x.id for x in listed.parse().data]
-    assert client.files.content(f.id).read() == jsonl(lines(12))
+    assert client.files.content(f.id).read() == to_jsonl(lines(12))
 
     raw = client.batches.with_raw_response.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                                                   completion_window="24h", metadata={"job": "nightly"})
@@ -82,7 +68,7 @@ def test_sdk_upload_create_retrieve_download_with_schema_valid_bodies_and_half_p
     assert out_file.purpose == "batch_output"
 
     out_schema, chat_schema = openai_schemas("BatchRequestOutput"), openai_schemas("CreateChatCompletionResponse")
-    rows = [json.loads(x) for x in client.files.content(batch.output_file_id).read().splitlines()]
+    rows = results(client, batch)
     assert sorted(r["custom_id"] for r in rows) == sorted(f"req-{i}" for i in range(12))
     price = Price(0.20, 0.10, 0.20)  # the default standard row, cached input at half
     expected_cost = 0.0
@@ -182,3 +168,17 @@ def test_another_accounts_files_and_batches_are_404(client, serve_instance):
     assert batch.id not in [b.id for b in other.batches.list().data]
     assert wait(client, batch.id).status == "completed"
     assert client.files.retrieve(f.id).id == f.id  # still there: the stranger's delete did nothing
+
+
+def test_ember_batches_cli_submits_watches_and_downloads(serve_instance, tmp_path, capsys):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(to_jsonl(lines(5)))
+    base = ["--url", serve_instance, "--api-key", DEMO_KEY, "batches"]
+    assert cli([*base, "submit", str(src), "--watch", "--out", str(out)]) == 0
+    batch_id = capsys.readouterr().out.split()[0]
+    assert batch_id.startswith("batch_")
+    assert sorted(json.loads(x)["custom_id"] for x in out.read_text().splitlines()) == [f"req-{i}" for i in range(5)]
+    assert cli([*base, "list"]) == 0 and batch_id in capsys.readouterr().out
+    assert cli([*base, "download", batch_id, str(tmp_path / "again.jsonl")]) == 0
+    assert len((tmp_path / "again.jsonl").read_text().splitlines()) == 5
+    assert cli([*base, "cancel", "batch_nope"]) == 1

@@ -266,7 +266,11 @@ def _check_response(case, response) -> None:
             chunk = json.loads(payload)
             if "error" in chunk:  # a stream that failed after it started ends with an error event
                 assert_error_shape(chunk)
-        assert events[-1] == "[DONE]" or "error" in json.loads(events[-1]), (events[-3:], request)
+        if sent.url.path.endswith("/responses"):  # the Responses API's events end without [DONE]
+            last = json.loads(events[-1])
+            assert last["type"] in ("response.completed", "response.incomplete", "error"), (events[-3:], request)
+        else:
+            assert events[-1] == "[DONE]" or "error" in json.loads(events[-1]), (events[-3:], request)
     # Status, content type and JSON bodies (successes and errors) as the document says.
     case.validate_response(response, checks=[status_code_conformance, content_type_conformance,
                                              response_schema_conformance])

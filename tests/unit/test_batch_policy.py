@@ -63,16 +63,34 @@ def test_state_transitions(old, new, ok):
     assert can_move(old, new) is ok
 
 
-def test_window_grows_by_one_per_window_of_successes_and_halves_on_interactive_queue():
-    w = Window(2.0, 8)
-    for _ in range(3):  # 2 → 2.5 → 2.9 → 3.24
-        w.on_success(0)
-    assert w.limit == 3
-    for _ in range(40):
+def test_window_doubles_per_round_until_the_first_back_off_then_creeps_and_halves():
+    w = Window(2.0, 64)
+    for _ in range(2 + 4):  # two rounds: 2 → 4 → 8
         w.on_success(0)
     assert w.limit == 8
-    w.on_success(interactive_waiting=1)
+    w.on_success(interactive_waiting=1)  # an interactive request waits: halve, slow start over
     assert w.limit == 4
+    for _ in range(5):  # about a window of successes adds one line (4 → 5.1)
+        w.on_success(0)
+    assert w.limit == 5
+    w.on_busy()
+    assert w.limit == 2
     for _ in range(5):
         w.on_busy()
     assert w.limit == 1
+    capped = Window(2.0, 8)
+    for _ in range(100):
+        capped.on_success(0)
+    assert capped.limit == 8
+
+
+def test_batch_leaves_headroom_for_interactive_arrivals():
+    from policies.tiers import shed, usable_slots
+
+    assert usable_slots("batch", 32, 0.0, 0.25) == 24
+    assert usable_slots("standard", 32, 0.0, 0.25) == 32
+    assert usable_slots("batch", 32, 0.25, 0.25) == 16
+    # 24 in flight: a Standard request still starts, a batch line is refused at once.
+    assert shed("standard", 24, 32, 0.5, 2.0, 4.0, 0.0, None, 0.25).admit
+    assert not shed("batch", 24, 32, 0.5, 2.0, 4.0, 0.0, None, 0.25).admit
+    assert shed("batch", 23, 32, 0.5, 2.0, 4.0, 0.0, None, 0.25).admit

@@ -187,8 +187,12 @@ def test_priority_is_still_served_first_when_slots_grow():
         assert all(p.done() for p in pri)  # Priority's queue first: 3 of the 4 new slots
         assert sum(s.done() for s in std) == 0  # 7 in flight > Standard's 6
         assert gate.in_flight == 7
-        gate.release()
-        gate.release()
+        gate.release("priority")
+        gate.release("priority")
+        await asyncio.sleep(0.01)
+        assert sum(s.done() for s in std) == 0  # Priority ran 7 at once just now: Standard keeps to 1
+        for _ in range(5):
+            gate.release("priority")
         await asyncio.sleep(0.01)
         assert sum(s.done() for s in std) == 1
 

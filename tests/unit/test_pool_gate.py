@@ -43,7 +43,7 @@ def test_with_priority_standard_leaves_the_reserve_and_priority_gets_it():
         assert sum(t.done() for t in tasks) == 6  # floor(8 * 0.75); two wait for a slot
         await gate.acquire("priority", "m")  # straight into the reserve
         assert gate.in_flight == 7
-        gate.release()  # a slot frees, but Standard's share is still full (6 of 6)
+        gate.release("priority")  # a slot frees, but Standard's share is still full (6 of 6)
         await asyncio.sleep(0.01)
         assert sum(t.done() for t in tasks) == 6
         gate.release()  # one Standard request ends: the first waiter takes its slot
@@ -52,6 +52,24 @@ def test_with_priority_standard_leaves_the_reserve_and_priority_gets_it():
         with pytest.raises(ApiError) as err:  # the last one waits past the shedding bound
             await asyncio.wait_for(tasks[-1], 2)
         assert err.value.status == 503
+
+    asyncio.run(scenario())
+
+
+def test_standard_leaves_room_for_prioritys_recent_peak():
+    async def scenario():
+        gate = _gate(priority=True)  # 8 slots, configured reserve 0.25: Standard may use 6
+        for _ in range(4):
+            await gate.acquire("priority", "m")
+        for _ in range(4):
+            gate.release("priority")
+        tasks = await _fill(gate, 8)  # Priority ran 4 at once lately: 5 stay free for it
+        assert sum(t.done() and t.exception() is None for t in tasks) == 3
+        assert gate.in_flight == 3
+        await gate.acquire("priority", "m")  # and a Priority request still starts at once
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(scenario())
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from policies.pricing import Price, request_cost, spend_status, spend_tier
-from policies.tiers import ENGINE_PRIORITY, shed, usable_slots
+from policies.tiers import ENGINE_PRIORITY, priority_reserve_slots, shed, usable_slots
 
 P = Price(input=0.90, cached_input=0.45, output=0.90)
 
@@ -53,3 +53,15 @@ def test_priority_is_shed_last():
         s = shed("standard", ahead, 16, 0.3, 0.5, 4, 0.25).admit
         p = shed("priority", ahead, 16, 0.3, 0.5, 4, 0.25).admit
         assert p or not s  # whenever Priority is shed, Standard is too
+
+
+@pytest.mark.parametrize("slots, reserve, peak, expected", [
+    (16, 0.25, 0, 4),    # no Priority lately: the configured share
+    (16, 0.25, 2, 4),    # Priority within the share: unchanged
+    (16, 0.25, 6, 7),    # Priority's peak plus one
+    (16, 0.25, 15, 15),  # Standard keeps one slot
+    (16, 0.0, 0, 0),     # no reserve configured, no Priority: nothing held back
+    (1, 0.25, 3, 0),     # a one-slot pool: Standard keeps its slot
+])
+def test_the_priority_reserve_follows_prioritys_recent_peak(slots, reserve, peak, expected):
+    assert priority_reserve_slots(slots, reserve, peak) == expected

@@ -142,6 +142,25 @@ def test_an_account_wide_refusal_is_repeated_by_the_proxy_until_it_expires(env):
     assert status == 200 and len(app.calls) == 3
 
 
+def test_a_refusal_for_one_model_is_repeated_for_that_model_only(env):
+    now = [0.0]
+    refusal = json.dumps({"error": {"message": "rate limit exceeded", "type": "rate_limit_error",
+                                    "param": "prompt", "code": "rate_limit_exceeded"}}).encode()
+    app = App(status=429, body=refusal,
+              headers=[(b"retry-after", b"1"), (b"x-ember-hold-key-s", b"0.800"), (b"x-ember-hold-model", b"m/a")])
+    guard = ProxyGuard(app, clock=lambda: now[0])
+    status, headers, _ = asyncio.run(call(guard, scope(), receiver(b'{"model": "m/a"}')))
+    assert status == 429 and "x-ember-hold-model" not in headers and len(app.calls) == 1
+    app.status, app.headers, app.body = 200, [], b"{}"
+    status, _, body = asyncio.run(call(guard, scope(), receiver(b'{"model":"m/a","messages":[]}')))
+    assert (status, body["error"]["code"]) == (429, "rate_limit_exceeded") and len(app.calls) == 1
+    status, _, _ = asyncio.run(call(guard, scope(), receiver(b'{"model": "m/b"}')))
+    assert status == 200 and len(app.calls) == 2  # another model of the same key
+    now[0] = 0.9  # the limiter's memory has passed
+    status, _, _ = asyncio.run(call(guard, scope(), receiver(b'{"model": "m/a"}')))
+    assert status == 200 and len(app.calls) == 3 and guard.model_holds == {}
+
+
 def test_a_bad_setting_fails_loudly(monkeypatch):
     monkeypatch.setenv("EMBER_PROXY_MAX_PER_KEY", "many")
     with pytest.raises(ValueError, match="EMBER_PROXY_MAX_PER_KEY"):

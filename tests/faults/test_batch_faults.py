@@ -1,0 +1,80 @@
+"""Batches on a shared store (real Redis) while the runner dies, and cancelled mid-run.
+
+The invariant: every line's result is stored once and billed once (the ledger counts one batch
+event per line), whatever dies; a cancelled batch stops within seconds and keeps what completed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import openai
+import pytest
+
+from cluster.batch_client import results, sample_lines, submit, to_jsonl, watch
+from tests.conftest import DEMO_KEY
+from tests.faults.drivers import usage_totals
+from tests.faults.harness import FAULT_MODEL, fault_config
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="module")
+def app(deploy):
+    return deploy("batchfaults", fault_config(store=REDIS_URL, seqs=4))
+
+
+@pytest.fixture()
+def client(app):
+    return openai.OpenAI(base_url=app.base, api_key=DEMO_KEY, max_retries=2, timeout=60)
+
+
+def _batch_events(app) -> int:
+    return usage_totals(app.base)["batch_requests"]
+
+
+class _Reached(Exception):
+    pass
+
+
+def _run_until(client, batch_id: str, completed: int) -> None:
+    """Return once at least ``completed`` lines have completed (the batch still running)."""
+    def check(batch):
+        if batch.request_counts and batch.request_counts.completed >= completed:
+            raise _Reached
+        assert batch.status == "in_progress" or batch.status == "validating", batch
+
+    with pytest.raises(_Reached):
+        watch(client, batch_id, on_update=check, poll_s=0.05, timeout_s=60)
+
+
+def test_killing_the_runner_mid_batch_loses_no_line_and_runs_none_twice(app, client):
+    n = 120
+    before = _batch_events(app)
+    batch = submit(client, to_jsonl(sample_lines(n, FAULT_MODEL, max_tokens=8, systems=3)))
+    _run_until(client, batch.id, 20)
+    app.kill_batch_runner()
+    batch = watch(client, batch.id, poll_s=0.2, timeout_s=120)
+    assert batch.status == "completed", batch
+    rows = results(client, batch)
+    assert sorted(r["custom_id"] for r in rows) == sorted(f"req-{i}" for i in range(n))
+    assert all(r["response"]["status_code"] == 200 for r in rows)
+    assert batch.request_counts.completed == n and batch.request_counts.failed == 0
+    assert _batch_events(app) - before == n  # one ledger event per line
+
+
+def test_cancel_reaches_cancelled_within_seconds_and_keeps_completed_lines(app, client):
+    n = 400
+    batch = submit(client, to_jsonl(sample_lines(n, FAULT_MODEL, max_tokens=30, prefix="c")))
+    _run_until(client, batch.id, 10)
+    started = time.monotonic()
+    client.batches.cancel(batch.id)
+    batch = watch(client, batch.id, poll_s=0.05, timeout_s=10)
+    took = time.monotonic() - started
+    assert batch.status == "cancelled" and batch.cancelling_at and batch.cancelled_at
+    assert took < 10
+    rows = results(client, batch)
+    ids = [r["custom_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == batch.request_counts.completed >= 10
+    assert batch.request_counts.completed < n
