@@ -82,7 +82,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # run as `python tests/benchmarks/affinity.py`
     sys.path.insert(0, str(REPO_ROOT))
 
-from analysis.affinity import (  # noqa: E402  (the trace and replays the notebook uses too)
+from cluster.analysis.affinity import (  # noqa: E402  (the trace and replays the notebook uses too)
     MODEL_ID,
     SMALL_SIM,
     SMALL_TRACE,

@@ -62,7 +62,7 @@ GOAL_ACCURACY_PCT = 2.0
 GOAL_RAMP_429 = 0
 GOAL_ADDED_P50_MS = 1.0
 
-from analysis.ramp import (  # noqa: E402  (the simulator notebooks use too)
+from cluster.analysis.ramp import (  # noqa: E402  (the simulator notebooks use too)
     HOUR,
     MARKS,
     README_MARKS,
@@ -73,8 +73,8 @@ from analysis.ramp import (  # noqa: E402  (the simulator notebooks use too)
     policy_run,
     simulate_limiter,
 )
-from analysis.ramp import at as _at  # noqa: E402
-from analysis.ramp import compact as _k  # noqa: E402
+from cluster.analysis.ramp import at as _at  # noqa: E402
+from cluster.analysis.ramp import compact as _k  # noqa: E402
 
 
 def run_ramp(args) -> dict:
