@@ -40,7 +40,7 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 # Examples per (operation, generation mode). The POSTs are where parsing and the engine live.
 # EMBER_FUZZ_SCALE=N multiplies them for a deeper run by hand (same seed, more examples).
 _SCALE = max(1, int(os.environ.get("EMBER_FUZZ_SCALE", "1")))
-EXAMPLES = {"POST": 50 * _SCALE, "GET": 15 * _SCALE}
+EXAMPLES = {"POST": 50 * _SCALE, "GET": 15 * _SCALE, "DELETE": 15 * _SCALE}
 FUZZ_SETTINGS = dict(
     derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck),
     phases=[Phase.explicit, Phase.generate, Phase.shrink],
