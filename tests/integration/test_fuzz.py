@@ -40,7 +40,7 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 # Examples per (operation, generation mode). The POSTs are where parsing and the engine live.
 # EMBER_FUZZ_SCALE=N multiplies them for a deeper run by hand (same seed, more examples).
 _SCALE = max(1, int(os.environ.get("EMBER_FUZZ_SCALE", "1")))
-EXAMPLES = {"POST": 50 * _SCALE, "GET": 15 * _SCALE}
+EXAMPLES = {"POST": 50 * _SCALE, "GET": 15 * _SCALE, "DELETE": 15 * _SCALE}
 FUZZ_SETTINGS = dict(
     derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck),
     phases=[Phase.explicit, Phase.generate, Phase.shrink],
@@ -266,7 +266,7 @@ def _check_response(case, response) -> None:
             chunk = json.loads(payload)
             if "error" in chunk:  # a stream that failed after it started ends with an error event
                 assert_error_shape(chunk)
-        if sent.url.path.endswith("/responses"):  # the Responses API's events end without [DONE]
+        if str(sent.url).split("?")[0].endswith("/responses"):  # the Responses API's events end without [DONE]
             last = json.loads(events[-1])
             assert last["type"] in ("response.completed", "response.incomplete", "error"), (events[-3:], request)
         else:
