@@ -16,15 +16,29 @@ import re
 HOLD_HEADER = "x-ember-hold-key-s"
 HOLD_MODEL_HEADER = "x-ember-hold-model"
 
-# An unescaped "model" key: inside a JSON string every quote is escaped, so this is a key.
-_MODEL_KEY = re.compile(rb'(?<!\\)"model"\s*:\s*"([^"\\]{1,512})"')
+_KEY = b'"model"'
+_VALUE = re.compile(rb'\s*:\s*"([^"\\]{1,512})"')
 
 
 def peek_model(body: bytes) -> str | None:
     """The request's model id without parsing the body, if exactly one "model" key holds a plain
-    string (a nested "model" key, e.g. in a JSON schema, makes it ambiguous: None)."""
-    found = _MODEL_KEY.findall(body)
-    return found[0].decode("utf-8", "replace") if len(found) == 1 else None
+    string (a nested "model" key, e.g. in a JSON schema, makes it ambiguous: None).
+
+    An unescaped ``"model"`` is a key or a whole string value: inside a JSON string every quote is
+    escaped. The occurrences are found with ``bytes.find`` (a 2 MiB body takes well under a
+    millisecond; a regular expression over the whole body took ~50 ms on the proxy's event loop).
+    """
+    found: bytes | None = None
+    at = body.find(_KEY)
+    while at >= 0:
+        if at == 0 or body[at - 1] != 0x5C:  # not preceded by a backslash
+            value = _VALUE.match(body, at + len(_KEY))
+            if value is not None:
+                if found is not None:
+                    return None
+                found = value.group(1)
+        at = body.find(_KEY, at + len(_KEY))
+    return found.decode("utf-8", "replace") if found is not None else None
 
 
 def hold_headers(seconds: float, model_id: str | None = None) -> dict[str, str]:
