@@ -201,6 +201,19 @@ class Engine(Protocol):
         """Release the engine; no call may follow."""
 
 
+def check_embed_inputs(request: "EmbedRequest", context_length: int, embeds: bool) -> None:
+    """What every engine refuses in an embedding request: a text model, an empty input, an input
+    longer than the context (``EngineRequestError`` naming the parameter)."""
+    if not embeds:
+        raise EngineRequestError("this model generates text; it does not embed", param="model")
+    for ids in request.inputs:
+        if not ids:
+            raise EngineRequestError("an input must contain at least one token", param="input")
+        if len(ids) > context_length:
+            raise EngineRequestError(f"an input is {len(ids)} tokens; this model's maximum context length "
+                                     f"is {context_length} tokens", param="input")
+
+
 def merge_outputs(outputs: list[EngineOutput]) -> EngineOutput:
     """Coalesce consecutive outputs into one, concatenating each choice's deltas.
 

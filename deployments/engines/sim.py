@@ -41,6 +41,7 @@ from deployments.engines.protocol import (
     EngineRequestError,
     TokenLogprob,
     Usage,
+    check_embed_inputs,
 )
 from deployments.engines.json_instance import UnsupportedSchema, check, sample, sample_object
 from policies.prefix_cache import PrefixCache, block_hashes
@@ -147,15 +148,8 @@ class SimEngine:
         """Deterministic unit vectors: the normalised sum of a fixed random vector per token id
         (seeded by the id), so equal inputs embed equally and shared tokens pull vectors together.
         Takes the latency model's prefill time for all its tokens; nothing is cached."""
-        if self.embedding is None:
-            raise EngineRequestError("this model generates text; it does not embed", param="model")
+        check_embed_inputs(request, self.context_length, self.embedding is not None)
         received = self._clock()
-        for ids in request.inputs:
-            if not ids:
-                raise EngineRequestError("an input must contain at least one token", param="input")
-            if len(ids) > self.context_length:
-                raise EngineRequestError(f"an input is {len(ids)} tokens; this model's maximum context length "
-                                         f"is {self.context_length} tokens", param="input")
         n_tokens = sum(len(ids) for ids in request.inputs)
         lat = self.config.latency
         await self._sleep(lat.prefill_base_s + lat.prefill_s_per_token * n_tokens)

@@ -69,6 +69,7 @@ from deployments.engines.protocol import (
     SamplingParams,
     TokenLogprob,
     Usage,
+    check_embed_inputs,
 )
 
 if TYPE_CHECKING:
@@ -251,14 +252,8 @@ class VLLMEngine:
     async def embed(self, request: EmbedRequest) -> EngineOutput:
         received = time.perf_counter()
         llm = self._require_llm()
-        if self.embedding is None:
-            raise EngineRequestError("this model generates text; it does not embed", param="model")
+        check_embed_inputs(request, self.context_length, self.embedding is not None)
         for ids in request.inputs:
-            if not ids:
-                raise EngineRequestError("an input must contain at least one token", param="input")
-            if len(ids) > self.context_length:
-                raise EngineRequestError(f"an input is {len(ids)} tokens; this model's maximum context length "
-                                         f"is {self.context_length} tokens", param="input")
             self._check_ids(ids, "input")
 
         from vllm.inputs.engine import tokens_input
