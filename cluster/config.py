@@ -48,6 +48,10 @@ class EngineConfig(_Strict):
     # Streams leave the replica as one message per this interval (the first token at once): each
     # Serve message costs far more than a token. 0 sends whatever is ready.
     stream_interval_s: float = Field(0.05, ge=0, le=1)
+    # ... at least; with many streams the replica's streams share this many messages a second,
+    # each stream's interval growing up to stream_max_interval_s (policies/streaming.py).
+    stream_messages_per_s: float = Field(100, gt=0)
+    stream_max_interval_s: float = Field(0.25, ge=0, le=2)
     # vLLM only.
     enforce_eager: bool = True
     dtype: str = "auto"

@@ -362,15 +362,20 @@ class Ingress:
     async def _sse(self, life: RequestLife, first) -> AsyncIterator[bytes]:
         job = life.job
         try:
+            # The last output's chunk, the usage chunk and [DONE] leave as one message: each
+            # one yielded here is a message to Serve's proxy.
+            last = b""
             async for out in life.outputs(first):
                 chunk = job.renderer.chunk(out)
-                if chunk is not None:
+                if out.final:
+                    last = chunk or b""
+                elif chunk is not None:
                     yield chunk
             usage = life.usage
             if usage is not None and (job.include_usage or job.perf_in_body):
-                yield job.renderer.tail(usage, life.server_metrics() if job.perf_in_body else None,
-                                        job.include_usage)
-            yield SSE_DONE
+                last += job.renderer.tail(usage, life.server_metrics() if job.perf_in_body else None,
+                                          job.include_usage)
+            yield last + SSE_DONE
         except Exception as exc:  # cancellation (the client left) passes through untouched
             life.outcome = exc
             yield error_sse_event(exc)

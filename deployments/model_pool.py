@@ -3,7 +3,9 @@
 ``generate_stream`` yields coalesced outputs: the first as soon as it exists (time to first token,
 and the cached-token count), then one message per interval holding everything produced
 meanwhile, and the final output as soon as the request ends. Each Serve message costs far more
-than a token, so this keeps a replica's message rate flat however fast it generates. The ingress
+than a token, so this keeps a replica's message rate flat however fast it generates; the
+interval grows with the streams the replica runs, so that their messages share a budget
+(``policies.streaming``). The ingress
 uses it for non-streamed requests too, with a longer interval: the progress it sees is what a
 request abandoned half-way is billed for. ``generate`` (the whole result in one message) is the
 bare passthrough the gateway benchmark compares against.
@@ -24,6 +26,7 @@ from cluster.config import ModelConfig
 from deployments.autoscaling import pool_stats
 from deployments.engines import make_engine
 from deployments.engines.protocol import EmbedRequest, EngineOutput, EngineRequest, merge_outputs
+from policies.streaming import stream_interval
 
 _DONE = object()
 
@@ -33,6 +36,7 @@ class ModelPool:
         self.model = model
         self.engine = make_engine(model)
         self.replica_tag = replica_tag
+        self.streams = 0  # generate_stream calls running (streamed requests, at their interval)
 
     async def start(self) -> None:
         await self.engine.start()
@@ -63,11 +67,16 @@ class ModelPool:
 
         loop = asyncio.get_running_loop()
         task = loop.create_task(pump())
-        interval = self.model.engine.stream_interval_s if interval_s is None else interval_s
+        eng = self.model.engine
+        shared = interval_s is None  # a client's stream: its interval follows the replica's load
+        if shared:
+            self.streams += 1
         last_sent: float | None = None
         try:
             while True:
                 batch = [await queue.get()]
+                interval = (stream_interval(self.streams, eng.stream_interval_s, eng.stream_max_interval_s,
+                                            eng.stream_messages_per_s) if shared else interval_s)
                 if last_sent is not None and interval > 0 and not ended.is_set():
                     # Gather what comes within the interval, but leave as soon as the stream ends.
                     wait = last_sent + interval - loop.time()
@@ -92,6 +101,8 @@ class ModelPool:
                 if isinstance(tail, BaseException):
                     raise tail
         finally:
+            if shared:
+                self.streams -= 1
             if not task.done():
                 task.cancel()  # the engine's generator sees the cancel and aborts the request
 
