@@ -1,8 +1,9 @@
 """The notebooks run headless (nbclient, a real Jupyter kernel) and draw their plots.
 
-The ramp and affinity notebooks use the package's simulators in-process; the quickstart calls the
-session's SimEngine app over HTTP with the openai SDK. Run with ``EMBER_NOTEBOOKS_WRITE=1`` to
-save the executed notebooks (outputs and plots) back into notebooks/.
+The ramp and affinity notebooks use the package's simulators in-process; the quickstart and batch
+notebooks call the session's SimEngine app over HTTP with the openai SDK; the autoscaling notebook
+plots a benchmark's output. Run with ``EMBER_NOTEBOOKS_WRITE=1`` to save the executed notebooks
+(outputs and plots) back into notebooks/.
 """
 
 from __future__ import annotations
@@ -60,3 +61,16 @@ def test_quickstart_runs_against_a_live_app(sim_app, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "x-request-id" in text and "NotFound" not in text  # the 404 is caught and printed as a status
     assert "404" in text
+
+
+def test_batch_notebook_runs_a_batch_against_a_live_app(sim_app, monkeypatch):
+    monkeypatch.setenv("EMBER_URL", sim_app.removesuffix("/v1"))
+    monkeypatch.setenv("EMBER_API_KEY", DEMO_KEY)
+    monkeypatch.setenv("EMBER_MODEL", SIM_MODEL)
+    nb = _execute("batch.ipynb")
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    text += "".join(str(o.get("data", {}).get("text/plain", "")) for c in nb.cells
+                    if c.cell_type == "code" for o in c.outputs)
+    assert "'completed'" in text, text  # the watch cell's (status, request_counts)
+    assert re.search(r"\b20 lines, \d+/\d+ prompt tokens cached", text), text
+    assert re.search(r"batch: [1-9]\d* requests", text), text
