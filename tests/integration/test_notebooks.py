@@ -74,3 +74,10 @@ def test_batch_notebook_runs_a_batch_against_a_live_app(sim_app, monkeypatch):
     assert "'completed'" in text, text  # the watch cell's (status, request_counts)
     assert re.search(r"\b20 lines, \d+/\d+ prompt tokens cached", text), text
     assert re.search(r"batch: [1-9]\d* requests", text), text
+
+
+def test_autoscale_notebook_plots_a_benchmark_run():
+    nb = _execute("autoscale_step.ipynb")
+    assert _images(nb) >= 1
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "plotting " in text
