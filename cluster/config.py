@@ -529,8 +529,9 @@ class ObservabilityConfig(_Strict):
     # directory to the process's stderr (which Ray keeps in the replica's worker log).
     request_log: bool = True
     request_log_dir: str | None = None
-    # The caller's request body (messages or prompt, first 4 KiB) in the root span and the request
-    # log line. Off unless an operator turns it on; completion text is never recorded.
+    # The caller's request body (messages or prompt, first 4 KiB) and each choice's generated text
+    # (first 4 KiB each) in the root span and the request log line. Off unless an operator turns
+    # it on.
     capture_content: bool = False
 class BatchConfig(_Strict):
     """The Files and Batches API and its runner (deployments/batch_api.py, deployments/batch_runner.py).

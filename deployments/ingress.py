@@ -311,7 +311,7 @@ class Ingress:
             life.enter()  # before the body: one tenant's slow senders cannot fill this replica
             body = await self._body(request)
             if self.rt.telemetry.capture_content:
-                life.prompt_body = body
+                life.prompt_body, life.completion_text = body, {}
             model_id = peek_model(body)
             model = self.config.model(model_id) if model_id else None
             if model is not None and self.config.is_visible(model, account):

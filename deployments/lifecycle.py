@@ -126,6 +126,8 @@ class RequestLife:
         self.outcome: BaseException | None = None
         self.traceparent: str | None = None
         self.prompt_body: bytes | None = None
+        # Each choice's text as it streams, kept only when capture_content is on (else None).
+        self.completion_text: dict[int, list[str]] | None = None
         self.span: Any = None  # the trace's root span, when traced
         self.span_offset_ns = 0
         self.checked_model: ModelConfig | None = None  # a model precheck() refused for, before parsing
@@ -265,6 +267,8 @@ class RequestLife:
             self.cached = out.cached_tokens
         for d in out.deltas:
             self.generated += len(d.token_ids)
+            if self.completion_text is not None:
+                self.completion_text.setdefault(d.index, []).append(d.text)
         if self.cached is None and out.deltas:
             self.cached = 0  # an engine that reports no cached count: bill the prompt uncached
         if out.final:

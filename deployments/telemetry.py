@@ -426,6 +426,7 @@ class IngressTelemetry:
             rec["ttft_s"] = round(m.time_to_first_token_s, 6)
         if self.capture_content and life.prompt_body:
             rec["request_body"] = _text(life.prompt_body)
+            rec["completion"] = _completion(life)
         return rec
 
     def _end_trace(self, life, job, status, reason, usage, now, record) -> None:
@@ -466,6 +467,7 @@ class IngressTelemetry:
             attrs["error.type"] = reason or str(status)
         if self.capture_content and life.prompt_body:
             attrs["ember.request.body"] = _text(life.prompt_body)
+            attrs["ember.response.text"] = _completion(life)
         root.set_attributes(attrs)
         if status >= 500 or (status >= 400 and status != CLIENT_CLOSED):
             root.set_status(Status(StatusCode.ERROR, reason or str(status)))
@@ -496,6 +498,12 @@ CONTENT_LIMIT_BYTES = 4096
 def _text(body: bytes) -> str:
     """The caller's request body (its messages or prompt), cut at ``CONTENT_LIMIT_BYTES``."""
     return body[:CONTENT_LIMIT_BYTES].decode("utf-8", "replace")
+
+
+def _completion(life) -> list[str]:
+    """Each choice's generated text so far (in choice order), each cut at ``CONTENT_LIMIT_BYTES``."""
+    texts = life.completion_text or {}
+    return [_text("".join(texts[i]).encode()) for i in sorted(texts)]
 
 
 def _operation(job) -> str:

@@ -250,3 +250,45 @@ def test_tracing_is_off_by_default_and_the_sim_app_writes_no_spans(sim_app, clie
                                           extra_headers={"traceparent": f"00-{'1' * 32}-{'2' * 16}-01"})
     assert resp.usage.completion_tokens == 2
     assert DEMO_KEY
+
+
+def test_capture_content_records_the_request_and_each_choices_completion(serve_instance, tmp_path):
+    """With ``capture_content`` on, the operator sees the request body and exactly the text the
+    caller got, per choice, streamed or not, in the root span and the request log line."""
+    from ray import serve
+
+    from cluster.builder import build_app
+
+    config = {
+        "models": [{"id": MODEL, "context_length": 512, "num_replicas": 1, "resources": {"num_cpus": 0.1},
+                    "engine": SIM}],
+        "ingress": {"num_cpus": 0.1},
+        "observability": {"capture_content": True, "request_log_dir": str(tmp_path / "requests"),
+                          "tracing": {"exporter": "file", "file_dir": str(tmp_path / "spans"),
+                                      "sample_ratio": 1.0}},
+    }
+    serve.run(build_app(config), name="obs-capture", route_prefix="/obs-capture")
+    try:
+        client = openai.OpenAI(base_url=serve_instance + "/obs-capture/v1", api_key=DEMO_KEY, max_retries=0)
+        whole = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"whole {SECRET_WORDS}"}], max_tokens=8, n=2)
+        trace_id = secrets.token_hex(16)
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"streamed {SECRET_WORDS}"}], max_tokens=8,
+            stream=True, extra_headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    finally:
+        serve.delete("obs-capture")
+
+    lines = [json.loads(line) for f in (tmp_path / "requests").glob("*.jsonl") for line in f.read_text().splitlines()]
+    (w,) = [r for r in lines if r["request_id"] == whole.id]
+    assert f"whole {SECRET_WORDS}" in w["request_body"]
+    assert w["completion"] == [c.message.content for c in sorted(whole.choices, key=lambda c: c.index)]
+    (s,) = [r for r in lines if r["trace_id"] == trace_id]
+    assert f"streamed {SECRET_WORDS}" in s["request_body"] and s["completion"] == [streamed]
+    assert streamed
+
+    spans = _wait_for_spans(tmp_path / "spans", trace_id, set())
+    (root,) = [sp for sp in spans if sp["kind"] == "SERVER" and sp["name"].startswith("chat ")]
+    assert root["attributes"]["ember.response.text"] == [streamed]
+    assert f"streamed {SECRET_WORDS}" in root["attributes"]["ember.request.body"]
