@@ -5,10 +5,11 @@
 
 ``serve run`` starts a local Ray with ``ray.init()`` and no way to choose the metrics export port,
 so Prometheus would have to find a random one. This starts the local Ray first, with
-``_metrics_export_port`` (``ray.init``'s documented spelling of ``ray start --metrics-export-port``),
-then hands over to ``serve run``, which uses the Ray it finds. Ember's series (``ember_*``, exported
-by Ray as ``ray_ember_*``) are then at ``http://127.0.0.1:<port>/metrics``. With ``--address``
-(an existing cluster) nothing is started here: set the port on that cluster's ``ray start``.
+``_metrics_export_port`` (``ray.init``'s documented spelling of ``ray start --metrics-export-port``)
+on a private port, serves ``http://127.0.0.1:<port>/metrics`` from it with Ember's series named
+``ember_*`` (``cluster.metrics_endpoint``; Ray itself calls them ``ray_ember_*``), then hands over
+to ``serve run``, which uses the Ray it finds. With ``--address`` (an existing cluster) nothing is
+started here: set the port on that cluster's ``ray start`` and relabel in Prometheus.
 """
 
 from __future__ import annotations
@@ -30,8 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     from ray.serve.scripts import run
 
     if args.address is None:
-        ray.init(namespace="serve", _metrics_export_port=args.metrics_port)
-        print(f"Ray's metrics (with Ember's ember_* series): http://127.0.0.1:{args.metrics_port}/metrics",
+        import socket
+
+        from cluster.metrics_endpoint import MetricsEndpoint
+
+        with socket.socket() as s:  # a free loopback port for Ray's own export
+            s.bind(("127.0.0.1", 0))
+            ray_port = s.getsockname()[1]
+        endpoint = MetricsEndpoint(ray_port, args.metrics_port).start()  # fails now if 8080 is taken
+        ray.init(namespace="serve", _metrics_export_port=ray_port)
+        print(f"Metrics (Ember's as ember_*, Ray's as ray_*): http://127.0.0.1:{endpoint.port}/metrics",
               flush=True)
     else:
         rest += ["--address", args.address]

@@ -191,6 +191,16 @@ def test_metrics_traces_and_logs_after_a_short_load(obs_app):
     assert {s["budget"] for s in _samples(text, "ember_rate_limit_refusals_total")} >= {"prompt"}
     assert {s["outcome"] for s in _samples(text, "ember_routing_decisions_total")} & {"owner", "keyless"}
     assert any(s["model"] == MODEL for s in _samples(text, "ember_pool_capacity_sequences"))
+    # What `make run` serves at :8080 (cluster.metrics_endpoint): the same series as ember_*.
+    from cluster.metrics_endpoint import MetricsEndpoint
+
+    endpoint = MetricsEndpoint(port, 0).start()
+    try:
+        renamed = urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=10).read().decode()
+    finally:
+        endpoint.close()
+    assert "\nray_ember_" not in renamed and "\nember_requests_total{" in renamed
+    assert "\nray_" in renamed  # Ray's own series stay
 
     # -- the trace: one, under the caller's span ---------------------------------------------------
     spans = _wait_for_spans(tmp / "spans", trace_id, {"ember.route", "ember.replica", "ember.engine"})
