@@ -15,12 +15,18 @@ turn, in one Ray session:
 - ``serve``: Serve's default policy (``target_ongoing_requests`` = 0.8 x max_num_seqs,
   ``upscale_delay_s`` 5 s, metrics every 10 s as Serve defaults), gate fixed at one replica.
 
+Then the load falls back to 0.8x for ``--cool-s`` (streamed requests, each read to its
+``[DONE]``), with the pools' ``downscale_delay_s`` at ``--downscale-delay-s``.
+
 Reported per variant: seconds from the step until 4 replicas run, throughput once 4 run against
 4x one replica's capacity, the share of requests refused (503) during the step, and
-replica-seconds during the step against an oracle that runs 4 replicas from the step's start.
+replica-seconds during the step against an oracle that runs 4 replicas from the step's start;
+for the fall: seconds until one replica runs again, streams that failed or were cut (goal 0),
+scale reversals over the whole run (a rise after a fall or a fall after a rise), and
+replica-seconds over step and fall against the oracle (4 in the step, 1 after it).
 
-    python tests/benchmarks/autoscale.py            # ~4 min
-    python tests/benchmarks/autoscale.py --small    # ~2.5 min
+    python tests/benchmarks/autoscale.py            # ~6 min
+    python tests/benchmarks/autoscale.py --small    # ~4 min
 """
 
 from __future__ import annotations
@@ -47,14 +53,14 @@ LATENCY = {"step_base_s": 0.03, "decode_s_per_seq": 0.0005, "prefill_base_s": 0.
            "prefill_s_per_token": 0.00001}
 
 
-def config(variant: str) -> dict:
+def config(variant: str, downscale_delay_s: float = 60) -> dict:
     if variant in ("ember", "ember-app"):
-        auto = {"min_replicas": 1, "max_replicas": MAX_REPLICAS, "policy": "ember", "downscale_delay_s": 60,
-                "replica_start_s": 30}
+        auto = {"min_replicas": 1, "max_replicas": MAX_REPLICAS, "policy": "ember",
+                "downscale_delay_s": downscale_delay_s, "replica_start_s": 30}
     else:
         auto = {"min_replicas": 1, "max_replicas": MAX_REPLICAS, "policy": "serve",
-                "target_ongoing_requests": 0.8 * SEQS, "upscale_delay_s": 5, "downscale_delay_s": 60,
-                "gate_follows_replicas": False}
+                "target_ongoing_requests": 0.8 * SEQS, "upscale_delay_s": 5,
+                "downscale_delay_s": downscale_delay_s, "gate_follows_replicas": False}
     return {
         "models": [{
             "id": MODEL, "context_length": 1024, "autoscaling": auto, "resources": {"num_cpus": 0.1},
@@ -75,20 +81,32 @@ def replica_capacity_rps() -> float:
 
 
 async def open_loop(http, url: str, key: str, rate: float, duration_s: float, seed: int,
-                    t_origin: float, phase: str) -> list[dict]:
+                    t_origin: float, phase: str, stream: bool = False) -> list[dict]:
     rng = random.Random(seed)
     results: list[dict] = []
     tasks = []
 
     async def one(i: int) -> None:
-        body = {"model": MODEL, "max_tokens": MAX_TOKENS, "seed": i,
+        body = {"model": MODEL, "max_tokens": MAX_TOKENS, "seed": i, "stream": stream,
                 "messages": [{"role": "user", "content": f"Request {i} of {phase}."}]}
         rec: dict = {"phase": phase, "sent_at": time.perf_counter() - t_origin}
+        sent = time.perf_counter()
         try:
-            r = await http.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
+            async with http.stream("POST", url, json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+                lines, first = [], None
+                async for line in r.aiter_lines():
+                    if first is None and line.startswith("data:"):
+                        first = time.perf_counter()
+                    lines.append(line)
             rec["status"] = r.status_code
-            if r.status_code == 200:
+            if r.status_code == 200 and not stream:
                 rec["ttft_s"] = float(r.headers["fireworks-server-time-to-first-token"])
+            elif r.status_code == 200:
+                rec["ttft_s"] = first - sent if first is not None else None  # client-side for streams
+                # A stream that broke off, or ended in an error event, failed however it began.
+                text = "\n".join(lines)
+                if not text.rstrip().endswith("data: [DONE]") or '"error"' in text:
+                    rec["status"] = "stream_cut"
         except Exception as exc:
             rec["status"] = type(exc).__name__
         rec["done_at"] = time.perf_counter() - t_origin
@@ -126,8 +144,24 @@ async def watch_replicas(app: str, t_origin: float, stop: asyncio.Event, out: li
         await asyncio.sleep(0.25)
 
 
+def replica_seconds(timeline: list[tuple[float, int]], start: float, end: float) -> float:
+    """The integral of running replicas over [start, end] (a step function over the samples)."""
+    rs = 0.0
+    prev_t, prev_n = start, next((n for t, n in reversed(timeline) if t <= start), 1)
+    for t, n in ((t, n) for t, n in timeline if start <= t <= end):
+        rs += prev_n * (t - prev_t)
+        prev_t, prev_n = t, n
+    return rs + prev_n * (end - prev_t)
+
+
+def reversals(timeline: list[tuple[float, int]]) -> int:
+    """Changes of direction in the replica count: a fall after a rise, or a rise after a fall."""
+    moves = [b - a for (_, a), (_, b) in zip(timeline, timeline[1:]) if b != a]
+    return sum(1 for x, y in zip(moves, moves[1:]) if (x > 0) != (y > 0))
+
+
 def analyse(variant: str, results: list[dict], timeline: list[tuple[float, int]], warm_s: float,
-            step_s: float) -> dict:
+            step_s: float, cool_s: float = 0.0) -> dict:
     step_start, step_end = warm_s, warm_s + step_s
     step = [r for r in results if r["phase"] == "step"]
     reach = next((t for t, n in timeline if t >= step_start and n >= MAX_REPLICAS), None)
@@ -137,14 +171,7 @@ def analyse(variant: str, results: list[dict], timeline: list[tuple[float, int]]
         thr = completed / (step_end - reach)
     else:
         thr = None
-    # Replica-seconds during the step (step function over the sampled timeline).
-    rs = 0.0
-    pts = [(t, n) for t, n in timeline if step_start <= t <= step_end]
-    prev_t, prev_n = step_start, next((n for t, n in reversed(timeline) if t <= step_start), 1)
-    for t, n in pts:
-        rs += prev_n * (t - prev_t)
-        prev_t, prev_n = t, n
-    rs += prev_n * (step_end - prev_t)
+    rs = replica_seconds(timeline, step_start, step_end)
     oracle = MAX_REPLICAS * step_s
     target = MAX_REPLICAS * replica_capacity_rps()
     return {
@@ -162,6 +189,25 @@ def analyse(variant: str, results: list[dict], timeline: list[tuple[float, int]]
         "oracle_replica_seconds": oracle,
         "replica_seconds_ratio": rs / oracle,
         "timeline": timeline,
+        **(analyse_fall(results, timeline, step_end, cool_s) if cool_s > 0 else {}),
+    }
+
+
+def analyse_fall(results: list[dict], timeline: list[tuple[float, int]], step_end: float,
+                 cool_s: float) -> dict:
+    cool = [r for r in results if r["phase"] == "cool"]
+    down = next((t for t, n in timeline if t >= step_end and n <= 1), None)
+    whole = replica_seconds(timeline, step_end, step_end + cool_s)
+    return {
+        "cool_sent": len(cool),
+        "cool_failed_streams": sum(1 for r in cool if r["status"] not in (200, 503)),
+        "cool_refused": sum(1 for r in cool if r["status"] == 503),
+        "cool_statuses": {str(k): sum(1 for r in cool if r["status"] == k) for k in {r["status"] for r in cool}},
+        "time_to_one_replica_s": None if down is None else down - step_end,
+        "replicas_at_end": timeline[-1][1] if timeline else None,
+        "reversals": reversals(timeline),
+        "cool_replica_seconds": whole,
+        "cool_oracle_replica_seconds": 1.0 * cool_s,
     }
 
 
@@ -188,9 +234,9 @@ async def run_variant(http, base: str, key: str, variant: str, args) -> dict:
 
     app = f"autoscale-{variant}"
     if variant == "ember-app":
-        deploy_with_app_policy(app, config(variant))
+        deploy_with_app_policy(app, config(variant, args.downscale_delay_s))
     else:
-        serve.run(build_app(config(variant)), name=app, route_prefix=f"/{app}")
+        serve.run(build_app(config(variant, args.downscale_delay_s)), name=app, route_prefix=f"/{app}")
     url = f"{base}/{app}/v1/chat/completions"
     try:
         cap = replica_capacity_rps()
@@ -201,12 +247,14 @@ async def run_variant(http, base: str, key: str, variant: str, args) -> dict:
         watcher = asyncio.create_task(watch_replicas(app, t0, stop, timeline, gates))
         warm = await open_loop(http, url, key, 0.8 * cap, args.warm_s, 1, t0, "warm")
         step = await open_loop(http, url, key, 4 * cap, args.step_s, 2, t0, "step")
+        cool = (await open_loop(http, url, key, 0.8 * cap, args.cool_s, 3, t0, "cool", stream=True)
+                if args.cool_s > 0 else [])
         stop.set()
         await watcher
-        out = analyse(variant, warm + step, timeline, args.warm_s, args.step_s)
+        out = analyse(variant, warm + step + cool, timeline, args.warm_s, args.step_s, args.cool_s)
         # For notebooks/autoscale_step.ipynb: the gate over time and every request.
         out["gate_timeline"] = gates
-        out["requests"] = [[r["sent_at"], r["done_at"], r["status"], r.get("ttft_s")] for r in warm + step]
+        out["requests"] = [[r["sent_at"], r["done_at"], r["status"], r.get("ttft_s")] for r in warm + step + cool]
         out["step_start_s"] = args.warm_s
         return out
     finally:
@@ -232,13 +280,15 @@ def main() -> None:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--warm-s", type=float, default=15)
     ap.add_argument("--step-s", type=float, default=75)
+    ap.add_argument("--cool-s", type=float, default=60, help="seconds at 0.8x after the step (0: none)")
+    ap.add_argument("--downscale-delay-s", type=float, default=10)
     ap.add_argument("--timeout", type=float, default=120)
     ap.add_argument("--variants", nargs="+", default=["ember-app", "ember", "serve"],
                     choices=["ember-app", "ember", "serve"])
     ap.add_argument("--out", default="bench_results/autoscale.json")
     args = ap.parse_args()
     if args.small:
-        args.warm_s, args.step_s = 8, 40
+        args.warm_s, args.step_s, args.cool_s = 8, 40, 40
     os.environ.setdefault("EMBER_DEMO_KEY", "bench-demo-key-0001")
     res = asyncio.run(run(args))
 
@@ -253,6 +303,16 @@ def main() -> None:
                   f(r["target_throughput_rps"]), f(r["throughput_ratio"]), r["step_sent"],
                   f(100 * r["step_refused_share"], "{:.1f}"), r["step_other_errors"], f(r["replica_seconds"], "{:.0f}"),
                   f(r["oracle_replica_seconds"], "{:.0f}"), f(r["replica_seconds_ratio"])] for r in res])
+    if args.cool_s > 0:
+        print(f"\nthen 0.8x for {args.cool_s:.0f} s, streamed; downscale_delay_s {args.downscale_delay_s:.0f}\n")
+        print_table(["variant", "t to 1 replica s", "replicas at end", "streams", "failed/cut", "refused",
+                     "reversals", "replica-s step+fall", "oracle", "ratio"],
+                    [[r["variant"], f(r["time_to_one_replica_s"], "{:.1f}"), r["replicas_at_end"], r["cool_sent"],
+                      r["cool_failed_streams"], r["cool_refused"], r["reversals"],
+                      f(r["replica_seconds"] + r["cool_replica_seconds"], "{:.0f}"),
+                      f(r["oracle_replica_seconds"] + r["cool_oracle_replica_seconds"], "{:.0f}"),
+                      f((r["replica_seconds"] + r["cool_replica_seconds"])
+                        / (r["oracle_replica_seconds"] + r["cool_oracle_replica_seconds"]))] for r in res])
     print("wrote", write_json(args.out, {"args": vars(args), "results": res}))
 
 
