@@ -80,7 +80,8 @@ class AutoscalingConfig(_Strict):
 
     ``policy: ember`` (pools; the default) scales on Ember's metrics: the sequences each replica
     runs and queues plus the requests held at the ingress gates; ``target_utilization``,
-    ``hysteresis``, ``downscale_delay_s``, ``downscale_step_interval_s`` and ``idle_to_zero_s``
+    ``upscale_window_s``, ``hysteresis``, ``downscale_delay_s``, ``downscale_step_interval_s`` and
+    ``idle_to_zero_s``
     are its knobs (``policies.autoscale.Knobs``) and Serve's own delays are 0. ``policy: serve``
     is Serve's default (``target_ongoing_requests`` with ``upscale_delay_s`` /
     ``downscale_delay_s``), the baseline; the ingress always uses it.
@@ -102,6 +103,7 @@ class AutoscalingConfig(_Strict):
     policy: Literal["ember", "serve"] = "ember"
     target_utilization: float = Field(0.8, gt=0, le=1)
     hysteresis: float = Field(0.15, ge=0, lt=1)
+    upscale_window_s: float = Field(2.0, ge=0, le=60)
     downscale_step_interval_s: float = Field(10, ge=0)
     idle_to_zero_s: float = Field(300, ge=0)
     metrics_interval_s: float = Field(1.0, gt=0, le=60)
@@ -123,7 +125,7 @@ class AutoscalingConfig(_Strict):
     def knobs(self) -> dict:
         """``policies.autoscale.Knobs`` as policy_kwargs."""
         return {"target_utilization": self.target_utilization, "hysteresis": self.hysteresis,
-                "downscale_delay_s": self.downscale_delay_s,
+                "upscale_window_s": self.upscale_window_s, "downscale_delay_s": self.downscale_delay_s,
                 "downscale_step_interval_s": self.downscale_step_interval_s,
                 "idle_to_zero_s": self.idle_to_zero_s}
 

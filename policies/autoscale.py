@@ -13,9 +13,13 @@ Batch weighs 0 by default, since Batch fills idle capacity rather than buying re
 Rules of ``decide``, in order:
 
 1. *Bounds.* A target outside ``[min_replicas, max_replicas]`` is brought inside at once.
-2. *Up at once.* ``desired > current`` → ``min(desired, max_replicas)`` on this very call, in one
-   jump (no delay, no step limit). A cold pool (target 0) with any demand, Batch included, wakes
-   to at least one replica.
+2. *Up on sustained load, in one jump.* When the *lowest* load of the last ``upscale_window_s``
+   (2 s) needs more replicas than the target, ``ceil(low) > current``, the target becomes
+   ``min(ceil(low), max_replicas)`` on that call (no further delay, no step limit). A step in
+   demand holds for the window; a burst of random arrivals, which pushes the sequences in flight
+   far above their mean for a moment when a pool runs near its target utilization, does not, and
+   would otherwise buy a replica that the next scale-down takes back (a reversal). A cold pool
+   (target 0) with any demand, Batch included, wakes to at least one replica at once.
 3. *Down slowly.* Only if the *peak* load of the last ``downscale_delay_s`` would fit one replica
    fewer with the hysteresis margin, ``ceil(peak / (1 - hysteresis)) < current``, the pool has been
    watched for at least ``downscale_delay_s``, and the last change is ``downscale_step_interval_s``
@@ -33,8 +37,8 @@ Worked example (capacity 16 sequences, ``target_utilization`` 0.8 → 12.8 seque
 hysteresis 0.15, delay 30 s, step 10 s):
 
 * t=0, target 1: 10 running, 0 queued → load 0.78, desired 1: hold.
-* t=5: a 4× step, 16 running (the replica is full) + 24 queued at the gates → load 3.13 →
-  target 4 at once ("scale_up").
+* t=5: a 4× step, 16 running (the replica is full) + 24 queued at the gates → load 3.13.
+* t=7: the load has been ≥ 3.13 for the 2 s window → target 4 ("scale_up").
 * t=5…65: load stays about 3.1: below 4, above (4 − 1) × 0.85 = 2.55 → hold.
 * t=65: load falls to 1.5 (19 sequences). The 30 s peak is still 3.1 → hold until t=95, when
   the window holds only 1.5: ceil(1.5 / 0.85) = 2 < 4 → 3 ("scale_down"); t=105 → 2; then hold,
@@ -65,6 +69,7 @@ class Knobs:
     """The policy's tuning; the defaults are what Ember ships.
 
     target_utilization: share of a replica's sequence capacity to plan for (0 < u ≤ 1).
+    upscale_window_s: the load's minimum over this window decides a scale-up (0: the load now).
     hysteresis: relative margin below one replica fewer before scaling down (0 ≤ h < 1).
     downscale_delay_s: the load's peak over this window decides a scale-down; nor does a pool
         scale down before it has been watched this long.
@@ -74,6 +79,7 @@ class Knobs:
     """
 
     target_utilization: float = 0.8
+    upscale_window_s: float = 2.0
     hysteresis: float = 0.15
     downscale_delay_s: float = 30.0
     downscale_step_interval_s: float = 10.0
@@ -85,7 +91,7 @@ class Knobs:
             raise ValueError("target_utilization must be in (0, 1]")
         if not 0 <= self.hysteresis < 1:
             raise ValueError("hysteresis must be in [0, 1)")
-        for name in ("downscale_delay_s", "downscale_step_interval_s", "idle_to_zero_s"):
+        for name in ("upscale_window_s", "downscale_delay_s", "downscale_step_interval_s", "idle_to_zero_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         unknown = set(self.tier_weights) - set(TIERS)
@@ -143,16 +149,20 @@ class State:
 
     peaks: (time, load) of the last ``downscale_delay_s``, loads strictly decreasing: the first is
         the window's peak (a sliding-window maximum, so it stays short).
+    lows: (time, load) of the last ``upscale_window_s``, loads strictly increasing: the first is
+        the window's minimum.
     """
 
     observed_since: float | None = None
     last_change_s: float | None = None
     peaks: tuple[tuple[float, float], ...] = ()
     idle_since: float | None = None
+    lows: tuple[tuple[float, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"observed_since": self.observed_since, "last_change_s": self.last_change_s,
-                "peaks": [list(p) for p in self.peaks], "idle_since": self.idle_since}
+                "peaks": [list(p) for p in self.peaks], "idle_since": self.idle_since,
+                "lows": [list(p) for p in self.lows]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "State":
@@ -160,7 +170,8 @@ class State:
             return cls()
         return cls(observed_since=d.get("observed_since"), last_change_s=d.get("last_change_s"),
                    peaks=tuple((float(t), float(v)) for t, v in d.get("peaks", ())),
-                   idle_since=d.get("idle_since"))
+                   idle_since=d.get("idle_since"),
+                   lows=tuple((float(t), float(v)) for t, v in d.get("lows", ())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,12 +211,18 @@ def decide(snap: Snapshot, state: State, knobs: Knobs = Knobs()) -> Decision:
         peaks.pop()
     peaks.append((now, load))
     peak = peaks[0][1]
+    # Sliding-window minimum over the last upscale_window_s (the load now included).
+    lows = [p for p in state.lows if now - knobs.upscale_window_s <= p[0] <= now]
+    while lows and lows[-1][1] >= load:
+        lows.pop()
+    lows.append((now, load))
+    sustained = _replicas(lows[0][1])
 
     observed_since = state.observed_since if state.observed_since is not None else now
     idle_since = (state.idle_since if state.idle_since is not None else now) if idle else None
     step_ok = state.last_change_s is None or now - state.last_change_s >= knobs.downscale_step_interval_s
 
-    want_up = max(desired, 1) if (cur == 0 and not idle) else desired
+    want_up = max(sustained, 1) if (cur == 0 and not idle) else sustained
     if cur > hi:
         target, reason = hi, "clamp_max"
     elif cur < lo:
@@ -231,7 +248,7 @@ def decide(snap: Snapshot, state: State, knobs: Knobs = Knobs()) -> Decision:
 
     new_state = State(observed_since=observed_since,
                       last_change_s=now if target != cur else state.last_change_s,
-                      peaks=tuple(peaks), idle_since=idle_since)
+                      peaks=tuple(peaks), idle_since=idle_since, lows=tuple(lows))
     return Decision(target, reason, load, desired, new_state)
 
 

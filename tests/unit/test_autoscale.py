@@ -47,6 +47,11 @@ def simulate(demands, *, start: int = 1, lo: int = 1, hi: int = 20, dt: float = 
     return trace
 
 
+def sustained(loads: list[tuple[float, float]], t: float, knobs: Knobs = K) -> float:
+    """The lowest load of the upscale window ending at t: what a scale-up is decided on."""
+    return min(x for s, x in loads if t - knobs.upscale_window_s <= s <= t)
+
+
 def reversals(targets) -> int:
     moves = [b - a for a, b in zip(targets, targets[1:]) if b != a]
     return sum(1 for a, b in zip(moves, moves[1:]) if (a > 0) != (b > 0))
@@ -89,6 +94,19 @@ def test_scale_up_is_one_jump_on_the_same_call():
     assert (d.target, d.reason) == (6, "scale_up")
     d = decide(snap(0, 6, 1000, hi=6), d.state, K)
     assert (d.target, d.reason) == (6, "at_max")
+
+
+def test_a_moments_burst_buys_no_replica_but_a_step_does_within_the_window():
+    # A pool at its target utilization (load 1.0), a one-second burst to 3x at t=10, then a step
+    # to 3x from t=20: the burst changes nothing; the step scales to 3 once it has held for the
+    # 2 s window (calls every second: at t=22).
+    demands = [PER_REPLICA] * 10 + [3 * PER_REPLICA] + [PER_REPLICA] * 9 + [3 * PER_REPLICA] * 10
+    trace = simulate(demands)
+    changes = [(t, before, d.target, d.reason) for t, _, before, d in trace if d.target != before]
+    assert changes == [(22.0, 1, 3, "scale_up")]
+    # With the window off, the burst buys two replicas at once.
+    eager = simulate(demands, knobs=Knobs(upscale_window_s=0))
+    assert [(t, d.target) for t, _, before, d in eager if d.target != before][0] == (10.0, 3)
 
 
 def test_knobs_validate_and_load_from_dict():
@@ -161,21 +179,25 @@ def test_steady_noisy_load_reverses_at_most_once_in_ten_minutes(level, noise_sha
     demands = [level * (1 + rng.uniform(-delta, delta)) for _ in range(600)]
     targets = [start] + [d.target for *_, d in simulate(demands, start=start, hi=40)]
     assert reversals(targets) <= 1
-    # It ends right-sized: enough for the peak, no more than the hysteresis band above it.
+    # It ends right-sized: enough for the highest sustained load (a moment's burst buys nothing),
+    # no more than the hysteresis band above the peak.
+    loads = [(float(i), x / PER_REPLICA) for i, x in enumerate(demands)]
+    held = max(sustained(loads, t) for t, _ in loads)
     peak = max(demands) / PER_REPLICA
-    assert max(1, math.ceil(peak - 1e-9)) <= targets[-1] <= max(1, math.ceil(peak / (1 - h) + 1e-9))
+    assert max(1, math.ceil(held - 1e-9)) <= targets[-1] <= max(1, math.ceil(peak / (1 - h) + 1e-9))
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(demand_seqs, min_size=1, max_size=150), st.integers(0, 3), st.integers(0, 10))
-def test_up_at_once_down_only_after_the_delay_one_step_at_a_time(demands, lo, span):
+def test_up_on_sustained_load_down_only_after_the_delay_one_step_at_a_time(demands, lo, span):
     hi = lo + span
     trace = simulate(demands, start=max(lo, min(1, hi)), lo=lo, hi=hi)
     loads = [(t, load) for t, load, *_ in trace]
     last_change = None
     for t, load, before, d in trace:
         assert lo <= before <= hi
-        need = 0 if load <= 1e-9 else math.ceil(load - 1e-9)
+        low = sustained(loads, t)
+        need = 0 if low <= 1e-9 else math.ceil(low - 1e-9)
         if need > before:
             assert d.target == min(need, hi) and d.reason in ("scale_up", "at_max")
         if d.target < before:
