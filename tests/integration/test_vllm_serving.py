@@ -96,6 +96,24 @@ def test_json_schema_on_vllm_parses_and_validates_streamed_or_not(vllm_client, o
     assert chunks[-1]["usage"]["completion_tokens"] > 0
 
 
+STRINGS = {"type": "object", "properties": {f"s{i}": {"type": "string", "maxLength": 16} for i in range(6)},
+           "required": [f"s{i}" for i in range(6)], "additionalProperties": False}
+
+
+def test_bounded_strings_hold_no_raw_control_characters(vllm_client, openai_schemas):
+    # xgrammar 0.2.8 compiles a string with maxLength to [^"\\\r\n]{0,n}: with it, seeds 0 and 1
+    # wrote a raw \x1f / \x02 into these strings (JSON forbids them unescaped). The default
+    # backend (guidance) must not.
+    rf = {"type": "json_schema", "json_schema": {"name": "strings", "schema": STRINGS, "strict": True}}
+    kw = dict(model=VLLM_MODEL, messages=[{"role": "user", "content": "Strings"}], max_tokens=300,
+              response_format=rf, n=2)
+    answers = [c.message.content for c in vllm_client.chat.completions.create(**kw, seed=0).choices]
+    chunks = _stream(vllm_client, openai_schemas, **kw, seed=1)
+    answers += [_text(chunks, i) for i in range(2)]
+    for text in answers:
+        jsonschema.validate(json.loads(text), STRINGS)
+
+
 def test_json_object_and_grammar_on_vllm(vllm_client):
     # Without a schema nothing bounds a string, and random weights may never close one: an answer
     # is a JSON object when it ends, or an object's beginning cut by max_tokens.
@@ -155,3 +173,4 @@ def test_sampling_controls_on_vllm(vllm_client):
     assert tuned.usage.completion_tokens == 6
     echo = vllm_client.completions.create(**base, echo=True, extra_body={"ignore_eos": True})
     assert echo.choices[0].text.startswith("Hello")
+
