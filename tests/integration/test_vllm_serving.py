@@ -174,3 +174,23 @@ def test_sampling_controls_on_vllm(vllm_client):
     echo = vllm_client.completions.create(**base, echo=True, extra_body={"ignore_eos": True})
     assert echo.choices[0].text.startswith("Hello")
 
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_calls_cut_by_max_tokens_keep_their_whole_calls(vllm_client, openai_schemas, stream):
+    # With this seed the model's array of calls runs past 60 tokens after two whole calls: they are
+    # the answer (streamed, each as soon as it is whole), and finish_reason says it was cut.
+    kw = dict(model=VLLM_MODEL, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER, TIME],
+              tool_choice="required", max_tokens=60, seed=1)
+    if stream:
+        chunks = _stream(vllm_client, openai_schemas, **kw)
+        finish = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]]
+        calls = _streamed_calls(chunks)
+        assert _text(chunks, 0) == ""
+    else:
+        body = vllm_client.chat.completions.with_raw_response.create(**kw).http_response.json()
+        openai_schemas("CreateChatCompletionResponse").validate(body)
+        finish = [body["choices"][0]["finish_reason"]]
+        calls = body["choices"][0]["message"]["tool_calls"]
+    assert finish == ["length"] and len(calls) == 2
+    _assert_calls_valid(calls)
+
