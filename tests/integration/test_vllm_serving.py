@@ -194,3 +194,21 @@ def test_required_calls_cut_by_max_tokens_keep_their_whole_calls(vllm_client, op
     assert finish == ["length"] and len(calls) == 2
     _assert_calls_valid(calls)
 
+
+def test_responses_with_tools_stream_text_as_it_comes(vllm_client, sdk_schemas):
+    valid = sdk_schemas("ResponseStreamEvent")
+    tool = {"type": "function", **WEATHER["function"]}
+    with vllm_client.responses.with_streaming_response.create(
+            model=VLLM_MODEL, input="Hi", tools=[tool], stream=True, max_output_tokens=16,
+            extra_body={"seed": 0}) as raw:
+        events = [json.loads(line[len("data: "):]) for line in raw.iter_lines() if line.startswith("data: ")]
+    for e in events:
+        valid.validate(e)
+    kinds = [e["type"] for e in events]
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+    # The random model writes text, not a call: it streams in the pieces the engine makes them (the
+    # first token alone), not in one piece once the text is whole.
+    assert len(deltas) >= 2
+    assert kinds.index("response.output_item.added") < kinds.index("response.output_text.delta")
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert "".join(deltas) == events[-1]["response"]["output"][0]["content"][0]["text"]
