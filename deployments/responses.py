@@ -20,8 +20,9 @@ Streams use OpenAI's event types with a ``sequence_number`` on every event: ``re
 Function tools (``tools``, ``tool_choice``, ``parallel_tool_calls``) go to the chat path's tool
 calling: a model without a tool-call parser answers 400 naming ``tools``; the calls come out as
 ``function_call`` items, and ``function_call`` / ``function_call_output`` input items go back in
-as the assistant's tool calls and ``tool`` messages. With tools the items are sent whole at the
-end of a stream (``response.function_call_arguments.delta`` / ``.done`` for each call).
+as the assistant's tool calls and ``tool`` messages. With tools, text streams as it comes until
+a call may begin (the chat path's ``ToolStream``); the calls are sent whole at the end of the
+stream (``response.function_call_arguments.delta`` / ``.done`` for each call).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from deployments.errors import bad_request, not_found, to_error
 from deployments.lifecycle import LifeStream, RequestLife
 from deployments.openai_api import FUNCTION_NAME, INT64, ChatCompletionRequest, _Body, _Req
 from deployments.serving import ChatServing, Job, Renderer, dumps
-from deployments.tool_calls import ToolCalling
+from deployments.tool_calls import ToolCalling, ToolStream
 
 log = logging.getLogger("ember.responses")
 
@@ -179,9 +180,11 @@ def response_usage(u: Usage) -> dict:
 class ResponsesRenderer(Renderer):
     """One response's body and events. ``rid`` is the response id (``resp_...``).
 
-    Without tools the text streams as it comes, in one message item. With tools the output is
-    known only when the text is whole (``ToolCalling.extract``): then every item (a message with
-    the text left over, if any, and one ``function_call`` per call) is sent at the end.
+    The text streams as it comes, in one message item. With tools it streams as the chat path's
+    ``ToolStream`` lets it (``auto``: until a ``<tool_call>`` may begin), the message item opened
+    with its first text; the calls are known only when the text is whole
+    (``ToolCalling.extract``), so each ``function_call`` item, and the rest of the text if the
+    stream held some back, is sent at the end.
     """
 
     def __init__(self, rid: str, model_id: str, req: ResponsesRequest, tier: str | None,
@@ -195,6 +198,9 @@ class ResponsesRenderer(Renderer):
         self.finish_reason: str | None = None
         self.seq = 0
         self._split: tuple[str | None, list[tuple[str, str]]] | None = None
+        self._stream = ToolStream(tools) if tools is not None else None
+        self._opened = False  # the message item's opening events went out
+        self._streamed = 0  # characters of the message's text sent as deltas
 
     # -- whole ---------------------------------------------------------------------------------
 
@@ -281,6 +287,7 @@ class ResponsesRenderer(Renderer):
         return b"event: " + type_.encode() + b"\ndata: " + dumps(data) + b"\n\n"
 
     def _message_start(self) -> list[bytes]:
+        self._opened = True
         return [self.event("response.output_item.added", output_index=0, item=self.message("in_progress", None)),
                 self.event("response.content_part.added", output_index=0, item_id=self.msg_id, content_index=0,
                            part=self.part(""))]
@@ -291,11 +298,21 @@ class ResponsesRenderer(Renderer):
         return events if self.tools is not None else events + self._message_start()
 
     def chunk(self, out: EngineOutput) -> bytes | None:
-        pieces = [d.text for d in self.add(out) if d.text]
-        if not pieces or self.tools is not None:  # with tools, the items come whole at the end
+        deltas = self.add(out)
+        if self._stream is None:
+            text = "".join(d.text for d in deltas)
+        else:  # only text the choice's end cannot turn into a call; calls wait for closing()
+            text = "".join(self._stream.feed(d.text, None)[0] or "" for d in deltas if d.text)
+        if not text:
             return None
-        return self.event("response.output_text.delta", output_index=0, item_id=self.msg_id, content_index=0,
-                          delta="".join(pieces), logprobs=[])
+        events = [] if self._opened else self._message_start()
+        events.append(self._text_delta(0, text))
+        return b"".join(events)
+
+    def _text_delta(self, index: int, text: str) -> bytes:
+        self._streamed += len(text)
+        return self.event("response.output_text.delta", output_index=index, item_id=self.msg_id,
+                          content_index=0, delta=text, logprobs=[])
 
     def closing(self, final: dict) -> list[bytes]:
         events: list[bytes] = []
@@ -303,11 +320,10 @@ class ResponsesRenderer(Renderer):
             if item["type"] == "message":
                 text = item["content"][0]["text"]
                 where = {"output_index": index, "item_id": item["id"]}
-                if self.tools is not None:  # not streamed: open it and send the text now
+                if not self._opened:
                     events += self._message_start()
-                    if text:
-                        events.append(self.event("response.output_text.delta", **where, content_index=0,
-                                                 delta=text, logprobs=[]))
+                if len(text) > self._streamed:  # what a stream with tools held back
+                    events.append(self._text_delta(index, text[self._streamed:]))
                 events += [
                     self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=[]),
                     self.event("response.content_part.done", **where, content_index=0, part=self.part(text)),

@@ -139,10 +139,8 @@ class ChatRenderer(Renderer):
     def _finish(self, text: str, finish: str) -> tuple[str | None, list[dict] | None, str]:
         if self.tools is None:
             return text, None, finish
-        content, calls = self.tools.extract(text)
-        if not calls:
-            return text, None, finish
-        return content, tool_call_dicts(calls), "tool_calls"
+        content, calls, finish = self.tools.finish(text, finish)
+        return content, tool_call_dicts(calls) or None, finish
 
     def _body(self, choices, usage):
         out = []

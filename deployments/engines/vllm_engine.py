@@ -212,8 +212,9 @@ class VLLMEngine:
             disable_log_stats=True,
             enable_log_requests=False,
             # Compact JSON: see EngineConfig.structured_output_backend.
-            structured_outputs_config=StructuredOutputsConfig(backend=cfg.structured_output_backend,
-                                                              disable_any_whitespace=True),
+            structured_outputs_config=StructuredOutputsConfig(
+                backend=cfg.structured_output_backend, disable_any_whitespace=True,
+                disable_additional_properties=cfg.structured_output_backend == "guidance"),
         )
         # No local variable holds the engine: this frame outlives the call (tracebacks of
         # imports made under it keep it), and a local in it would keep the engine alive too.

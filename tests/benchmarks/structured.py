@@ -5,16 +5,19 @@ through the official ``openai`` SDK. Three parts, one run:
 
 1. validity: 50 JSON schemas, generated deterministically (nested objects, arrays with bounds,
    enums, bounded integers and numbers, nullable fields, optional properties, strings with length
-   bounds and, in some, a pattern: xgrammar, vLLM's default backend, enforces patterns), each asked
+   bounds and, in some, a pattern), each asked
    for with ``response_format: json_schema`` (strict), streamed and not. Counted: the share whose
    text parses as JSON, and the share that validates against the schema (``jsonschema``).
 2. tools: 10 tool sets built from the same generator, ``tool_choice: required`` and a named
    function, streamed and not; counted: calls whose ``arguments`` parse and validate against the
-   function's parameters.
-3. cost: plain chat vs ``json_schema``, the same prompts, interleaved in rounds at a fixed
-   concurrency: TTFT p50 (streamed, first content chunk) and output tokens/s.
+   function's parameters; requests whose calls were cut by ``max_tokens`` are counted apart.
+3. cost, on each backend's pool: plain chat vs ``json_schema``, the same prompts, interleaved in
+   rounds at a fixed concurrency: TTFT p50 (streamed, first content chunk), output tokens/s, and
+   decode ms per token p50 (first content chunk to the end, per output token after the first:
+   a JSON answer is short, so tokens/s also carries each request's fixed costs).
 
     python tests/benchmarks/structured.py            # ~4 min on 2 cores
+    python tests/benchmarks/structured.py --backends guidance,xgrammar   # both, side by side
     python tests/benchmarks/structured.py --schemas 10 --rounds 1   # quick look
 
 Goals: 100% of json_schema answers parse and validate; 100% of required/named tool-call arguments
@@ -93,7 +96,7 @@ def schemas(n: int, with_patterns: bool) -> list[dict]:
 
 
 def model_id(backend: str) -> str:
-    return MODEL if backend == "xgrammar" else f"{MODEL}-{backend}"
+    return MODEL if backend == "guidance" else f"{MODEL}-{backend}"  # guidance: Ember's default
 
 
 def config(backends: list[str]) -> dict:
@@ -104,14 +107,15 @@ def config(backends: list[str]) -> dict:
             "rate_limit": {"enabled": False}}
 
 
-async def _ask(client, stream: bool, **kw) -> tuple[str, list | None, str, float | None, int]:
-    """(content, tool_calls as dicts, finish_reason, ttft_s, completion_tokens)."""
+async def _ask(client, stream: bool, **kw) -> tuple[str, list | None, str, float | None, int, float | None]:
+    """(content, tool_calls as dicts, finish_reason, ttft_s, completion_tokens, decode_s: first
+    content to the end)."""
     began = time.perf_counter()
     if not stream:
         r = await client.chat.completions.create(**kw)
         c = r.choices[0]
         calls = [tc.model_dump() for tc in c.message.tool_calls or ()] or None
-        return c.message.content or "", calls, c.finish_reason, None, r.usage.completion_tokens
+        return c.message.content or "", calls, c.finish_reason, None, r.usage.completion_tokens, None
     text, calls, finish, ttft, used = [], {}, None, None, 0
     async for chunk in await client.chat.completions.create(stream=True, **kw):
         if chunk.usage:
@@ -125,7 +129,8 @@ async def _ask(client, stream: bool, **kw) -> tuple[str, list | None, str, float
                                                    "function": {"name": tc.function.name, "arguments": ""}})
                 call["function"]["arguments"] += tc.function.arguments or ""
             finish = ch.finish_reason or finish
-    return "".join(text), [calls[i] for i in sorted(calls)] or None, finish, ttft, used
+    decode = time.perf_counter() - began - ttft if ttft is not None else None
+    return "".join(text), [calls[i] for i in sorted(calls)] or None, finish, ttft, used, decode
 
 
 def _check(text: str, schema: dict) -> tuple[bool, bool]:
@@ -149,7 +154,7 @@ async def validity(client, model: str, all_schemas: list[dict]) -> dict:
         async def one(i, schema):
             async with sem:
                 rf = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}}
-                text, _, finish, _, _ = await _ask(client, stream, model=model, max_tokens=MAX_TOKENS,
+                text, _, finish, *_ = await _ask(client, stream, model=model, max_tokens=MAX_TOKENS,
                                                    messages=[{"role": "user", "content": f"Fill in record {i}."}],
                                                    response_format=rf)
                 return (*_check(text, schema), finish, text)
@@ -180,7 +185,7 @@ async def tools(client, model: str, sets: int, with_patterns: bool) -> dict:
                     params = {f["function"]["name"]: f["function"]["parameters"] for f in fns}
                     choice = "required" if mode == "required" else {
                         "type": "function", "function": {"name": fns[-1]["function"]["name"]}}
-                    _, calls, finish, _, _ = await _ask(
+                    text, calls, finish, *_ = await _ask(
                         client, stream, model=model, max_tokens=MAX_TOKENS, tools=fns, tool_choice=choice,
                         messages=[{"role": "user", "content": f"Call a tool for case {i}."}])
                     ok = 0
@@ -190,19 +195,24 @@ async def tools(client, model: str, sets: int, with_patterns: bool) -> dict:
                             ok += 1
                         except (ValueError, KeyError, jsonschema.ValidationError):
                             pass
-                    return len(calls or ()), ok, finish == "tool_calls"
+                    return len(calls or ()), ok, finish == "tool_calls", finish, text or json.dumps(calls)
             results = await asyncio.gather(*(one(i) for i in range(sets)))
             out[f"{mode}_{'stream' if stream else 'non_stream'}"] = {
                 "requests": len(results), "with_calls": sum(r[0] > 0 for r in results),
                 "calls": sum(r[0] for r in results), "valid_calls": sum(r[1] for r in results),
-                "finish_tool_calls": sum(r[2] for r in results)}
+                "finish_tool_calls": sum(r[2] for r in results),
+                "finish_length": sum(r[3] == "length" for r in results),
+                "with_calls_finish_length": sum(r[3] == "length" and r[0] > 0 for r in results),
+                # The first few without calls or with an invalid one, for a look at why.
+                "failures": [{"tool_set": i, "finish": r[3], "text": r[4][:300]}
+                             for i, r in enumerate(results) if r[1] < r[0] or not r[0]][:5]}
     return out
 
 
 async def cost(client, model: str, all_schemas: list[dict], rounds: int, concurrency: int,
                per_round: int) -> dict:
-    samples = {"plain": {"ttft": [], "tokens": 0, "seconds": 0.0},
-               "json_schema": {"ttft": [], "tokens": 0, "seconds": 0.0}}
+    samples = {"plain": {"ttft": [], "tokens": 0, "seconds": 0.0, "per_token": []},
+               "json_schema": {"ttft": [], "tokens": 0, "seconds": 0.0, "per_token": []}}
 
     async def batch(kind: str, r: int):
         sem = asyncio.Semaphore(concurrency)
@@ -225,6 +235,7 @@ async def cost(client, model: str, all_schemas: list[dict], rounds: int, concurr
         s["seconds"] += time.perf_counter() - began
         s["tokens"] += sum(x[4] for x in res)
         s["ttft"] += [x[3] for x in res if x[3] is not None]
+        s["per_token"] += [x[5] / (x[4] - 1) for x in res if x[5] is not None and x[4] > 1]
 
     for r in range(rounds):
         order = ("plain", "json_schema") if r % 2 == 0 else ("json_schema", "plain")
@@ -232,6 +243,7 @@ async def cost(client, model: str, all_schemas: list[dict], rounds: int, concurr
             await batch(kind, r)
     return {k: {"ttft_p50_ms": statistics.median(v["ttft"]) * 1000 if v["ttft"] else None,
                 "output_tokens": v["tokens"], "seconds": v["seconds"],
+                "decode_ms_per_token_p50": statistics.median(v["per_token"]) * 1000 if v["per_token"] else None,
                 "tokens_per_s": v["tokens"] / v["seconds"] if v["seconds"] else None}
             for k, v in samples.items()}
 
@@ -248,8 +260,8 @@ async def run(base: str, args) -> dict:
         await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "warm"}], max_tokens=2)
         result["validity"][backend] = await validity(client, model, all_schemas)
         result["tools"][backend] = await tools(client, model, args.tool_sets, not args.no_patterns)
-    result["cost"] = await cost(client, model_id(args.backends[0]), all_schemas, args.rounds, args.concurrency,
-                                args.per_round)
+    result["cost"] = {b: await cost(client, model_id(b), all_schemas, args.rounds, args.concurrency, args.per_round)
+                      for b in args.backends}
     result["seconds"] = time.perf_counter() - began
     return result
 
@@ -262,9 +274,8 @@ def main() -> int:
     p.add_argument("--per-round", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--no-patterns", action="store_true", help="leave `pattern` out of the schemas")
-    p.add_argument("--backends", default="xgrammar", type=lambda v: v.split(","),
-                   help="vLLM structured-output backends to compare, one pool each (xgrammar,guidance); "
-                        "the cost part runs on the first")
+    p.add_argument("--backends", default="guidance", type=lambda v: v.split(","),
+                   help="vLLM structured-output backends to compare, one pool each (guidance,xgrammar)")
     p.add_argument("--out", default="bench_results/structured.json")
     args = p.parse_args()
 
@@ -293,17 +304,22 @@ def main() -> int:
     print_table(["backend", "structured output", "requests", "parse", "validate", "cut by length"], rows)
     print()
     rows = [[backend, k, v["requests"], v["with_calls"], v["calls"],
-             f"{100 * v['valid_calls'] / v['calls']:.1f}%" if v["calls"] else "-", v["finish_tool_calls"]]
+             f"{100 * v['valid_calls'] / v['calls']:.1f}%" if v["calls"] else "-", v["finish_tool_calls"],
+             f"{v['finish_length']} ({v['with_calls_finish_length']} with calls)"]
             for backend, by_mode in result["tools"].items() for k, v in by_mode.items()]
     print_table(["backend", "tool_choice", "requests", "with calls", "calls", "arguments valid",
-                 "finish tool_calls"], rows)
-    print()
-    c = result["cost"]
-    rows = [[k, v["ttft_p50_ms"], v["tokens_per_s"], v["output_tokens"]] for k, v in c.items()]
-    print_table(["cost (streamed)", "TTFT p50 ms", "output tok/s", "output tokens"], rows)
-    if c["plain"]["tokens_per_s"] and c["json_schema"]["tokens_per_s"]:
-        print(f"json_schema / plain: TTFT x{c['json_schema']['ttft_p50_ms'] / c['plain']['ttft_p50_ms']:.2f}, "
-              f"throughput x{c['json_schema']['tokens_per_s'] / c['plain']['tokens_per_s']:.2f}")
+                 "finish tool_calls", "cut by length"], rows)
+    for backend, c in result["cost"].items():
+        print()
+        rows = [[k, v["ttft_p50_ms"], v["tokens_per_s"], v["decode_ms_per_token_p50"], v["output_tokens"]]
+                for k, v in c.items()]
+        print_table([f"cost, {backend} (streamed)", "TTFT p50 ms", "output tok/s", "decode ms/token p50",
+                     "output tokens"], rows)
+        p, j = c["plain"], c["json_schema"]
+        if p["tokens_per_s"] and j["tokens_per_s"]:
+            print(f"json_schema / plain: TTFT x{j['ttft_p50_ms'] / p['ttft_p50_ms']:.2f}, "
+                  f"throughput x{j['tokens_per_s'] / p['tokens_per_s']:.2f}, "
+                  f"decode ms/token x{j['decode_ms_per_token_p50'] / p['decode_ms_per_token_p50']:.2f}")
     print("wrote", write_json(args.out, {"args": vars(args), **result}))
     return 0
 

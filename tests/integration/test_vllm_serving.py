@@ -96,6 +96,24 @@ def test_json_schema_on_vllm_parses_and_validates_streamed_or_not(vllm_client, o
     assert chunks[-1]["usage"]["completion_tokens"] > 0
 
 
+STRINGS = {"type": "object", "properties": {f"s{i}": {"type": "string", "maxLength": 16} for i in range(6)},
+           "required": [f"s{i}" for i in range(6)], "additionalProperties": False}
+
+
+def test_bounded_strings_hold_no_raw_control_characters(vllm_client, openai_schemas):
+    # xgrammar 0.2.8 compiles a string with maxLength to [^"\\\r\n]{0,n}: with it, seeds 0 and 1
+    # wrote a raw \x1f / \x02 into these strings (JSON forbids them unescaped). The default
+    # backend (guidance) must not.
+    rf = {"type": "json_schema", "json_schema": {"name": "strings", "schema": STRINGS, "strict": True}}
+    kw = dict(model=VLLM_MODEL, messages=[{"role": "user", "content": "Strings"}], max_tokens=300,
+              response_format=rf, n=2)
+    answers = [c.message.content for c in vllm_client.chat.completions.create(**kw, seed=0).choices]
+    chunks = _stream(vllm_client, openai_schemas, **kw, seed=1)
+    answers += [_text(chunks, i) for i in range(2)]
+    for text in answers:
+        jsonschema.validate(json.loads(text), STRINGS)
+
+
 def test_json_object_and_grammar_on_vllm(vllm_client):
     # Without a schema nothing bounds a string, and random weights may never close one: an answer
     # is a JSON object when it ends, or an object's beginning cut by max_tokens.
@@ -155,3 +173,42 @@ def test_sampling_controls_on_vllm(vllm_client):
     assert tuned.usage.completion_tokens == 6
     echo = vllm_client.completions.create(**base, echo=True, extra_body={"ignore_eos": True})
     assert echo.choices[0].text.startswith("Hello")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_calls_cut_by_max_tokens_keep_their_whole_calls(vllm_client, openai_schemas, stream):
+    # With this seed the model's array of calls runs past 60 tokens after two whole calls: they are
+    # the answer (streamed, each as soon as it is whole), and finish_reason says it was cut.
+    kw = dict(model=VLLM_MODEL, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER, TIME],
+              tool_choice="required", max_tokens=60, seed=1)
+    if stream:
+        chunks = _stream(vllm_client, openai_schemas, **kw)
+        finish = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]]
+        calls = _streamed_calls(chunks)
+        assert _text(chunks, 0) == ""
+    else:
+        body = vllm_client.chat.completions.with_raw_response.create(**kw).http_response.json()
+        openai_schemas("CreateChatCompletionResponse").validate(body)
+        finish = [body["choices"][0]["finish_reason"]]
+        calls = body["choices"][0]["message"]["tool_calls"]
+    assert finish == ["length"] and len(calls) == 2
+    _assert_calls_valid(calls)
+
+
+def test_responses_with_tools_stream_text_as_it_comes(vllm_client, sdk_schemas):
+    valid = sdk_schemas("ResponseStreamEvent")
+    tool = {"type": "function", **WEATHER["function"]}
+    with vllm_client.responses.with_streaming_response.create(
+            model=VLLM_MODEL, input="Hi", tools=[tool], stream=True, max_output_tokens=16,
+            extra_body={"seed": 0}) as raw:
+        events = [json.loads(line[len("data: "):]) for line in raw.iter_lines() if line.startswith("data: ")]
+    for e in events:
+        valid.validate(e)
+    kinds = [e["type"] for e in events]
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+    # The random model writes text, not a call: it streams in the pieces the engine makes them (the
+    # first token alone), not in one piece once the text is whole.
+    assert len(deltas) >= 2
+    assert kinds.index("response.output_item.added") < kinds.index("response.output_text.delta")
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert "".join(deltas) == events[-1]["response"]["output"][0]["content"][0]["text"]

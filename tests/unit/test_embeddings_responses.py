@@ -162,3 +162,31 @@ def test_responses_tool_calls_become_function_call_items_and_events(sdk_schemas)
     back = ResponsesRequest.model_validate_json(json.dumps({"model": "m", "input": [
         {"type": "function_call_output", "call_id": item["call_id"], "output": "sunny"}]}))
     assert back.turns() == [{"role": "tool", "tool_call_id": item["call_id"], "content": "sunny"}]
+
+
+@pytest.mark.parametrize("pieces, text, calls", [
+    (["Sure ", "<tool", '_call>{"name": "get_weather", "arguments": {}}</tool_call>'], "Sure ", 1),
+    (["a <to", "o> b"], "a <too> b", 0),  # "<to" may begin a tag: held back, then sent at the end
+])
+def test_responses_with_auto_tools_stream_text_until_a_call_may_begin(sdk_schemas, pieces, text, calls):
+    from deployments.tool_calls import ToolCalling, parse_hermes
+
+    req = ResponsesRequest.model_validate_json(json.dumps({
+        "model": "m", "input": "weather?",
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}))
+    r = ResponsesRenderer("resp_a", "m", req, None, ToolCalling("auto", parse_hermes, True))
+    outs = [EngineOutput([ChoiceDelta(0, [i], p, "stop" if i == len(pieces) - 1 else None)])
+            for i, p in enumerate(pieces)]
+    chunks = [r.chunk(o) for o in outs]
+    assert chunks[0] is not None  # the first text went out before the choice ended
+    events = _events(b"".join(r.opening()) + b"".join(c for c in chunks if c) + b"".join(
+        r.closing(r.final(Usage(9, len(pieces), 0)))))
+    for e in events:
+        sdk_schemas("ResponseStreamEvent").validate(e)
+    kinds = [e["type"] for e in events]
+    assert kinds[2:4] == ["response.output_item.added", "response.content_part.added"]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == text
+    final = events[-1]["response"]
+    assert final["output"][0]["content"][0]["text"] == text
+    assert [i["type"] for i in final["output"]] == ["message"] + ["function_call"] * calls
+    assert [e["output_index"] for e in events if e["type"] == "response.output_item.added"] == list(range(1 + calls))

@@ -133,3 +133,33 @@ def test_streamed_named_arguments_flow_as_they_come():
     assert out[0][1][0]["function"] == {"name": "f", "arguments": '{"x"'} and out[0][1][0]["id"].startswith("call_")
     assert out[1] == (None, None, None)
     assert out[2] == (None, [{"index": 0, "function": {"arguments": ":1}"}}], "tool_calls")
+
+
+REQUIRED = '[{"name":"f","parameters":{"x":1}},{"name":"g","parameters":{}},{"name":"f","parameters":{"x":'
+
+
+@pytest.mark.parametrize("text, finish, calls, reason", [
+    (REQUIRED + '3}}]', "stop", [("f", '{"x": 1}'), ("g", "{}"), ("f", '{"x": 3}')], "tool_calls"),
+    (REQUIRED, "length", [("f", '{"x": 1}'), ("g", "{}")], "length"),  # cut: the whole calls stand
+    (REQUIRED[:20], "length", [], "length"),  # not one whole call: the text stays content
+    ('[{"name":"f","parameters":{"x":"a\x1f"}}]', "stop", [], "stop"),  # a raw control character is not JSON
+])
+def test_required_calls_are_the_whole_items_of_the_array(text, finish, calls, reason):
+    calling = ToolCalling("required", parse_hermes, True)
+    content, got, why = calling.finish(text, finish)
+    assert (got, why) == (calls, reason)
+    assert content == (None if calls else text)
+
+
+def test_streamed_required_calls_go_out_as_each_item_is_whole():
+    pieces = [REQUIRED[:30], REQUIRED[30:40], REQUIRED[40:60], REQUIRED[60:]]
+    out = _feed("required", pieces)  # the last piece ends with finish "stop", but the array is cut
+    assert out[0] == (None, None, None)
+    assert [(c["index"], c["function"]["name"]) for c in out[1][1]] == [(0, "f")]
+    assert out[1][1][0]["id"].startswith("call_") and out[1][1][0]["type"] == "function"
+    assert out[2][1] is None and [(c["index"], c["function"]) for c in out[3][1]] == [(1, {"name": "g", "arguments": "{}"})]
+    assert out[3][2] == "stop"
+    closed = _feed("required", ['[{"name":"g","parameters":{}}', "]"])
+    assert closed[0][1][0]["index"] == 0 and closed[1] == (None, None, "tool_calls")
+    nothing = _feed("required", ['[{"name":"g","par'])
+    assert nothing == [('[{"name":"g","par', None, "stop")]
