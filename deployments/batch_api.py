@@ -11,8 +11,11 @@ For the runner (``deployments.batch_runner``), called through the ingress's hand
   errors. Nothing is billed for a failed file: nothing ran.
 - ``run_line(...)``: one line through the request's lifecycle (``RequestLife``: spend and rate
   limits, the pool gate, the replica, settlement and billing) as tier ``batch``: lowest engine
-  priority, a slot only when one is free (refused at once otherwise, never queued or shed), billed
-  at the batch discount under the line's op id, so that a retried line is billed once.
+  priority, a slot only when one is free (refused at once otherwise, never queued or shed), its
+  result stored and billed in one step (at the batch discount under the line's op id, so that a
+  retried line is billed once), so that a line is billed exactly when its result is stored.
+- ``reconcile(batch_id)``: before the output is written, bills any stored answer whose usage
+  event is missing (an ingress died between storing and billing it).
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class BatchApi:
         self._account_of = account_of
         self._read_body = read_body
         self._kick = kick
+        self._steps: set[asyncio.Task] = set()  # store-and-bill steps of lines whose caller left
 
     def routes(self) -> dict:
         """(method, path tail) → handler(request, rid, *path params)."""
@@ -264,11 +268,24 @@ class BatchApi:
         errors.sort(key=lambda e: e.line)
         return errors, len(parsed.lines) + len([e for e in parsed.errors if e.line]), parsed.model
 
-    async def run_line(self, account: str, endpoint: str, body: dict, op_id: str, attempt: int,
-                       session: str) -> dict:
-        """Run one batch line; returns ``{"outcome": "done", "status_code", "request_id", "body",
-        "waiting"}`` or ``{"outcome": BUSY | LOST, "retry_after_s", "waiting"}``, where ``waiting``
-        is how many interactive requests wait at the pool's gate (the runner backs off on any)."""
+    async def run_line(self, account: str, endpoint: str, batch_id: str, index: int, custom_id: str,
+                       body: dict, attempt: str, session: str) -> dict:
+        """Run one batch line, store its result and bill it, in one step.
+
+        Returns ``{"outcome": "done", "status_code", "stored"}`` (``stored``: False when another
+        attempt's result was there first, or the batch's results are sealed) or ``{"outcome": BUSY
+        | LOST, "retry_after_s"}``; each with ``signal``, the pool's interactive traffic as this
+        ingress sees it (``policies.batch.Signal``), which the runner's pacing follows.
+
+        Once the engine's answer is here, storing the result (``BatchStore.complete_line``) and
+        billing it (``RequestLife.settle``, under the op id ``<batch>-<line>``) run to the end
+        even if this call is cancelled (the batch was cancelled, the runner died): a line is
+        billed exactly when its result is stored. A result refused (sealed: the batch is being
+        finalized) is not billed, and a store that cannot be reached bills nothing: the line is
+        run again. If this process dies between the two, ``reconcile`` bills the stored result
+        when the batch is finalized.
+        """
+        op_id = f"{batch_id}-{index}"
         rid = f"{op_id}-{attempt}"
         life = RequestLife(self.rt, account, time.perf_counter())
         serving = self.servings[endpoint]
@@ -285,33 +302,90 @@ class BatchApi:
             life.settle()
             if not isinstance(exc, Exception):
                 raise
-            return self._not_done(exc, gate)
-        life.settle()
-        usage = life.usage
-        resp = job.renderer.response(outs, usage, job.engine_request.sampling.n)
-        return {"outcome": "done", "status_code": 200, "request_id": rid, "body": resp,
-                "waiting": _waiting(gate)}
+            out = self._not_done(exc, gate)
+            if out["outcome"] != "done":
+                return out
+            result = _line_result(op_id, custom_id, out.pop("request_id"), out["status_code"], out.pop("body"))
+            out["stored"] = await asyncio.shield(self._step(self._store(None, batch_id, index, result, True)))
+            return out
+        resp = job.renderer.response(outs, life.usage, job.engine_request.sampling.n)
+        result = _line_result(op_id, custom_id, rid, 200, resp)
+        # Shielded: a cancel arriving now cancels the wait, not the step, which stores and bills.
+        stored = await asyncio.shield(self._step(self._store(life, batch_id, index, result, failed=False)))
+        return {"outcome": "done", "status_code": 200, "stored": stored, "signal": _signal(gate)}
+
+    def _step(self, coro) -> asyncio.Task:
+        """A task that runs to its end whoever waits for it (held here until then)."""
+        task = asyncio.ensure_future(coro)
+        self._steps.add(task)
+        task.add_done_callback(self._steps.discard)
+        return task
+
+    async def _store(self, life: RequestLife | None, batch_id: str, index: int, result: dict, failed: bool) -> bool:
+        """Store a line's result, then settle its request: billed only if the result was stored."""
+        try:
+            stored = await self.store.complete_line(batch_id, index, result, failed)
+        except BaseException:
+            if life is not None:
+                life.settle()  # nothing stored, nothing billed: the runner runs the line again
+            raise
+        if life is not None:
+            life.result_stored = stored
+            life.settle()
+        return stored
+
+    async def reconcile(self, batch_id: str) -> int:
+        """Bill every stored answer of a sealed batch that the ledger lacks; returns how many.
+
+        A result is stored before it is billed, so an ingress that died between the two left a
+        stored line without its usage event. Idempotent: the ledger and the outbox dedupe by op
+        id, so an event still on its way is not counted twice. Usage comes from the stored body.
+        """
+        rec = await self.store.get_batch(None, batch_id)
+        if rec is None:
+            return 0
+        answered = {f"{batch_id}-{i}": r for i, r in (await self.store.line_results(batch_id)).items()
+                    if r.get("error") is None and (r.get("response") or {}).get("status_code") == 200}
+        if not answered:
+            return 0
+        missing = set(answered) - await self.rt.billing.stores.ledger.recorded(list(answered))
+        model = next((m for m in self.config.models if m.id == rec.get("model")), None)
+        if model is None:
+            model = next(m for m in self.config.models
+                         if m.id == next(iter(answered.values()))["response"]["body"].get("model"))
+        for op_id in sorted(missing):
+            u = answered[op_id]["response"]["body"].get("usage") or {}
+            cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            self.rt.billing.bill(op_id, rec["account"], model, "batch", u.get("prompt_tokens", 0), cached,
+                                 u.get("completion_tokens", 0))
+        return len(missing)
 
     def _not_done(self, exc: Exception, gate) -> dict:
         from deployments.errors import is_replica_loss, to_error
 
         if is_replica_loss(exc):
-            return {"outcome": LOST, "retry_after_s": 0.0, "waiting": _waiting(gate)}
+            return {"outcome": LOST, "retry_after_s": 0.0, "signal": _signal(gate)}
         err = to_error(exc)
         if err.status in (402, 429, 503) and err.code not in ("stream_interrupted", "replica_unavailable"):
             retry = float(err.headers.get("Retry-After", "1") or 1)
-            return {"outcome": BUSY, "retry_after_s": retry, "waiting": _waiting(gate)}
+            return {"outcome": BUSY, "retry_after_s": retry, "signal": _signal(gate)}
         if err.status >= 500:
-            return {"outcome": LOST, "retry_after_s": 0.0, "waiting": _waiting(gate)}
+            return {"outcome": LOST, "retry_after_s": 0.0, "signal": _signal(gate)}
         return {"outcome": "done", "status_code": err.status, "request_id": None, "body": err.body(),
-                "waiting": _waiting(gate)}
+                "signal": _signal(gate)}
 
 
-def _waiting(gate) -> int:
+def _line_result(op_id: str, custom_id: str, request_id: str | None, status: int, body: dict) -> dict:
+    return {"id": f"batch_req_{op_id}", "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None}
+
+
+def _signal(gate) -> dict:
+    """The interactive traffic at a pool's gate, for the runner's pacing (``policies.batch.Signal``)."""
     if gate is None:
-        return 0
+        return {"waiting": 0}
     q = gate.queued_by_tier()
-    return q["priority"] + q["standard"]
+    return {"waiting": q["priority"] + q["standard"]}
 
 
 async def _form(request: Request, body: bytes) -> dict:

@@ -1,21 +1,23 @@
 """The batch runner: takes batches from the store and runs their lines through an ingress.
 
-It keeps nothing that matters in memory. Each active batch's state is in the store (its status,
-and per line an attempt count and, once done, its result), so a runner that dies and restarts
-(a Serve replica replaced, or the ingress process it runs in) picks every batch up where the
-store says it is:
+It keeps nothing that matters in memory. Each active batch's state is in the store (its status
+and, per finished line, its result), so a runner that dies and restarts (a Serve replica
+replaced, or the ingress process it runs in) picks every batch up where the store says it is:
 
 - a line has a result → it is never run again;
-- a line without one is run (again): its attempt count gives the new engine request a fresh id,
-  while its op id (``<batch>-<line>``, what the ledger dedupes on) stays the same, so a line
-  whose earlier attempt was still running (the runner, a replica or the ingress died) is billed
-  once and its result stored once (``BatchStore.complete_line`` refuses a second).
+- a line without one is run (again) under a fresh engine request id (the runner's epoch and a
+  counter), while its op id (``<batch>-<line>``, what the ledger dedupes on) stays the same, so
+  a line whose earlier attempt was still running (the runner, a replica or the ingress died) is
+  billed once and its result stored once (``BatchStore.complete_line`` refuses a second).
 
-Exactly once, then, is what the store records: each line's result once and its usage once. An
-attempt cut off mid-run may have cost engine time that nobody pays for.
+The ingress stores a line's result and bills it in one step (``BatchApi.run_line``): billed
+exactly when stored. Exactly once, then, is what the store records: each line's result once and
+its usage once. An attempt cut off mid-run may have cost engine time that nobody pays for.
 
-Cancel and expiry stop the lines still running (an unfinished line is not billed) and keep every
-result stored so far.
+Cancel and expiry stop the lines still running (an unfinished line is not billed). Finalizing
+seals the batch's results first (a line that finishes after that is refused and not billed),
+has the ingress bill any stored answer whose usage event is missing (``BatchApi.reconcile``: an
+ingress died between storing and billing), and only then writes the output from the store.
 
 Admission: lines go to the ingress's ``batch_line`` (``deployments.batch_api``), which runs them
 through the request lifecycle at tier ``batch``. A line refused there (no free slot, a rate or
@@ -33,8 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
+import uuid
 from typing import Any
 
 from cluster.blobs import BlobStore
@@ -47,8 +51,9 @@ log = logging.getLogger("ember.batch")
 
 
 class BatchRunner:
-    """``executor`` has ``batch_validate(batch_id)`` and ``batch_line(account, endpoint, body,
-    op_id, attempt, session)``: an ``Ingress`` in process, or ``HandleExecutor`` over its handle."""
+    """``executor`` has ``batch_validate(batch_id)``, ``batch_line(account, endpoint, batch_id,
+    index, custom_id, body, attempt, session)`` and ``batch_reconcile(batch_id)``: an ``Ingress``
+    in process, or ``HandleExecutor`` over its handle."""
 
     def __init__(self, cfg: BatchConfig, store: BatchStore, blobs: BlobStore, executor: Any, clock=time.time):
         self.cfg = cfg
@@ -60,6 +65,8 @@ class BatchRunner:
         self._wake = asyncio.Event()
         self._main: asyncio.Task | None = None
         self.window = Window(float(cfg.start_concurrency), cfg.max_concurrency)
+        self.epoch = uuid.uuid4().hex[:8]
+        self._attempts = itertools.count(1)
 
     def start(self) -> None:
         if self._main is None or self._main.done():
@@ -165,7 +172,7 @@ class BatchRunner:
                         "outcome": LOST, "waiting": 0}
                     if outcome["outcome"] == "done":
                         warm.add(line.group)
-                        self.window.on_success(outcome.get("waiting", 0))
+                        self.window.on_success((outcome.get("signal") or {}).get("waiting", 0))
                         continue
                     if stopping:
                         continue
@@ -190,27 +197,28 @@ class BatchRunner:
                                           expect=("in_progress",))
 
     async def _attempt(self, rec: dict, line: Line) -> dict:
-        op_id = f"{rec['id']}-{line.index}"
-        attempt = await self.store.claim_line(rec["id"], line.index)
+        # A fresh engine request id per attempt (this runner's epoch and a counter), while the op
+        # id the ledger dedupes on stays ``<batch>-<line>``.
+        attempt = f"{self.epoch}.{next(self._attempts)}"
         try:
-            out = await self.executor.batch_line(rec["account"], rec["endpoint"], line.body, op_id, attempt,
-                                                 f"batch:{rec['id']}:{line.group}")
+            return await self.executor.batch_line(rec["account"], rec["endpoint"], rec["id"], line.index,
+                                                   line.custom_id, line.body, attempt,
+                                                   f"batch:{rec['id']}:{line.group}")
         except Exception as exc:  # the ingress died or is restarting: the line runs again
-            log.warning("batch line %s attempt %d lost: %r", op_id, attempt, exc)
-            return {"outcome": LOST, "waiting": 0}
-        if out["outcome"] != "done":
-            return out
-        result = {"id": f"batch_req_{op_id}", "custom_id": line.custom_id,
-                  "response": {"status_code": out["status_code"], "request_id": out["request_id"],
-                               "body": out["body"]}, "error": None}
-        # Shielded: once the line has an answer (and is billed), a cancel must not drop its result.
-        await asyncio.shield(self.store.complete_line(rec["id"], line.index, result, out["status_code"] != 200))
-        return out
+            log.warning("batch line %s-%d attempt %s lost: %r", rec["id"], line.index, attempt, exc)
+            return {"outcome": LOST}
 
     async def _finalize(self, rec: dict, expire: bool = False) -> None:
         """Write the output and error files and move to the final state. Idempotent: the files'
         ids come from the batch's, so a runner that died half-way rewrites the same ones."""
         batch_id = rec["id"]
+        # Sealed first: a line still finishing now (cancel stopped it too late) is refused, so
+        # is not billed, and every result stored so far is in the files written below. Then any
+        # stored answer whose usage event an ingress did not write before it died is billed.
+        await self.store.seal_lines(batch_id)
+        billed = await self.executor.batch_reconcile(batch_id)
+        if billed:
+            log.warning("batch %s: billed %d stored lines whose usage event was missing", batch_id, billed)
         results = await self.store.line_results(batch_id)
         ok = [r for _, r in sorted(results.items()) if r["error"] is None and r["response"]["status_code"] == 200]
         bad = [r for _, r in sorted(results.items()) if r not in ok]
@@ -272,3 +280,6 @@ class HandleExecutor:
 
     async def batch_line(self, *args):
         return await self.handle.batch_line.remote(*args)
+
+    async def batch_reconcile(self, batch_id: str) -> int:
+        return await self.handle.batch_reconcile.remote(batch_id)

@@ -78,3 +78,20 @@ def test_cancel_reaches_cancelled_within_seconds_and_keeps_completed_lines(app, 
     ids = [r["custom_id"] for r in rows]
     assert len(ids) == len(set(ids)) == batch.request_counts.completed >= 10
     assert batch.request_counts.completed < n
+
+
+def test_a_cancelled_batch_bills_exactly_the_lines_in_its_output(app, client):
+    """Cancel while lines are finishing (short lines, every slot busy): a line that finished in the
+    engine as the cancel arrived is either in the output and billed, or in neither."""
+    for round_ in range(3):
+        before = _batch_events(app)
+        batch = submit(client, to_jsonl(sample_lines(300, FAULT_MODEL, max_tokens=2, prefix=f"x{round_}")))
+        _run_until(client, batch.id, 20 + 15 * round_)
+        client.batches.cancel(batch.id)
+        batch = watch(client, batch.id, poll_s=0.05, timeout_s=30)
+        assert batch.status == "cancelled", batch
+        app.wait_idle()  # every line that was running has ended (and any usage of it is written)
+        rows = results(client, batch)
+        answered = [r for r in rows if r["response"] and r["response"]["status_code"] == 200]
+        assert len({r["custom_id"] for r in answered}) == len(answered) == batch.request_counts.completed
+        assert _batch_events(app) - before == len(answered), f"round {round_}"
