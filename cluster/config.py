@@ -557,6 +557,13 @@ class BatchConfig(_Strict):
     poll_interval_s: float = Field(0.5, gt=0, le=60)
     # How long the runner waits before retrying a refused (busy) line, at most.
     busy_backoff_s: float = Field(0.2, gt=0, le=60)
+    # Batch runs on idle capacity (policies.batch.Pacer): it fills the pool (up to the window)
+    # only once no interactive request has held a slot for `quiet_s`; while they run, at most
+    # one line is in flight, started at most every `trickle_s`, so a batch still moves on a pool
+    # that is never idle. `yield_to_interactive: false` runs the window beside them instead.
+    yield_to_interactive: bool = True
+    quiet_s: float = Field(1.0, ge=0, le=600)
+    trickle_s: float = Field(1.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _window(self) -> "BatchConfig":

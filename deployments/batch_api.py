@@ -334,6 +334,10 @@ class BatchApi:
             life.settle()
         return stored
 
+    def signal(self, model_id: str | None) -> dict:
+        """The interactive traffic at the model's gate in this ingress (``policies.batch.Signal``)."""
+        return _signal(self.rt.gates.get(model_id))
+
     async def reconcile(self, batch_id: str) -> int:
         """Bill every stored answer of a sealed batch that the ledger lacks; returns how many.
 
@@ -382,10 +386,7 @@ def _line_result(op_id: str, custom_id: str, request_id: str | None, status: int
 
 def _signal(gate) -> dict:
     """The interactive traffic at a pool's gate, for the runner's pacing (``policies.batch.Signal``)."""
-    if gate is None:
-        return {"waiting": 0}
-    q = gate.queued_by_tier()
-    return {"waiting": q["priority"] + q["standard"]}
+    return {} if gate is None else gate.interactive_signal()
 
 
 async def _form(request: Request, body: bytes) -> dict:

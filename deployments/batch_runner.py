@@ -24,7 +24,10 @@ through the request lifecycle at tier ``batch``. A line refused there (no free s
 spend limit: ``busy``) goes back to the head of the queue without costing an attempt; the window
 of lines in flight (``policies.batch.Window``) halves on any refusal and whenever interactive
 requests wait at the pool's gate, and grows slowly while they do not. Batch never waits in a
-queue in front of anyone.
+queue in front of anyone. And it runs on idle capacity (``policies.batch.Pacer``): every answer
+carries the gate's interactive traffic (``batch_signal``, asked directly while few lines run);
+while interactive requests run, or ran within ``batch.quiet_s``, at most one line is in flight,
+one every ``batch.trickle_s``, and the window fills the pool again once they are gone.
 
 Prefix affinity: lines are dispatched grouped by prompt prefix (``policies.batch.dispatch_order``)
 with the group as their session key, so a group's lines reach the same replica. A group's first
@@ -45,7 +48,7 @@ from cluster.blobs import BlobStore
 from cluster.config import BatchConfig
 from cluster.stores import BatchStore
 from deployments.batch_api import BUSY, LOST
-from policies.batch import Line, Window, dispatch_order, expired, parse_input
+from policies.batch import Line, Pacer, Signal, Window, dispatch_order, expired, parse_input
 
 log = logging.getLogger("ember.batch")
 
@@ -65,6 +68,8 @@ class BatchRunner:
         self._wake = asyncio.Event()
         self._main: asyncio.Task | None = None
         self.window = Window(float(cfg.start_concurrency), cfg.max_concurrency)
+        self.pacer = Pacer(self.window, cfg.quiet_s, cfg.trickle_s)
+        self._signal_every_s = max(0.05, min(cfg.poll_interval_s, cfg.quiet_s / 2))
         self.epoch = uuid.uuid4().hex[:8]
         self._attempts = itertools.count(1)
 
@@ -139,8 +144,9 @@ class BatchRunner:
         losses: dict[int, int] = {}
         running: dict[asyncio.Task, Line] = {}
         hold_until = 0.0
-        next_check = 0.0
+        next_check = next_signal = 0.0
         stopping = False
+        pacer = self.pacer
         try:
             while pending or running:
                 now = time.monotonic()
@@ -153,26 +159,39 @@ class BatchRunner:
                     pending.clear()
                     for task in running:
                         task.cancel()
-                while pending and not stopping and len(running) < self.window.limit and now >= hold_until:
+                if pacer.busy(now) and now >= next_signal and pending and not stopping:
+                    # Yielding: few lines report back, so ask the ingress whether interactive
+                    # traffic is still there.
+                    await self._observe(rec, await self._signal(rec))
+                    now = time.monotonic()
+                    next_signal = now + self._signal_every_s
+                while (pending and not stopping and now >= hold_until
+                       and pacer.may_start(now, len(running))):
                     line = _next_line(pending, warm, leading)
                     if line is None:
                         break
                     if line.group not in warm:
                         leading.add(line.group)
+                    pacer.started(now)
                     running[asyncio.get_running_loop().create_task(self._attempt(rec, line))] = line
+                wait_s = self.cfg.poll_interval_s
+                if pacer.busy(now):
+                    wait_s = min(wait_s, max(0.0, next_signal - now), pacer.next_start_s(now) or wait_s)
                 if not running:
-                    await asyncio.sleep(max(0.01, min(hold_until - now, self.cfg.poll_interval_s)))
+                    await asyncio.sleep(max(0.01, wait_s if hold_until <= now else min(wait_s, hold_until - now)))
                     continue
-                finished, _ = await asyncio.wait(running, timeout=self.cfg.poll_interval_s,
+                finished, _ = await asyncio.wait(running, timeout=max(0.01, wait_s),
                                                  return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
                     line = running.pop(task)
                     leading.discard(line.group)
                     outcome = task.result() if not task.cancelled() and task.exception() is None else {
-                        "outcome": LOST, "waiting": 0}
+                        "outcome": LOST}
+                    await self._observe(rec, outcome.get("signal"))
                     if outcome["outcome"] == "done":
                         warm.add(line.group)
-                        self.window.on_success((outcome.get("signal") or {}).get("waiting", 0))
+                        if not pacer.busy(time.monotonic()):
+                            self.window.on_success(0)
                         continue
                     if stopping:
                         continue
@@ -207,6 +226,20 @@ class BatchRunner:
         except Exception as exc:  # the ingress died or is restarting: the line runs again
             log.warning("batch line %s-%d attempt %s lost: %r", rec["id"], line.index, attempt, exc)
             return {"outcome": LOST}
+
+    async def _signal(self, rec: dict) -> dict | None:
+        try:
+            return await self.executor.batch_signal(rec.get("model"))
+        except Exception:  # the ingress is restarting: keep yielding until it answers
+            return {"interactive": 1}
+
+    async def _observe(self, rec: dict, signal: dict | None) -> None:
+        if signal is None:
+            return
+        sig = Signal.from_dict(signal)
+        if not self.cfg.yield_to_interactive:  # only an interactive queue holds batch back
+            sig = Signal(waiting=sig.waiting)
+        self.pacer.observe(time.monotonic(), sig)
 
     async def _finalize(self, rec: dict, expire: bool = False) -> None:
         """Write the output and error files and move to the final state. Idempotent: the files'
@@ -283,3 +316,6 @@ class HandleExecutor:
 
     async def batch_reconcile(self, batch_id: str) -> int:
         return await self.handle.batch_reconcile.remote(batch_id)
+
+    async def batch_signal(self, model_id: str | None) -> dict:
+        return await self.handle.batch_signal.remote(model_id)

@@ -129,6 +129,10 @@ class Ingress:
         """The runner's line step (``BatchApi.run_line``), through this replica's gates."""
         return await self.batch.run_line(account, endpoint, batch_id, index, custom_id, body, attempt, session)
 
+    async def batch_signal(self, model_id: str | None) -> dict:
+        """Interactive traffic at the model's gate here, which the runner's pacing follows."""
+        return self.batch.signal(model_id)
+
     async def batch_reconcile(self, batch_id: str) -> int:
         """The runner's billing check before a batch's output is written (``BatchApi.reconcile``)."""
         return await self.batch.reconcile(batch_id)

@@ -143,6 +143,10 @@ class PoolGate:
         self._peak_since = time.monotonic()
         self.batch_headroom = config.batch.headroom  # slots Batch leaves free for interactive arrivals
         self.in_flight = 0
+        # Interactive (priority and standard) slots held, and when one was last taken or given
+        # back: what the batch runner yields to (``interactive_signal``).
+        self.interactive_in_flight = 0
+        self._interactive_at: float | None = None
         self.service_time_s = 0.5  # prior until the first request finishes
         weights = TokenWeights(ing.fair_share_weights.input, ing.fair_share_weights.output)
         by_account = ing.queue_order == "vtc"
@@ -195,6 +199,13 @@ class PoolGate:
         return {"priority": self.waiting("priority"), "standard": self.waiting("standard") - batch,
                 "batch": batch}
 
+    def interactive_signal(self) -> dict:
+        """Interactive traffic here now, for the batch runner (``policies.batch.Signal``)."""
+        q = self.queued_by_tier()
+        idle = 0.0 if self.interactive_in_flight else (
+            1e9 if self._interactive_at is None else time.monotonic() - self._interactive_at)
+        return {"interactive": self.interactive_in_flight, "waiting": q["priority"] + q["standard"], "idle_s": idle}
+
     def state(self) -> dict:
         return {"slots": self.slots, "in_flight": self.in_flight, "waiting": self.waiting(),
                 "waiting_priority": self.waiting("priority"), "replicas": self.replicas,
@@ -230,6 +241,9 @@ class PoolGate:
 
     def _took(self, tier: str) -> None:
         self.in_flight += 1
+        if tier != "batch":
+            self.interactive_in_flight += 1
+            self._interactive_at = time.monotonic()
         if tier == "priority":
             self.priority_in_flight += 1
             self.priority_peak()
@@ -306,6 +320,9 @@ class PoolGate:
     def release(self, tier: str = "standard") -> None:
         """A request of ``tier`` gives its slot back."""
         self.in_flight -= 1
+        if tier != "batch":
+            self.interactive_in_flight = max(0, self.interactive_in_flight - 1)
+            self._interactive_at = time.monotonic()
         if tier == "priority":
             self.priority_in_flight = max(0, self.priority_in_flight - 1)
         self._hand_over()
@@ -317,5 +334,5 @@ class PoolGate:
                 fut = queue.pop()
                 if fut is None:
                     break
-                self._took(tier)
+                self._took("batch" if fut in self._batch else tier)
                 fut.set_result(None)

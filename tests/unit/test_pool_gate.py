@@ -231,3 +231,20 @@ def test_waiters_of_many_accounts_given_up_at_random_never_leak_slots():
         assert gate.in_flight == 0 and gate.waiting() == 0
 
     asyncio.run(scenario())
+
+
+def test_the_interactive_signal_counts_interactive_slots_not_batch_ones():
+    async def scenario():
+        gate = _gate(priority=False)
+        assert gate.interactive_signal()["interactive"] == 0 and gate.interactive_signal()["idle_s"] > 1e6
+        await gate.acquire("batch", "m")
+        await gate.acquire("standard", "m")
+        sig = gate.interactive_signal()
+        assert sig["interactive"] == 1 and sig["idle_s"] == 0.0 and gate.in_flight == 2
+        gate.release("standard")
+        sig = gate.interactive_signal()
+        assert sig["interactive"] == 0 and 0.0 <= sig["idle_s"] < 60
+        gate.release("batch")
+        assert gate.interactive_signal()["interactive"] == 0 and gate.in_flight == 0
+
+    asyncio.run(scenario())
