@@ -549,14 +549,19 @@ class BatchConfig(_Strict):
     # refused; never above `max_concurrency` (per runner).
     start_concurrency: int = Field(2, ge=1)
     max_concurrency: int = Field(64, ge=1)
-    # The share of a pool gate's slots batch lines leave free, so that interactive requests
-    # arriving find a slot at once (policies.tiers.usable_slots).
-    headroom: float = Field(0.25, ge=0, lt=1)
+    # The share of a pool gate's slots batch lines leave free (policies.tiers.usable_slots). An
+    # interactive request that finds no free slot takes one back from the batch line that
+    # started last (it is stopped, unbilled, and runs again later), so none is needed for them
+    # to start at once; a share kept free saves them that abort, at that share of batch throughput.
+    headroom: float = Field(0.0, ge=0, lt=1)
     # A line whose attempts all died with their replica or ingress fails after this many.
     max_attempts: int = Field(3, ge=1)
     poll_interval_s: float = Field(0.5, gt=0, le=60)
     # How long the runner waits before retrying a refused (busy) line, at most.
     busy_backoff_s: float = Field(0.2, gt=0, le=60)
+    # Lines the runner sends to an ingress in one call (run at once there): fewer calls, less
+    # per-line handling in the runner and the ingress.
+    lines_per_call: int = Field(4, ge=1, le=64)
     # Batch runs on idle capacity (policies.batch.Pacer): it fills the pool (up to the window)
     # only once no interactive request has held a slot for `quiet_s`; while they run, at most
     # one line is in flight, started at most every `trickle_s`, so a batch still moves on a pool

@@ -9,7 +9,7 @@ For the runner (``deployments.batch_runner``), called through the ingress's hand
 - ``validate(batch_id)``: the input file against OpenAI's limits and Ember's request models (the
   same parsing as an interactive request), then ``in_progress`` or ``failed`` with line-numbered
   errors. Nothing is billed for a failed file: nothing ran.
-- ``run_line(...)``: one line through the request's lifecycle (``RequestLife``: spend and rate
+- ``run_lines(...)``/``run_line(...)``: a few lines at once (one call from the runner), each through the request's lifecycle (``RequestLife``: spend and rate
   limits, the pool gate, the replica, settlement and billing) as tier ``batch``: lowest engine
   priority, a slot only when one is free (refused at once otherwise, never queued or shed), its
   result stored and billed in one step (at the batch discount under the line's op id, so that a
@@ -21,6 +21,7 @@ For the runner (``deployments.batch_runner``), called through the ingress's hand
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import time
 import uuid
@@ -36,6 +37,8 @@ from deployments.errors import ApiError, bad_request, batch_conflict, not_found
 from deployments.lifecycle import RequestLife, Runtime
 from deployments.serving import AFFINITY_HEADER, dumps
 from policies.batch import ENDPOINTS, LineError, parse_input
+
+log = logging.getLogger("ember.batch")
 
 FILE_PURPOSES = ("batch", "batch_output")
 # The outcome of a line that did not finish: try it again later (the runner decides when).
@@ -268,13 +271,28 @@ class BatchApi:
         errors.sort(key=lambda e: e.line)
         return errors, len(parsed.lines) + len([e for e in parsed.errors if e.line]), parsed.model
 
+    async def run_lines(self, account: str, endpoint: str, batch_id: str, lines: list, attempt: str) -> list[dict]:
+        """``run_line`` for each ``(index, custom_id, body, session)`` at once; their outcomes in
+        order (a line whose step failed is LOST). One call for a few lines saves the runner and
+        this ingress the handling of a call per line."""
+        async def one(index: int, custom_id: str, body: dict, session: str) -> dict:
+            _own_serve_request_id()
+            return await self.run_line(account, endpoint, batch_id, index, custom_id, body, attempt, session)
+
+        outs = await asyncio.gather(*(one(*line) for line in lines), return_exceptions=True)
+        for o in outs:
+            if not isinstance(o, dict):
+                log.warning("batch %s: a line's step failed: %r", batch_id, o, exc_info=o)
+        return [o if isinstance(o, dict) else {"outcome": LOST} for o in outs]
+
     async def run_line(self, account: str, endpoint: str, batch_id: str, index: int, custom_id: str,
                        body: dict, attempt: str, session: str) -> dict:
         """Run one batch line, store its result and bill it, in one step.
 
         Returns ``{"outcome": "done", "status_code", "stored"}`` (``stored``: False when another
         attempt's result was there first, or the batch's results are sealed) or ``{"outcome": BUSY
-        | LOST, "retry_after_s"}``; each with ``signal``, the pool's interactive traffic as this
+        | LOST, "retry_after_s"}`` (BUSY with ``preempted``: the gate took its slot back for an
+        interactive request); each with ``signal``, the pool's interactive traffic as this
         ingress sees it (``policies.batch.Signal``), which the runner's pacing follows.
 
         Once the engine's answer is here, storing the result (``BatchStore.complete_line``) and
@@ -296,10 +314,15 @@ class BatchApi:
             gate = self.rt.gates.get(job.model.id)
             await life.admit()
             await life.take_slot()
+            gate.hold_batch(life, _preemptor(life, asyncio.current_task()))
             first = await life.start()
             outs = [out async for out in life.outputs(first)]
         except BaseException as exc:
             life.settle()
+            if life.preempted and isinstance(exc, asyncio.CancelledError) and asyncio.current_task().uncancel() == 0:
+                # The gate took the slot back for an interactive request: unfinished, so
+                # unbilled; the runner runs the line again later, at no cost of an attempt.
+                return {"outcome": BUSY, "retry_after_s": 0.0, "preempted": True, "signal": _signal(gate)}
             if not isinstance(exc, Exception):
                 raise
             out = self._not_done(exc, gate)
@@ -377,6 +400,35 @@ class BatchApi:
             return {"outcome": LOST, "retry_after_s": 0.0, "signal": _signal(gate)}
         return {"outcome": "done", "status_code": err.status, "request_id": None, "body": err.body(),
                 "signal": _signal(gate)}
+
+
+def _own_serve_request_id() -> None:
+    """Give this task (one line of a call) a Serve request id of its own. Handle calls made
+    while serving a request inherit its internal id, so the lines of one call would all reach
+    the pool under the same id, and its router (``deployments.affinity_router``), which counts
+    each replica's requests by that id, would lose count of them."""
+    import dataclasses
+    import random
+
+    from ray.serve import context as serve_context
+
+    cur = serve_context._serve_request_context.get()
+    if cur is not None and cur._internal_request_id:
+        serve_context._serve_request_context.set(dataclasses.replace(
+            cur, _internal_request_id=f"{cur._internal_request_id}.{random.getrandbits(64):016x}"))
+
+
+def _preemptor(life: RequestLife, task: asyncio.Task):
+    """What the gate calls to take a batch line's slot back: cancel the line's task, unless its
+    answer is already in (then storing and billing it is nearly done: let it finish)."""
+    def preempt() -> bool:
+        if life.final is not None or life.preempted or task.done():
+            return False
+        life.preempted = True
+        task.cancel()
+        return True
+
+    return preempt
 
 
 def _line_result(op_id: str, custom_id: str, request_id: str | None, status: int, body: dict) -> dict:

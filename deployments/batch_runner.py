@@ -19,7 +19,7 @@ seals the batch's results first (a line that finishes after that is refused and 
 has the ingress bill any stored answer whose usage event is missing (``BatchApi.reconcile``: an
 ingress died between storing and billing), and only then writes the output from the store.
 
-Admission: lines go to the ingress's ``batch_line`` (``deployments.batch_api``), which runs them
+Admission: lines go to the ingress's ``batch_lines`` (a few per call) (``deployments.batch_api``), which runs them
 through the request lifecycle at tier ``batch``. A line refused there (no free slot, a rate or
 spend limit: ``busy``) goes back to the head of the queue without costing an attempt; the window
 of lines in flight (``policies.batch.Window``) halves on any refusal and whenever interactive
@@ -54,8 +54,9 @@ log = logging.getLogger("ember.batch")
 
 
 class BatchRunner:
-    """``executor`` has ``batch_validate(batch_id)``, ``batch_line(account, endpoint, batch_id,
-    index, custom_id, body, attempt, session)`` and ``batch_reconcile(batch_id)``: an ``Ingress``
+    """``executor`` has ``batch_validate(batch_id)``, ``batch_lines(account, endpoint, batch_id,
+    [(index, custom_id, body, session)], attempt)``, ``batch_signal(model_id)`` and
+    ``batch_reconcile(batch_id)``: an ``Ingress``
     in process, or ``HandleExecutor`` over its handle."""
 
     def __init__(self, cfg: BatchConfig, store: BatchStore, blobs: BlobStore, executor: Any, clock=time.time):
@@ -142,11 +143,13 @@ class BatchRunner:
         warm = {ln.group for ln in every if ln.index in done}  # groups whose prefix a finished line cached
         leading: set[str] = set()  # groups whose first line is running
         losses: dict[int, int] = {}
-        running: dict[asyncio.Task, Line] = {}
+        running: dict[asyncio.Task, list[Line]] = {}  # calls in flight, each with its lines
+        in_flight = 0  # lines
         hold_until = 0.0
         next_check = next_signal = 0.0
         stopping = False
         pacer = self.pacer
+        await self._observe(rec, await self._signal(rec))  # the pool's capacity and traffic, before the first line
         try:
             while pending or running:
                 now = time.monotonic()
@@ -165,15 +168,22 @@ class BatchRunner:
                     await self._observe(rec, await self._signal(rec))
                     now = time.monotonic()
                     next_signal = now + self._signal_every_s
-                while (pending and not stopping and now >= hold_until
-                       and pacer.may_start(now, len(running))):
-                    line = _next_line(pending, warm, leading)
-                    if line is None:
+                while pending and not stopping and now >= hold_until and pacer.may_start(now, in_flight):
+                    # Up to lines_per_call lines in one call to the ingress (fewer calls, less
+                    # handling per line), as many as the pacing lets start now.
+                    call: list[Line] = []
+                    while len(call) < self.cfg.lines_per_call and pacer.may_start(now, in_flight + len(call)):
+                        line = _next_line(pending, warm, leading)
+                        if line is None:
+                            break
+                        if line.group not in warm:
+                            leading.add(line.group)
+                        call.append(line)
+                    if not call:
                         break
-                    if line.group not in warm:
-                        leading.add(line.group)
                     pacer.started(now)
-                    running[asyncio.get_running_loop().create_task(self._attempt(rec, line))] = line
+                    in_flight += len(call)
+                    running[asyncio.get_running_loop().create_task(self._attempt(rec, call))] = call
                 wait_s = self.cfg.poll_interval_s
                 if pacer.busy(now):
                     wait_s = min(wait_s, max(0.0, next_signal - now), pacer.next_start_s(now) or wait_s)
@@ -183,31 +193,34 @@ class BatchRunner:
                 finished, _ = await asyncio.wait(running, timeout=max(0.01, wait_s),
                                                  return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
-                    line = running.pop(task)
-                    leading.discard(line.group)
-                    outcome = task.result() if not task.cancelled() and task.exception() is None else {
-                        "outcome": LOST}
-                    await self._observe(rec, outcome.get("signal"))
-                    if outcome["outcome"] == "done":
-                        warm.add(line.group)
-                        if not pacer.busy(time.monotonic()):
-                            self.window.on_success(0)
-                        continue
-                    if stopping:
-                        continue
-                    if outcome["outcome"] == BUSY:
-                        self.window.on_busy()
-                        hold_until = time.monotonic() + min(self.cfg.busy_backoff_s,
-                                                            outcome.get("retry_after_s") or self.cfg.busy_backoff_s)
-                        pending.appendleft(line)
-                        continue
-                    losses[line.index] = losses.get(line.index, 0) + 1
-                    if losses[line.index] >= self.cfg.max_attempts:
-                        await self.store.complete_line(batch_id, line.index, _error_line(
-                            rec, line, "attempts_exhausted",
-                            f"the line failed {losses[line.index]} times as its replica or ingress failed"), True)
-                    else:
-                        pending.appendleft(line)
+                    call = running.pop(task)
+                    in_flight -= len(call)
+                    outcomes = task.result() if not task.cancelled() and task.exception() is None else [
+                        {"outcome": LOST}] * len(call)
+                    for line, outcome in zip(call, outcomes):
+                        leading.discard(line.group)
+                        await self._observe(rec, outcome.get("signal"))
+                        if outcome["outcome"] == "done":
+                            warm.add(line.group)
+                            if not pacer.busy(time.monotonic()):
+                                self.window.on_success(0)
+                            continue
+                        if stopping:
+                            continue
+                        if outcome["outcome"] == BUSY:
+                            if not outcome.get("preempted"):  # preempted: the pacing yields already
+                                self.window.on_busy()
+                            hold_until = time.monotonic() + min(self.cfg.busy_backoff_s, outcome.get(
+                                "retry_after_s") or self.cfg.busy_backoff_s)
+                            pending.appendleft(line)
+                            continue
+                        losses[line.index] = losses.get(line.index, 0) + 1
+                        if losses[line.index] >= self.cfg.max_attempts:
+                            await self.store.complete_line(batch_id, line.index, _error_line(
+                                rec, line, "attempts_exhausted",
+                                f"the line failed {losses[line.index]} times as its replica or ingress failed"), True)
+                        else:
+                            pending.appendleft(line)
         finally:
             for task in running:
                 task.cancel()
@@ -215,17 +228,17 @@ class BatchRunner:
             await self.store.update_batch(batch_id, {"status": "finalizing", "finalizing_at": int(self.clock())},
                                           expect=("in_progress",))
 
-    async def _attempt(self, rec: dict, line: Line) -> dict:
-        # A fresh engine request id per attempt (this runner's epoch and a counter), while the op
-        # id the ledger dedupes on stays ``<batch>-<line>``.
+    async def _attempt(self, rec: dict, call: list[Line]) -> list[dict]:
+        # A fresh engine request id per attempt (this runner's epoch and a counter, with the op
+        # id), while the op id the ledger dedupes on stays ``<batch>-<line>``.
         attempt = f"{self.epoch}.{next(self._attempts)}"
         try:
-            return await self.executor.batch_line(rec["account"], rec["endpoint"], rec["id"], line.index,
-                                                   line.custom_id, line.body, attempt,
-                                                   f"batch:{rec['id']}:{line.group}")
-        except Exception as exc:  # the ingress died or is restarting: the line runs again
-            log.warning("batch line %s-%d attempt %s lost: %r", rec["id"], line.index, attempt, exc)
-            return {"outcome": LOST}
+            return await self.executor.batch_lines(
+                rec["account"], rec["endpoint"], rec["id"],
+                [(ln.index, ln.custom_id, ln.body, f"batch:{rec['id']}:{ln.group}") for ln in call], attempt)
+        except Exception as exc:  # the ingress died or is restarting: the lines run again
+            log.warning("batch %s: a call of %d lines (attempt %s) was lost: %r", rec["id"], len(call), attempt, exc)
+            return [{"outcome": LOST}] * len(call)
 
     async def _signal(self, rec: dict) -> dict | None:
         try:
@@ -311,8 +324,8 @@ class HandleExecutor:
     async def batch_validate(self, batch_id: str):
         return await self.handle.batch_validate.remote(batch_id)
 
-    async def batch_line(self, *args):
-        return await self.handle.batch_line.remote(*args)
+    async def batch_lines(self, *args):
+        return await self.handle.batch_lines.remote(*args)
 
     async def batch_reconcile(self, batch_id: str) -> int:
         return await self.handle.batch_reconcile.remote(batch_id)

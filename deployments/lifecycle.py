@@ -123,6 +123,7 @@ class RequestLife:
         self.settled = False
         self.billed: dict | None = None  # the usage event, once written
         self.result_stored = False  # a batch line: its result is stored, so it is billed
+        self.preempted = False  # a batch line stopped by the gate for an interactive request
         # For telemetry (perf_counter times; 0.0: not reached), and how the request ended.
         self.created_at = time.perf_counter()  # authenticated
         self.admit_at = self.admitted_at = self.queued_at = self.slotted_at = 0.0
@@ -326,7 +327,7 @@ class RequestLife:
         if self.gate is not None:
             _quietly(self.gate.correct, self.job.billed_tier, self.account, self.charged, u.prompt_tokens,
                      u.completion_tokens)
-            _quietly(self.gate.release, self.job.billed_tier)
+            _quietly(self.gate.release, self.job.billed_tier, self)
         if self.admission is not None and self.rt.limiter is not None:
             _quietly(self.rt.limiter.settle, self.admission, u.prompt_tokens, u.cached_tokens,
                      u.completion_tokens)

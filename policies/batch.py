@@ -24,6 +24,10 @@ moves on a pool that is never idle. Worked example (quiet 1 s, trickle 1 s): 24 
 on an idle pool; an interactive request arrives at t=10.0; the next line to finish reports it,
 and nothing new starts until the in-flight lines have drained, then one line per second; the
 interactive load stops at t=30.0; from t=31.0 the window (kept at 24) fills the pool again.
+The gate also reports how many slots batch may hold (``Signal.capacity``); the window starts
+there instead of probing for it, and never grows past it, so that batch is not refused (and
+halved) for asking more than the pool has. A line that an interactive request preempted at the
+gate (``deployments.pool_gate``) does not halve it either: the pacing already yields.
 """
 
 from __future__ import annotations
@@ -205,11 +209,14 @@ class Signal:
     interactive: int = 0  # interactive requests holding a slot now
     waiting: int = 0  # interactive requests waiting for a slot
     idle_s: float = float("inf")  # seconds since one last held a slot (0 while any does)
+    capacity: int | None = None  # slots batch may hold in the whole pool (None: not known)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Signal":
         d = d or {}
-        return cls(int(d.get("interactive", 0)), int(d.get("waiting", 0)), float(d.get("idle_s", float("inf"))))
+        cap = d.get("capacity")
+        return cls(int(d.get("interactive", 0)), int(d.get("waiting", 0)), float(d.get("idle_s", float("inf"))),
+                   None if cap is None else int(cap))
 
 
 @dataclass
@@ -224,6 +231,11 @@ class Pacer:
     last_start: float = float("-inf")
 
     def observe(self, now: float, signal: Signal) -> None:
+        if signal.capacity is not None:
+            # The gate says how many slots batch may hold: no need to probe for them (a refusal
+            # would halve the window), so the window starts there and never grows past it.
+            cap = float(max(self.window.min, signal.capacity))
+            self.window.size = cap if self.window.slow_start else min(self.window.size, cap)
         if signal.waiting > 0:
             self.window.on_busy()
         if signal.interactive > 0 or signal.waiting > 0:

@@ -7,6 +7,7 @@ event per line), whatever dies; a cancelled batch stops within seconds and keeps
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import openai
@@ -15,14 +16,27 @@ import pytest
 from cluster.batch_client import results, sample_lines, submit, to_jsonl, watch
 from tests.conftest import DEMO_KEY
 from tests.faults.drivers import usage_totals
-from tests.faults.harness import FAULT_MODEL, fault_config
+from tests.faults.harness import FAULT_MODEL, PrivateRedis, fault_config
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 @pytest.fixture(scope="module")
-def app(deploy):
-    return deploy("batchfaults", fault_config(store=REDIS_URL, seqs=4))
+def store_url():
+    """A redis-server of this module's own: the ledger counts below see no other run's batches
+    (a runner resumes every active batch in its store, whoever left it there)."""
+    if shutil.which("redis-server") is None:
+        yield REDIS_URL
+        return
+    r = PrivateRedis()
+    r.start()
+    yield r.url
+    r.cleanup()
+
+
+@pytest.fixture(scope="module")
+def app(deploy, store_url):
+    return deploy("batchfaults", fault_config(store=store_url, seqs=4))
 
 
 @pytest.fixture()

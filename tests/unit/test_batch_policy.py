@@ -137,3 +137,19 @@ def test_an_interactive_queue_also_halves_the_window():
     pacer.observe(0.0, Signal(waiting=3))
     assert pacer.window.limit == 12 and pacer.busy(0.5)
     assert Signal.from_dict(None) == Signal() and Signal.from_dict({"interactive": 2}).interactive == 2
+
+
+def test_the_window_starts_at_the_capacity_the_gate_reports_and_never_grows_past_it():
+    pacer = Pacer(Window(2.0, 64), quiet_s=1.0, trickle_s=1.0)
+    pacer.observe(0.0, Signal(capacity=32))
+    assert _filled(pacer.window, pacer=pacer) == 32  # no slow start to probe for it
+    for _ in range(100):
+        pacer.window.on_success(0)
+        pacer.observe(0.0, Signal(capacity=32))
+    assert pacer.window.limit == 32
+    pacer.window.on_busy()  # a rate limit refused a line: halve, then creep back
+    pacer.observe(0.0, Signal(capacity=32))
+    assert pacer.window.limit == 16
+    pacer.observe(0.0, Signal(capacity=8))  # a replica left
+    assert pacer.window.limit == 8
+    assert Signal.from_dict({"capacity": 24}).capacity == 24 and Signal.from_dict({}).capacity is None
