@@ -70,7 +70,7 @@ class BatchRunner:
         self._main: asyncio.Task | None = None
         self.window = Window(float(cfg.start_concurrency), cfg.max_concurrency)
         self.pacer = Pacer(self.window, cfg.quiet_s, cfg.trickle_s)
-        self._signal_every_s = max(0.05, min(cfg.poll_interval_s, cfg.quiet_s / 2))
+        self._signal_every_s = max(0.05, cfg.quiet_s / 2)  # while yielding: ask this often
         self.epoch = uuid.uuid4().hex[:8]
         self._attempts = itertools.count(1)
 
