@@ -533,7 +533,7 @@ class BatchConfig(_Strict):
 
     File bytes live under ``blob_url``: a local directory (the default: ``<tmp>/ember-blobs``) or
     any fsspec URL (``s3://bucket/prefix``) that every ingress replica and the runner can reach.
-    Metadata (files, batches, per-line claims and results) lives in ``store.url``. With
+    Metadata (files, batches and per-line results) lives in ``store.url``. With
     ``memory://`` the runner runs inside the (single) ingress replica; with Redis it is a Serve
     deployment of its own that resumes from the store after any restart.
     """

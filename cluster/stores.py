@@ -735,8 +735,8 @@ class BatchStore(Protocol):
 
     Exactly-once lines:
 
-    - ``claim_line`` counts attempts at a line (the runner gives up on a line after a few, so a
-      line that kills its replica each time cannot loop forever);
+    - ``claim_line`` counts attempts at a line in the store (the runner no longer uses it: it
+      numbers attempts itself, by its epoch, which saves a round trip per line);
     - ``complete_line`` stores a line's result only if it has none yet and the batch's results
       are not sealed, and bumps the batch's completed or failed count in the same atomic step. A
       second completion of the same line (a retry whose first attempt was still running) is
