@@ -543,7 +543,7 @@ class BatchConfig(_Strict):
 
     File bytes live under ``blob_url``: a local directory (the default: ``<tmp>/ember-blobs``) or
     any fsspec URL (``s3://bucket/prefix``) that every ingress replica and the runner can reach.
-    Metadata (files, batches, per-line claims and results) lives in ``store.url``. With
+    Metadata (files, batches and per-line results) lives in ``store.url``. With
     ``memory://`` the runner runs inside the (single) ingress replica; with Redis it is a Serve
     deployment of its own that resumes from the store after any restart.
     """
@@ -559,14 +559,26 @@ class BatchConfig(_Strict):
     # refused; never above `max_concurrency` (per runner).
     start_concurrency: int = Field(2, ge=1)
     max_concurrency: int = Field(64, ge=1)
-    # The share of a pool gate's slots batch lines leave free, so that interactive requests
-    # arriving find a slot at once (policies.tiers.usable_slots).
-    headroom: float = Field(0.25, ge=0, lt=1)
+    # The share of a pool gate's slots batch lines leave free (policies.tiers.usable_slots). An
+    # interactive request that finds no free slot takes one back from the batch line that
+    # started last (it is stopped, unbilled, and runs again later), so none is needed for them
+    # to start at once; a share kept free saves them that abort, at that share of batch throughput.
+    headroom: float = Field(0.0, ge=0, lt=1)
     # A line whose attempts all died with their replica or ingress fails after this many.
     max_attempts: int = Field(3, ge=1)
     poll_interval_s: float = Field(0.5, gt=0, le=60)
     # How long the runner waits before retrying a refused (busy) line, at most.
     busy_backoff_s: float = Field(0.2, gt=0, le=60)
+    # Lines the runner sends to an ingress in one call (run at once there): fewer calls, less
+    # per-line handling in the runner and the ingress.
+    lines_per_call: int = Field(4, ge=1, le=64)
+    # Batch runs on idle capacity (policies.batch.Pacer): it fills the pool (up to the window)
+    # only once no interactive request has held a slot for `quiet_s`; while they run, at most
+    # one line is in flight, started at most every `trickle_s`, so a batch still moves on a pool
+    # that is never idle. `yield_to_interactive: false` runs the window beside them instead.
+    yield_to_interactive: bool = True
+    quiet_s: float = Field(1.0, ge=0, le=600)
+    trickle_s: float = Field(1.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _window(self) -> "BatchConfig":

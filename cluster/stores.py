@@ -533,6 +533,8 @@ class LedgerStore(Protocol):
 
     async def record(self, event: dict) -> bool: ...
 
+    async def recorded(self, request_ids: list[str]) -> set[str]: ...  # those of the ids already recorded
+
     async def totals(self, account: str) -> list[dict]: ...  # per (model, day)
 
     async def spend(self, account: str, month: str) -> tuple[float, float]: ...  # (all time, month)
@@ -570,6 +572,9 @@ class MemoryLedgerStore:
         sp["all"] = sp.get("all", 0.0) + event["cost_usd"]
         sp[event["day"][:7]] = sp.get(event["day"][:7], 0.0) + event["cost_usd"]
         return True
+
+    async def recorded(self, request_ids: list[str]) -> set[str]:
+        return {r for r in request_ids if r in self._seen}
 
     async def totals(self, account: str) -> list[dict]:
         rows = self._totals.get(account, {})
@@ -623,6 +628,16 @@ class RedisLedgerStore:
                 event["cached_tokens"], event["completion_tokens"], repr(event["cost_usd"]), event["day"][:7],
                 self.max_events, SEEN_TTL_S, event.get("tier") or ""]
         return bool(await _redis_call(self._record(keys=keys, args=args)))
+
+    async def recorded(self, request_ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(request_ids), 1000):
+            chunk = request_ids[i:i + 1000]
+            pipe = self._r.pipeline(transaction=False)
+            for rid in chunk:
+                pipe.exists(self.prefix + "seen:" + rid)
+            found.update(r for r, hit in zip(chunk, await _redis_call(pipe.execute())) if hit)
+        return found
 
     async def totals(self, account: str) -> list[dict]:
         raw = await _redis_call(self._r.hgetall(self.prefix + "totals:" + account))
@@ -720,11 +735,16 @@ class BatchStore(Protocol):
 
     Exactly-once lines:
 
-    - ``claim_line`` counts attempts at a line (the runner gives up on a line after a few, so a
-      line that kills its replica each time cannot loop forever);
-    - ``complete_line`` stores a line's result only if it has none yet, and bumps the batch's
-      completed or failed count in the same atomic step. A second completion of the same line (a
-      retry whose first attempt was still running) is refused and counts nothing.
+    - ``claim_line`` counts attempts at a line in the store (the runner no longer uses it: it
+      numbers attempts itself, by its epoch, which saves a round trip per line);
+    - ``complete_line`` stores a line's result only if it has none yet and the batch's results
+      are not sealed, and bumps the batch's completed or failed count in the same atomic step. A
+      second completion of the same line (a retry whose first attempt was still running) is
+      refused and counts nothing;
+    - ``seal_lines`` closes the batch's results before its output is written: a completion that
+      arrives later (a line that finished as its batch was cancelled) is refused, so the output
+      files hold every stored result. Whoever stores a result bills it (``deployments.batch_api``):
+      refused, it is not billed.
 
     ``update_batch`` is a compare-and-set on the status (``expect``), so two runners (or a runner
     and a cancel request) never both move a batch out of one state. Batches not yet in a terminal
@@ -757,6 +777,8 @@ class BatchStore(Protocol):
 
     async def complete_line(self, batch_id: str, index: int, result: dict, failed: bool) -> bool: ...
 
+    async def seal_lines(self, batch_id: str) -> None: ...  # later complete_line calls are refused
+
     async def line_results(self, batch_id: str) -> dict[int, dict]: ...
 
     async def counts(self, batch_id: str) -> tuple[int, int]: ...  # (completed, failed)
@@ -782,6 +804,7 @@ class MemoryBatchStore:
         self._claims: dict[str, dict[int, int]] = {}
         self._results: dict[str, dict[int, dict]] = {}
         self._counts: dict[str, list[int]] = {}
+        self._sealed: set[str] = set()
 
     async def put_file(self, record: dict) -> None:
         self._files[record["id"]] = dict(record)
@@ -830,11 +853,14 @@ class MemoryBatchStore:
 
     async def complete_line(self, batch_id, index, result, failed):
         results = self._results.setdefault(batch_id, {})
-        if index in results:
+        if index in results or batch_id in self._sealed:
             return False
         results[index] = dict(result)
         self._counts.setdefault(batch_id, [0, 0])[1 if failed else 0] += 1
         return True
+
+    async def seal_lines(self, batch_id):
+        self._sealed.add(batch_id)
 
     async def line_results(self, batch_id):
         return {i: dict(r) for i, r in self._results.get(batch_id, {}).items()}
@@ -851,7 +877,8 @@ class RedisBatchStore:
     - ``files:acct:<account>`` / ``batches:acct:<account>``: sorted set of ids by creation time;
     - ``batches:active``: set of batch ids not in a terminal state;
     - ``batch:<id>:claims``: hash line → attempts; ``batch:<id>:results``: hash line → result
-      (JSON); ``batch:<id>:counts``: hash with ``completed`` and ``failed``.
+      (JSON); ``batch:<id>:counts``: hash with ``completed`` and ``failed``, and ``sealed`` once
+      the results are sealed.
     """
 
     # Compare-and-set on the status: KEYS 1 record, 2 active set; ARGV 1 changes (JSON),
@@ -875,6 +902,7 @@ class RedisBatchStore:
     """
     # KEYS 1 results, 2 counts; ARGV 1 line, 2 result (JSON), 3 counter name.
     _COMPLETE = """
+    if redis.call('HEXISTS', KEYS[2], 'sealed') == 1 then return 0 end
     if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
     redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
     return 1
@@ -956,6 +984,9 @@ class RedisBatchStore:
         return bool(await _redis_call(self._complete(
             keys=[self._k("batch", batch_id, "results"), self._k("batch", batch_id, "counts")],
             args=[str(index), json.dumps(result), "failed" if failed else "completed"])))
+
+    async def seal_lines(self, batch_id):
+        await _redis_call(self._r.hset(self._k("batch", batch_id, "counts"), "sealed", 1))
 
     async def line_results(self, batch_id):
         raw = await _redis_call(self._r.hgetall(self._k("batch", batch_id, "results")))

@@ -9,15 +9,19 @@ For the runner (``deployments.batch_runner``), called through the ingress's hand
 - ``validate(batch_id)``: the input file against OpenAI's limits and Ember's request models (the
   same parsing as an interactive request), then ``in_progress`` or ``failed`` with line-numbered
   errors. Nothing is billed for a failed file: nothing ran.
-- ``run_line(...)``: one line through the request's lifecycle (``RequestLife``: spend and rate
+- ``run_lines(...)``/``run_line(...)``: a few lines at once (one call from the runner), each through the request's lifecycle (``RequestLife``: spend and rate
   limits, the pool gate, the replica, settlement and billing) as tier ``batch``: lowest engine
-  priority, a slot only when one is free (refused at once otherwise, never queued or shed), billed
-  at the batch discount under the line's op id, so that a retried line is billed once.
+  priority, a slot only when one is free (refused at once otherwise, never queued or shed), its
+  result stored and billed in one step (at the batch discount under the line's op id, so that a
+  retried line is billed once), so that a line is billed exactly when its result is stored.
+- ``reconcile(batch_id)``: before the output is written, bills any stored answer whose usage
+  event is missing (an ingress died between storing and billing it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import time
 import uuid
@@ -34,6 +38,9 @@ from deployments.lifecycle import RequestLife, Runtime
 from deployments.serving import AFFINITY_HEADER, dumps
 from policies.batch import ENDPOINTS, LineError, parse_input
 
+log = logging.getLogger("ember.batch")
+
+VALIDATE_STEP = 8  # lines checked between yields to the event loop (about 1 ms each)
 FILE_PURPOSES = ("batch", "batch_output")
 # The outcome of a line that did not finish: try it again later (the runner decides when).
 BUSY = "busy"  # refused before it ran: no free slot, a rate or spend limit; costs no attempt
@@ -89,6 +96,7 @@ class BatchApi:
         self._account_of = account_of
         self._read_body = read_body
         self._kick = kick
+        self._steps: set[asyncio.Task] = set()  # store-and-bill steps of lines whose caller left
 
     def routes(self) -> dict:
         """(method, path tail) → handler(request, rid, *path params)."""
@@ -235,7 +243,7 @@ class BatchApi:
         if rec is None or rec["status"] != "validating":
             return rec
         data = await asyncio.to_thread(self.blobs.get, rec["input_file_id"])
-        errors, total, model = await asyncio.to_thread(self._check, rec, data)
+        errors, total, model = await self._check(rec, data)
         now = int(time.time())
         if errors:
             return await self.store.update_batch(batch_id, {
@@ -246,29 +254,65 @@ class BatchApi:
             "status": "in_progress", "in_progress_at": now, "model": model,
             "request_counts": {"total": total, "completed": 0, "failed": 0}}, expect=("validating",))
 
-    def _check(self, rec: dict, data: bytes) -> tuple[list[LineError], int, str | None]:
-        parsed = parse_input(data, rec["endpoint"], self.cfg.max_lines, self.cfg.max_file_bytes)
+    async def _check(self, rec: dict, data: bytes) -> tuple[list[LineError], int, str | None]:
+        """The file's shape (in a thread), then each body through its serving's ``prepare``.
+
+        The bodies are checked here on the event loop, a few lines at a time with a yield between:
+        in a thread, this CPU-bound work took the interpreter lock from the event loop for
+        seconds (a 10,000-line file stalled interactive requests by up to 4 s)."""
+        from deployments.errors import to_error
+
+        parsed = await asyncio.to_thread(parse_input, data, rec["endpoint"], self.cfg.max_lines,
+                                         self.cfg.max_file_bytes)
         serving = self.servings[rec["endpoint"]]
         errors = list(parsed.errors)
-        for line in parsed.lines:
+        for n, line in enumerate(parsed.lines):
             if len(errors) >= 100:
                 break
+            if n % VALIDATE_STEP == 0:
+                await asyncio.sleep(0)  # let requests waiting on this loop go first
             try:
                 serving.prepare("validate", rec["account"], dumps(line.body), {})
             except Exception as exc:  # the same refusal an interactive request would get
-                from deployments.errors import to_error
-
                 err = to_error(exc)
                 errors.append(LineError(line.index + 1, err.code or err.type,
                                         f"line {line.index + 1}: {err.message}", err.param))
         errors.sort(key=lambda e: e.line)
         return errors, len(parsed.lines) + len([e for e in parsed.errors if e.line]), parsed.model
 
-    async def run_line(self, account: str, endpoint: str, body: dict, op_id: str, attempt: int,
-                       session: str) -> dict:
-        """Run one batch line; returns ``{"outcome": "done", "status_code", "request_id", "body",
-        "waiting"}`` or ``{"outcome": BUSY | LOST, "retry_after_s", "waiting"}``, where ``waiting``
-        is how many interactive requests wait at the pool's gate (the runner backs off on any)."""
+    async def run_lines(self, account: str, endpoint: str, batch_id: str, lines: list, attempt: str) -> list[dict]:
+        """``run_line`` for each ``(index, custom_id, body, session)`` at once; their outcomes in
+        order (a line whose step failed is LOST). One call for a few lines saves the runner and
+        this ingress the handling of a call per line."""
+        async def one(index: int, custom_id: str, body: dict, session: str) -> dict:
+            _own_serve_request_id()
+            return await self.run_line(account, endpoint, batch_id, index, custom_id, body, attempt, session)
+
+        outs = await asyncio.gather(*(one(*line) for line in lines), return_exceptions=True)
+        for o in outs:
+            if not isinstance(o, dict):
+                log.warning("batch %s: a line's step failed: %r", batch_id, o, exc_info=o)
+        return [o if isinstance(o, dict) else {"outcome": LOST} for o in outs]
+
+    async def run_line(self, account: str, endpoint: str, batch_id: str, index: int, custom_id: str,
+                       body: dict, attempt: str, session: str) -> dict:
+        """Run one batch line, store its result and bill it, in one step.
+
+        Returns ``{"outcome": "done", "status_code", "stored"}`` (``stored``: False when another
+        attempt's result was there first, or the batch's results are sealed) or ``{"outcome": BUSY
+        | LOST, "retry_after_s"}`` (BUSY with ``preempted``: the gate took its slot back for an
+        interactive request); each with ``signal``, the pool's interactive traffic as this
+        ingress sees it (``policies.batch.Signal``), which the runner's pacing follows.
+
+        Once the engine's answer is here, storing the result (``BatchStore.complete_line``) and
+        billing it (``RequestLife.settle``, under the op id ``<batch>-<line>``) run to the end
+        even if this call is cancelled (the batch was cancelled, the runner died): a line is
+        billed exactly when its result is stored. A result refused (sealed: the batch is being
+        finalized) is not billed, and a store that cannot be reached bills nothing: the line is
+        run again. If this process dies between the two, ``reconcile`` bills the stored result
+        when the batch is finalized.
+        """
+        op_id = f"{batch_id}-{index}"
         rid = f"{op_id}-{attempt}"
         life = RequestLife(self.rt, account, time.perf_counter())
         serving = self.servings[endpoint]
@@ -279,39 +323,131 @@ class BatchApi:
             gate = self.rt.gates.get(job.model.id)
             await life.admit()
             await life.take_slot()
+            gate.hold_batch(life, _preemptor(life, asyncio.current_task()))
             first = await life.start()
             outs = [out async for out in life.outputs(first)]
         except BaseException as exc:
             life.settle()
+            if life.preempted and isinstance(exc, asyncio.CancelledError) and asyncio.current_task().uncancel() == 0:
+                # The gate took the slot back for an interactive request: unfinished, so
+                # unbilled; the runner runs the line again later, at no cost of an attempt.
+                return {"outcome": BUSY, "retry_after_s": 0.0, "preempted": True, "signal": _signal(gate)}
             if not isinstance(exc, Exception):
                 raise
-            return self._not_done(exc, gate)
-        life.settle()
-        usage = life.usage
-        resp = job.renderer.response(outs, usage, job.engine_request.sampling.n)
-        return {"outcome": "done", "status_code": 200, "request_id": rid, "body": resp,
-                "waiting": _waiting(gate)}
+            out = self._not_done(exc, gate)
+            if out["outcome"] != "done":
+                return out
+            result = _line_result(op_id, custom_id, out.pop("request_id"), out["status_code"], out.pop("body"))
+            out["stored"] = await asyncio.shield(self._step(self._store(None, batch_id, index, result, True)))
+            return out
+        resp = job.renderer.response(outs, life.usage, job.engine_request.sampling.n)
+        result = _line_result(op_id, custom_id, rid, 200, resp)
+        # Shielded: a cancel arriving now cancels the wait, not the step, which stores and bills.
+        stored = await asyncio.shield(self._step(self._store(life, batch_id, index, result, failed=False)))
+        return {"outcome": "done", "status_code": 200, "stored": stored, "signal": _signal(gate)}
+
+    def _step(self, coro) -> asyncio.Task:
+        """A task that runs to its end whoever waits for it (held here until then)."""
+        task = asyncio.ensure_future(coro)
+        self._steps.add(task)
+        task.add_done_callback(self._steps.discard)
+        return task
+
+    async def _store(self, life: RequestLife | None, batch_id: str, index: int, result: dict, failed: bool) -> bool:
+        """Store a line's result, then settle its request: billed only if the result was stored."""
+        try:
+            stored = await self.store.complete_line(batch_id, index, result, failed)
+        except BaseException:
+            if life is not None:
+                life.settle()  # nothing stored, nothing billed: the runner runs the line again
+            raise
+        if life is not None:
+            life.result_stored = stored
+            life.settle()
+        return stored
+
+    def signal(self, model_id: str | None) -> dict:
+        """The interactive traffic at the model's gate in this ingress (``policies.batch.Signal``)."""
+        return _signal(self.rt.gates.get(model_id))
+
+    async def reconcile(self, batch_id: str) -> int:
+        """Bill every stored answer of a sealed batch that the ledger lacks; returns how many.
+
+        A result is stored before it is billed, so an ingress that died between the two left a
+        stored line without its usage event. Idempotent: the ledger and the outbox dedupe by op
+        id, so an event still on its way is not counted twice. Usage comes from the stored body.
+        """
+        rec = await self.store.get_batch(None, batch_id)
+        if rec is None:
+            return 0
+        answered = {f"{batch_id}-{i}": r for i, r in (await self.store.line_results(batch_id)).items()
+                    if r.get("error") is None and (r.get("response") or {}).get("status_code") == 200}
+        if not answered:
+            return 0
+        missing = set(answered) - await self.rt.billing.stores.ledger.recorded(list(answered))
+        model = next((m for m in self.config.models if m.id == rec.get("model")), None)
+        if model is None:
+            model = next(m for m in self.config.models
+                         if m.id == next(iter(answered.values()))["response"]["body"].get("model"))
+        for op_id in sorted(missing):
+            u = answered[op_id]["response"]["body"].get("usage") or {}
+            cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            self.rt.billing.bill(op_id, rec["account"], model, "batch", u.get("prompt_tokens", 0), cached,
+                                 u.get("completion_tokens", 0))
+        return len(missing)
 
     def _not_done(self, exc: Exception, gate) -> dict:
         from deployments.errors import is_replica_loss, to_error
 
         if is_replica_loss(exc):
-            return {"outcome": LOST, "retry_after_s": 0.0, "waiting": _waiting(gate)}
+            return {"outcome": LOST, "retry_after_s": 0.0, "signal": _signal(gate)}
         err = to_error(exc)
         if err.status in (402, 429, 503) and err.code not in ("stream_interrupted", "replica_unavailable"):
             retry = float(err.headers.get("Retry-After", "1") or 1)
-            return {"outcome": BUSY, "retry_after_s": retry, "waiting": _waiting(gate)}
+            return {"outcome": BUSY, "retry_after_s": retry, "signal": _signal(gate)}
         if err.status >= 500:
-            return {"outcome": LOST, "retry_after_s": 0.0, "waiting": _waiting(gate)}
+            return {"outcome": LOST, "retry_after_s": 0.0, "signal": _signal(gate)}
         return {"outcome": "done", "status_code": err.status, "request_id": None, "body": err.body(),
-                "waiting": _waiting(gate)}
+                "signal": _signal(gate)}
 
 
-def _waiting(gate) -> int:
-    if gate is None:
-        return 0
-    q = gate.queued_by_tier()
-    return q["priority"] + q["standard"]
+def _own_serve_request_id() -> None:
+    """Give this task (one line of a call) a Serve request id of its own. Handle calls made
+    while serving a request inherit its internal id, so the lines of one call would all reach
+    the pool under the same id, and its router (``deployments.affinity_router``), which counts
+    each replica's requests by that id, would lose count of them."""
+    import dataclasses
+    import random
+
+    from ray.serve import context as serve_context
+
+    cur = serve_context._serve_request_context.get()
+    if cur is not None and cur._internal_request_id:
+        serve_context._serve_request_context.set(dataclasses.replace(
+            cur, _internal_request_id=f"{cur._internal_request_id}.{random.getrandbits(64):016x}"))
+
+
+def _preemptor(life: RequestLife, task: asyncio.Task):
+    """What the gate calls to take a batch line's slot back: cancel the line's task, unless its
+    answer is already in (then storing and billing it is nearly done: let it finish)."""
+    def preempt() -> bool:
+        if life.final is not None or life.preempted or task.done():
+            return False
+        life.preempted = True
+        task.cancel()
+        return True
+
+    return preempt
+
+
+def _line_result(op_id: str, custom_id: str, request_id: str | None, status: int, body: dict) -> dict:
+    return {"id": f"batch_req_{op_id}", "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None}
+
+
+def _signal(gate) -> dict:
+    """The interactive traffic at a pool's gate, for the runner's pacing (``policies.batch.Signal``)."""
+    return {} if gate is None else gate.interactive_signal()
 
 
 async def _form(request: Request, body: bytes) -> dict:

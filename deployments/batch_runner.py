@@ -1,28 +1,33 @@
 """The batch runner: takes batches from the store and runs their lines through an ingress.
 
-It keeps nothing that matters in memory. Each active batch's state is in the store (its status,
-and per line an attempt count and, once done, its result), so a runner that dies and restarts
-(a Serve replica replaced, or the ingress process it runs in) picks every batch up where the
-store says it is:
+It keeps nothing that matters in memory. Each active batch's state is in the store (its status
+and, per finished line, its result), so a runner that dies and restarts (a Serve replica
+replaced, or the ingress process it runs in) picks every batch up where the store says it is:
 
 - a line has a result → it is never run again;
-- a line without one is run (again): its attempt count gives the new engine request a fresh id,
-  while its op id (``<batch>-<line>``, what the ledger dedupes on) stays the same, so a line
-  whose earlier attempt was still running (the runner, a replica or the ingress died) is billed
-  once and its result stored once (``BatchStore.complete_line`` refuses a second).
+- a line without one is run (again) under a fresh engine request id (the runner's epoch and a
+  counter), while its op id (``<batch>-<line>``, what the ledger dedupes on) stays the same, so
+  a line whose earlier attempt was still running (the runner, a replica or the ingress died) is
+  billed once and its result stored once (``BatchStore.complete_line`` refuses a second).
 
-Exactly once, then, is what the store records: each line's result once and its usage once. An
-attempt cut off mid-run may have cost engine time that nobody pays for.
+The ingress stores a line's result and bills it in one step (``BatchApi.run_line``): billed
+exactly when stored. Exactly once, then, is what the store records: each line's result once and
+its usage once. An attempt cut off mid-run may have cost engine time that nobody pays for.
 
-Cancel and expiry stop the lines still running (an unfinished line is not billed) and keep every
-result stored so far.
+Cancel and expiry stop the lines still running (an unfinished line is not billed). Finalizing
+seals the batch's results first (a line that finishes after that is refused and not billed),
+has the ingress bill any stored answer whose usage event is missing (``BatchApi.reconcile``: an
+ingress died between storing and billing), and only then writes the output from the store.
 
-Admission: lines go to the ingress's ``batch_line`` (``deployments.batch_api``), which runs them
+Admission: lines go to the ingress's ``batch_lines`` (a few per call) (``deployments.batch_api``), which runs them
 through the request lifecycle at tier ``batch``. A line refused there (no free slot, a rate or
 spend limit: ``busy``) goes back to the head of the queue without costing an attempt; the window
 of lines in flight (``policies.batch.Window``) halves on any refusal and whenever interactive
 requests wait at the pool's gate, and grows slowly while they do not. Batch never waits in a
-queue in front of anyone.
+queue in front of anyone. And it runs on idle capacity (``policies.batch.Pacer``): every answer
+carries the gate's interactive traffic (``batch_signal``, asked directly while few lines run);
+while interactive requests run, or ran within ``batch.quiet_s``, at most one line is in flight,
+one every ``batch.trickle_s``, and the window fills the pool again once they are gone.
 
 Prefix affinity: lines are dispatched grouped by prompt prefix (``policies.batch.dispatch_order``)
 with the group as their session key, so a group's lines reach the same replica. A group's first
@@ -33,22 +38,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
+import uuid
 from typing import Any
 
 from cluster.blobs import BlobStore
 from cluster.config import BatchConfig
 from cluster.stores import BatchStore
 from deployments.batch_api import BUSY, LOST
-from policies.batch import Line, Window, dispatch_order, expired, parse_input
+from policies.batch import Line, Pacer, Signal, Window, dispatch_order, expired, parse_input
 
 log = logging.getLogger("ember.batch")
 
 
 class BatchRunner:
-    """``executor`` has ``batch_validate(batch_id)`` and ``batch_line(account, endpoint, body,
-    op_id, attempt, session)``: an ``Ingress`` in process, or ``HandleExecutor`` over its handle."""
+    """``executor`` has ``batch_validate(batch_id)``, ``batch_lines(account, endpoint, batch_id,
+    [(index, custom_id, body, session)], attempt)``, ``batch_signal(model_id)`` and
+    ``batch_reconcile(batch_id)``: an ``Ingress``
+    in process, or ``HandleExecutor`` over its handle."""
 
     def __init__(self, cfg: BatchConfig, store: BatchStore, blobs: BlobStore, executor: Any, clock=time.time):
         self.cfg = cfg
@@ -60,6 +69,10 @@ class BatchRunner:
         self._wake = asyncio.Event()
         self._main: asyncio.Task | None = None
         self.window = Window(float(cfg.start_concurrency), cfg.max_concurrency)
+        self.pacer = Pacer(self.window, cfg.quiet_s, cfg.trickle_s)
+        self._signal_every_s = max(0.05, cfg.quiet_s / 2)  # while yielding: ask this often
+        self.epoch = uuid.uuid4().hex[:8]
+        self._attempts = itertools.count(1)
 
     def start(self) -> None:
         if self._main is None or self._main.done():
@@ -130,10 +143,13 @@ class BatchRunner:
         warm = {ln.group for ln in every if ln.index in done}  # groups whose prefix a finished line cached
         leading: set[str] = set()  # groups whose first line is running
         losses: dict[int, int] = {}
-        running: dict[asyncio.Task, Line] = {}
+        running: dict[asyncio.Task, list[Line]] = {}  # calls in flight, each with its lines
+        in_flight = 0  # lines
         hold_until = 0.0
-        next_check = 0.0
+        next_check = next_signal = 0.0
         stopping = False
+        pacer = self.pacer
+        await self._observe(rec, await self._signal(rec))  # the pool's capacity and traffic, before the first line
         try:
             while pending or running:
                 now = time.monotonic()
@@ -146,42 +162,65 @@ class BatchRunner:
                     pending.clear()
                     for task in running:
                         task.cancel()
-                while pending and not stopping and len(running) < self.window.limit and now >= hold_until:
-                    line = _next_line(pending, warm, leading)
-                    if line is None:
+                if pacer.busy(now) and now >= next_signal and pending and not stopping:
+                    # Yielding: few lines report back, so ask the ingress whether interactive
+                    # traffic is still there.
+                    await self._observe(rec, await self._signal(rec))
+                    now = time.monotonic()
+                    next_signal = now + self._signal_every_s
+                while pending and not stopping and now >= hold_until and pacer.may_start(now, in_flight):
+                    # Up to lines_per_call lines in one call to the ingress (fewer calls, less
+                    # handling per line), as many as the pacing lets start now.
+                    call: list[Line] = []
+                    while len(call) < self.cfg.lines_per_call and pacer.may_start(now, in_flight + len(call)):
+                        line = _next_line(pending, warm, leading)
+                        if line is None:
+                            break
+                        if line.group not in warm:
+                            leading.add(line.group)
+                        call.append(line)
+                    if not call:
                         break
-                    if line.group not in warm:
-                        leading.add(line.group)
-                    running[asyncio.get_running_loop().create_task(self._attempt(rec, line))] = line
+                    pacer.started(now)
+                    in_flight += len(call)
+                    running[asyncio.get_running_loop().create_task(self._attempt(rec, call))] = call
+                wait_s = self.cfg.poll_interval_s
+                if pacer.busy(now):
+                    wait_s = min(wait_s, max(0.0, next_signal - now), pacer.next_start_s(now) or wait_s)
                 if not running:
-                    await asyncio.sleep(max(0.01, min(hold_until - now, self.cfg.poll_interval_s)))
+                    await asyncio.sleep(max(0.01, wait_s if hold_until <= now else min(wait_s, hold_until - now)))
                     continue
-                finished, _ = await asyncio.wait(running, timeout=self.cfg.poll_interval_s,
+                finished, _ = await asyncio.wait(running, timeout=max(0.01, wait_s),
                                                  return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
-                    line = running.pop(task)
-                    leading.discard(line.group)
-                    outcome = task.result() if not task.cancelled() and task.exception() is None else {
-                        "outcome": LOST, "waiting": 0}
-                    if outcome["outcome"] == "done":
-                        warm.add(line.group)
-                        self.window.on_success(outcome.get("waiting", 0))
-                        continue
-                    if stopping:
-                        continue
-                    if outcome["outcome"] == BUSY:
-                        self.window.on_busy()
-                        hold_until = time.monotonic() + min(self.cfg.busy_backoff_s,
-                                                            outcome.get("retry_after_s") or self.cfg.busy_backoff_s)
-                        pending.appendleft(line)
-                        continue
-                    losses[line.index] = losses.get(line.index, 0) + 1
-                    if losses[line.index] >= self.cfg.max_attempts:
-                        await self.store.complete_line(batch_id, line.index, _error_line(
-                            rec, line, "attempts_exhausted",
-                            f"the line failed {losses[line.index]} times as its replica or ingress failed"), True)
-                    else:
-                        pending.appendleft(line)
+                    call = running.pop(task)
+                    in_flight -= len(call)
+                    outcomes = task.result() if not task.cancelled() and task.exception() is None else [
+                        {"outcome": LOST}] * len(call)
+                    for line, outcome in zip(call, outcomes):
+                        leading.discard(line.group)
+                        await self._observe(rec, outcome.get("signal"))
+                        if outcome["outcome"] == "done":
+                            warm.add(line.group)
+                            if not pacer.busy(time.monotonic()):
+                                self.window.on_success(0)
+                            continue
+                        if stopping:
+                            continue
+                        if outcome["outcome"] == BUSY:
+                            if not outcome.get("preempted"):  # preempted: the pacing yields already
+                                self.window.on_busy()
+                            hold_until = time.monotonic() + min(self.cfg.busy_backoff_s, outcome.get(
+                                "retry_after_s") or self.cfg.busy_backoff_s)
+                            pending.appendleft(line)
+                            continue
+                        losses[line.index] = losses.get(line.index, 0) + 1
+                        if losses[line.index] >= self.cfg.max_attempts:
+                            await self.store.complete_line(batch_id, line.index, _error_line(
+                                rec, line, "attempts_exhausted",
+                                f"the line failed {losses[line.index]} times as its replica or ingress failed"), True)
+                        else:
+                            pending.appendleft(line)
         finally:
             for task in running:
                 task.cancel()
@@ -189,28 +228,43 @@ class BatchRunner:
             await self.store.update_batch(batch_id, {"status": "finalizing", "finalizing_at": int(self.clock())},
                                           expect=("in_progress",))
 
-    async def _attempt(self, rec: dict, line: Line) -> dict:
-        op_id = f"{rec['id']}-{line.index}"
-        attempt = await self.store.claim_line(rec["id"], line.index)
+    async def _attempt(self, rec: dict, call: list[Line]) -> list[dict]:
+        # A fresh engine request id per attempt (this runner's epoch and a counter, with the op
+        # id), while the op id the ledger dedupes on stays ``<batch>-<line>``.
+        attempt = f"{self.epoch}.{next(self._attempts)}"
         try:
-            out = await self.executor.batch_line(rec["account"], rec["endpoint"], line.body, op_id, attempt,
-                                                 f"batch:{rec['id']}:{line.group}")
-        except Exception as exc:  # the ingress died or is restarting: the line runs again
-            log.warning("batch line %s attempt %d lost: %r", op_id, attempt, exc)
-            return {"outcome": LOST, "waiting": 0}
-        if out["outcome"] != "done":
-            return out
-        result = {"id": f"batch_req_{op_id}", "custom_id": line.custom_id,
-                  "response": {"status_code": out["status_code"], "request_id": out["request_id"],
-                               "body": out["body"]}, "error": None}
-        # Shielded: once the line has an answer (and is billed), a cancel must not drop its result.
-        await asyncio.shield(self.store.complete_line(rec["id"], line.index, result, out["status_code"] != 200))
-        return out
+            return await self.executor.batch_lines(
+                rec["account"], rec["endpoint"], rec["id"],
+                [(ln.index, ln.custom_id, ln.body, f"batch:{rec['id']}:{ln.group}") for ln in call], attempt)
+        except Exception as exc:  # the ingress died or is restarting: the lines run again
+            log.warning("batch %s: a call of %d lines (attempt %s) was lost: %r", rec["id"], len(call), attempt, exc)
+            return [{"outcome": LOST}] * len(call)
+
+    async def _signal(self, rec: dict) -> dict | None:
+        try:
+            return await self.executor.batch_signal(rec.get("model"))
+        except Exception:  # the ingress is restarting: keep yielding until it answers
+            return {"interactive": 1}
+
+    async def _observe(self, rec: dict, signal: dict | None) -> None:
+        if signal is None:
+            return
+        sig = Signal.from_dict(signal)
+        if not self.cfg.yield_to_interactive:  # only an interactive queue holds batch back
+            sig = Signal(waiting=sig.waiting)
+        self.pacer.observe(time.monotonic(), sig)
 
     async def _finalize(self, rec: dict, expire: bool = False) -> None:
         """Write the output and error files and move to the final state. Idempotent: the files'
         ids come from the batch's, so a runner that died half-way rewrites the same ones."""
         batch_id = rec["id"]
+        # Sealed first: a line still finishing now (cancel stopped it too late) is refused, so
+        # is not billed, and every result stored so far is in the files written below. Then any
+        # stored answer whose usage event an ingress did not write before it died is billed.
+        await self.store.seal_lines(batch_id)
+        billed = await self.executor.batch_reconcile(batch_id)
+        if billed:
+            log.warning("batch %s: billed %d stored lines whose usage event was missing", batch_id, billed)
         results = await self.store.line_results(batch_id)
         ok = [r for _, r in sorted(results.items()) if r["error"] is None and r["response"]["status_code"] == 200]
         bad = [r for _, r in sorted(results.items()) if r not in ok]
@@ -270,5 +324,11 @@ class HandleExecutor:
     async def batch_validate(self, batch_id: str):
         return await self.handle.batch_validate.remote(batch_id)
 
-    async def batch_line(self, *args):
-        return await self.handle.batch_line.remote(*args)
+    async def batch_lines(self, *args):
+        return await self.handle.batch_lines.remote(*args)
+
+    async def batch_reconcile(self, batch_id: str) -> int:
+        return await self.handle.batch_reconcile.remote(batch_id)
+
+    async def batch_signal(self, model_id: str | None) -> dict:
+        return await self.handle.batch_signal.remote(model_id)

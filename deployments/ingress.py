@@ -124,10 +124,17 @@ class Ingress:
         """The runner's validation step (``BatchApi.validate``), through this replica's serving."""
         return await self.batch.validate(batch_id)
 
-    async def batch_line(self, account: str, endpoint: str, body: dict, op_id: str, attempt: int,
-                         session: str) -> dict:
-        """The runner's line step (``BatchApi.run_line``), through this replica's gates."""
-        return await self.batch.run_line(account, endpoint, body, op_id, attempt, session)
+    async def batch_lines(self, account: str, endpoint: str, batch_id: str, lines: list, attempt: str) -> list[dict]:
+        """The runner's line step (``BatchApi.run_lines``), through this replica's gates."""
+        return await self.batch.run_lines(account, endpoint, batch_id, lines, attempt)
+
+    async def batch_signal(self, model_id: str | None) -> dict:
+        """Interactive traffic at the model's gate here, which the runner's pacing follows."""
+        return self.batch.signal(model_id)
+
+    async def batch_reconcile(self, batch_id: str) -> int:
+        """The runner's billing check before a batch's output is written (``BatchApi.reconcile``)."""
+        return await self.batch.reconcile(batch_id)
 
     def _limiter_actor(self, shard: int):
         actor = self._limiter_actors.get(shard)

@@ -23,8 +23,10 @@ ingress shutdown                  Serve cancels the request: as "client leaves"
 prompt's cached-token count, later outputs the tokens generated so far (streams coalesce per
 ``engine.stream_interval_s``, non-streamed requests report progress every
 ``NON_STREAM_PROGRESS_S``). A request that produced no output is not billed: nothing shows that
-the engine ran it. A batch line is billed only when it completes: one cut short is run again by
-the batch runner under the same op id, and that run is what it pays for.
+the engine ran it. A batch line is billed only when its result is stored (``result_stored``, set
+by ``deployments.batch_api`` in the same step): one cut short is run again by the batch runner
+under the same op id, and that run is what it pays for; one that finished after its batch's
+results were sealed (cancelled) is in no output and is not billed.
 
 ``settle()`` is synchronous and never raises, so it is safe in ``finally`` blocks while the task
 is being cancelled; the usage event it writes is durable (``deployments.billing``'s outbox)
@@ -120,6 +122,8 @@ class RequestLife:
         self.final: EngineOutput | None = None
         self.settled = False
         self.billed: dict | None = None  # the usage event, once written
+        self.result_stored = False  # a batch line: its result is stored, so it is billed
+        self.preempted = False  # a batch line stopped by the gate for an interactive request
         # For telemetry (perf_counter times; 0.0: not reached), and how the request ended.
         self.created_at = time.perf_counter()  # authenticated
         self.admit_at = self.admitted_at = self.queued_at = self.slotted_at = 0.0
@@ -327,12 +331,15 @@ class RequestLife:
         if self.gate is not None:
             _quietly(self.gate.correct, self.job.billed_tier, self.account, self.charged, u.prompt_tokens,
                      u.completion_tokens)
-            _quietly(self.gate.release, self.job.billed_tier)
+            _quietly(self.gate.release, self.job.billed_tier, self)
         if self.admission is not None and self.rt.limiter is not None:
             _quietly(self.rt.limiter.settle, self.admission, u.prompt_tokens, u.cached_tokens,
                      u.completion_tokens)
-        if self.job.billed_tier == "batch" and self.final is None:
-            return  # an interrupted batch line runs again under the same op id: only its answer is billed
+        if self.job.billed_tier == "batch" and not (self.result_stored and self.final is not None):
+            # An interrupted batch line runs again under the same op id, and a finished one whose
+            # result was refused (its batch sealed) is in no output: only a stored answer is billed.
+            self._tell_telemetry()
+            return
         if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
             self.billed = _quietly(self.rt.billing.bill, self.job.op_id or self.job.engine_request.request_id,
                                    self.account, self.job.model, self.job.billed_tier, usage.prompt_tokens,

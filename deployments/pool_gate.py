@@ -39,6 +39,7 @@ import collections
 import math
 import time
 import weakref
+from collections.abc import Callable
 
 from cluster.config import EmberConfig, ModelConfig
 from deployments.capacity import REGISTRY, CapacityRegistry, Subscriber, current_app_name
@@ -143,12 +144,19 @@ class PoolGate:
         self._peak_since = time.monotonic()
         self.batch_headroom = config.batch.headroom  # slots Batch leaves free for interactive arrivals
         self.in_flight = 0
+        self.preempted = 0  # batch lines stopped to free a slot for an interactive request
+        # Interactive (priority and standard) slots held, and when one was last taken or given
+        # back: what the batch runner yields to (``interactive_signal``).
+        self.interactive_in_flight = 0
+        self._interactive_at: float | None = None
         self.service_time_s = 0.5  # prior until the first request finishes
         weights = TokenWeights(ing.fair_share_weights.input, ing.fair_share_weights.output)
         by_account = ing.queue_order == "vtc"
         self._queues: dict[str, TierQueue] = {
             "priority": TierQueue(weights, by_account), "standard": TierQueue(weights, by_account)}
         self._batch: weakref.WeakSet[asyncio.Future] = weakref.WeakSet()  # Batch waits among Standard
+        # Batch lines holding a slot that may be taken back (``hold_batch``): holder -> preempt().
+        self._preemptible: dict[object, Callable[[], bool]] = {}
         self._cold_since: float | None = time.monotonic() if self.replicas == 0 else None
         self._subscriber: Subscriber | None = None
         self._unsubscribe = None
@@ -195,10 +203,18 @@ class PoolGate:
         return {"priority": self.waiting("priority"), "standard": self.waiting("standard") - batch,
                 "batch": batch}
 
+    def interactive_signal(self) -> dict:
+        """Interactive traffic here now, for the batch runner (``policies.batch.Signal``)."""
+        q = self.queued_by_tier()
+        idle = 0.0 if self.interactive_in_flight else (
+            1e9 if self._interactive_at is None else time.monotonic() - self._interactive_at)
+        return {"interactive": self.interactive_in_flight, "waiting": q["priority"] + q["standard"], "idle_s": idle,
+                "capacity": self._usable("batch") * self.ingresses}
+
     def state(self) -> dict:
         return {"slots": self.slots, "in_flight": self.in_flight, "waiting": self.waiting(),
                 "waiting_priority": self.waiting("priority"), "replicas": self.replicas,
-                "max_replicas": self.max_replicas, "reported": self.reported}
+                "max_replicas": self.max_replicas, "reported": self.reported, "batch_preempted": self.preempted}
 
     def _queue(self, tier: str) -> TierQueue:
         return self._queues["priority" if tier == "priority" else "standard"]
@@ -230,6 +246,9 @@ class PoolGate:
 
     def _took(self, tier: str) -> None:
         self.in_flight += 1
+        if tier != "batch":
+            self.interactive_in_flight += 1
+            self._interactive_at = time.monotonic()
         if tier == "priority":
             self.priority_in_flight += 1
             self.priority_peak()
@@ -256,16 +275,20 @@ class PoolGate:
             bound_s = self.cold_start_hold_s
         else:
             waiting_priority = self._queues["priority"].count
-            ahead = self.in_flight + (queue.ahead(account) if tier == "priority" else
-                                      waiting_priority + queue.ahead(account))
+            # Batch lines an interactive request would preempt are not ahead of it.
+            held = self.in_flight - (len(self._preemptible) if tier != "batch" else 0)
+            ahead = held + (queue.ahead(account) if tier == "priority" else
+                            waiting_priority + queue.ahead(account))
             growing = self.replica_start_s if self.replicas < self.max_replicas else None
             d = shed(tier, ahead, self.slots, self.service_time_s, ing.max_queue_wait_s,  # type: ignore[arg-type]
                      ing.priority_headroom, self._standard_reserve(), growing, self.batch_headroom)
             if not d.admit:
                 raise overloaded(model_id, d.expected_wait_s)
             bound_s = 2 * d.bound_s  # the estimate said it fits the bound; twice it is the hard stop
-        if self.in_flight < self._usable(tier) and not self._queues["priority"].count and (
-                tier == "priority" or not self._queues["standard"].count):
+        # An interactive request that finds no free slot stops a batch line to get one (its slot
+        # comes back as that line's task ends, to this request waiting below; at once if the
+        # line gave it back while being stopped).
+        if self._free_for(tier) or (tier != "batch" and self._preempt_one() and self._free_for(tier)):
             self._took(tier)
             return queue.vtc.charge(queue.key(account), input_tokens, output_tokens)
         if cold and bound_s <= 0:
@@ -303,9 +326,34 @@ class PoolGate:
         err.headers = {**err.headers, "Retry-After": str(retry)}
         return err
 
-    def release(self, tier: str = "standard") -> None:
-        """A request of ``tier`` gives its slot back."""
+    def _free_for(self, tier: str) -> bool:
+        return self.in_flight < self._usable(tier) and not self._queues["priority"].count and (
+            tier == "priority" or not self._queues["standard"].count)
+
+    def hold_batch(self, holder: object, preempt: Callable[[], bool]) -> None:
+        """A batch line holding a slot that an interactive request may take back: ``preempt()``
+        stops the line (its slot comes back through ``release``) and says whether it did."""
+        self._preemptible[holder] = preempt
+
+    def _preempt_one(self) -> bool:
+        """An interactive request found no free slot: stop the batch line that started last
+        (the least work lost). The slot it gives back goes to the waiting request."""
+        while self._preemptible:
+            holder = next(reversed(self._preemptible))
+            preempt = self._preemptible.pop(holder)
+            if preempt():
+                self.preempted += 1
+                return True
+        return False
+
+    def release(self, tier: str = "standard", holder: object = None) -> None:
+        """A request of ``tier`` gives its slot back (``holder``: as given to ``hold_batch``)."""
+        if holder is not None:
+            self._preemptible.pop(holder, None)
         self.in_flight -= 1
+        if tier != "batch":
+            self.interactive_in_flight = max(0, self.interactive_in_flight - 1)
+            self._interactive_at = time.monotonic()
         if tier == "priority":
             self.priority_in_flight = max(0, self.priority_in_flight - 1)
         self._hand_over()
@@ -317,5 +365,5 @@ class PoolGate:
                 fut = queue.pop()
                 if fut is None:
                     break
-                self._took(tier)
+                self._took("batch" if fut in self._batch else tier)
                 fut.set_result(None)

@@ -13,6 +13,21 @@ lines), so an idle pool fills within a few rounds. A refused slot, or any intera
 waiting at the pool gate, halves it at once (16 → 8, never below 1) and ends the slow start; from
 then on a whole window of successes adds one line (8 → 9 after 8 successes): batch backs off
 within one line's time of an interactive queue forming and creeps back.
+
+Yielding to interactive traffic (``Pacer``): the window is how much batch may run on an idle
+pool. But on a pool where interactive requests run, batch lines cost them more than slots: each
+line's handling (proxy, ingress, replica, runner) takes CPU and engine steps that interactive
+requests then wait for, even with free slots. So batch fills the pool only while it is idle: no
+interactive request has run for ``quiet_s``. While one runs (or ran within ``quiet_s``), batch
+yields: at most one line in flight, started at most every ``trickle_s``, so that a batch still
+moves on a pool that is never idle. Worked example (quiet 1 s, trickle 1 s): 24 lines in flight
+on an idle pool; an interactive request arrives at t=10.0; the next line to finish reports it,
+and nothing new starts until the in-flight lines have drained, then one line per second; the
+interactive load stops at t=30.0; from t=31.0 the window (kept at 24) fills the pool again.
+The gate also reports how many slots batch may hold (``Signal.capacity``); the window starts
+there instead of probing for it, and never grows past it, so that batch is not refused (and
+halved) for asking more than the pool has. A line that an interactive request preempted at the
+gate (``deployments.pool_gate``) does not halve it either: the pacing already yields.
 """
 
 from __future__ import annotations
@@ -185,6 +200,63 @@ class Window:
     def on_busy(self) -> None:
         self.slow_start = False
         self.size = max(float(self.min), self.size / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A pool's interactive traffic as one ingress's gate sees it (priority and standard tiers)."""
+
+    interactive: int = 0  # interactive requests holding a slot now
+    waiting: int = 0  # interactive requests waiting for a slot
+    idle_s: float = float("inf")  # seconds since one last held a slot (0 while any does)
+    capacity: int | None = None  # slots batch may hold in the whole pool (None: not known)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Signal":
+        d = d or {}
+        cap = d.get("capacity")
+        return cls(int(d.get("interactive", 0)), int(d.get("waiting", 0)), float(d.get("idle_s", float("inf"))),
+                   None if cap is None else int(cap))
+
+
+@dataclass
+class Pacer:
+    """When batch lines may start: the window on an idle pool, a trickle beside interactive
+    traffic (see the module doc). ``now`` is any monotonic clock, passed in."""
+
+    window: Window
+    quiet_s: float = 1.0
+    trickle_s: float = 1.0
+    busy_until: float = float("-inf")  # interactive traffic seen: batch yields until then
+    last_start: float = float("-inf")
+
+    def observe(self, now: float, signal: Signal) -> None:
+        if signal.capacity is not None:
+            # The gate says how many slots batch may hold: no need to probe for them (a refusal
+            # would halve the window), so the window starts there and never grows past it.
+            cap = float(max(self.window.min, signal.capacity))
+            self.window.size = cap if self.window.slow_start else min(self.window.size, cap)
+        if signal.waiting > 0:
+            self.window.on_busy()
+        if signal.interactive > 0 or signal.waiting > 0:
+            self.busy_until = max(self.busy_until, now + self.quiet_s)
+        elif signal.idle_s < self.quiet_s:
+            self.busy_until = max(self.busy_until, now + self.quiet_s - signal.idle_s)
+
+    def busy(self, now: float) -> bool:
+        return now < self.busy_until
+
+    def may_start(self, now: float, in_flight: int) -> bool:
+        if not self.busy(now):
+            return in_flight < self.window.limit
+        return in_flight == 0 and now >= self.last_start + self.trickle_s
+
+    def started(self, now: float) -> None:
+        self.last_start = now
+
+    def next_start_s(self, now: float) -> float:
+        """Seconds until a line may start, if none is in flight (0: now)."""
+        return max(0.0, self.last_start + self.trickle_s - now) if self.busy(now) else 0.0
 
 
 def expired(created_at: float, window_s: float, now: float) -> bool:

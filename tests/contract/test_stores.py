@@ -115,6 +115,19 @@ def test_ledger_records_a_request_id_once(kind, ledger_prefix):
     _run(go())
 
 
+def test_ledger_says_which_request_ids_it_has_recorded(kind, ledger_prefix):
+    async def go():
+        ledger = _ledger(kind, ledger_prefix)
+        events = [usage_event("acct-" + uuid.uuid4().hex, n=i) for i in range(3)]
+        for e in events[:2]:
+            await ledger.record(e)
+        ids = [e["request_id"] for e in events]
+        assert await ledger.recorded(ids) == set(ids[:2])
+        assert await ledger.recorded([]) == set()
+
+    _run(go())
+
+
 def test_ledger_totals_and_spend_add_up(kind, ledger_prefix):
     async def go():
         ledger = _ledger(kind, ledger_prefix)
@@ -430,6 +443,20 @@ def test_a_line_is_completed_once_and_counted_once(batch_store):
         assert await batch_store.line_results("batch_l") == {7: first, 8: {"custom_id": "b"}}
         assert await batch_store.counts("batch_l") == (1, 1)
         assert await batch_store.counts("batch_other") == (0, 0)
+
+    _run(go())
+
+
+def test_a_sealed_batch_refuses_later_results(batch_store):
+    async def go():
+        assert await batch_store.complete_line("batch_s", 1, {"n": 1}, failed=False) is True
+        await batch_store.seal_lines("batch_s")
+        await batch_store.seal_lines("batch_s")  # idempotent
+        assert await batch_store.complete_line("batch_s", 2, {"n": 2}, failed=False) is False
+        assert await batch_store.complete_line("batch_s", 3, {"n": 3}, failed=True) is False
+        assert await batch_store.line_results("batch_s") == {1: {"n": 1}}
+        assert await batch_store.counts("batch_s") == (1, 0)
+        assert await batch_store.complete_line("batch_other", 2, {"n": 2}, failed=False) is True
 
     _run(go())
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from policies.batch import Window, can_move, dispatch_order, parse_input
+from policies.batch import Pacer, Signal, Window, can_move, dispatch_order, parse_input
 
 EP = "/v1/chat/completions"
 
@@ -94,3 +94,62 @@ def test_batch_leaves_headroom_for_interactive_arrivals():
     assert shed("standard", 24, 32, 0.5, 2.0, 4.0, 0.0, None, 0.25).admit
     assert not shed("batch", 24, 32, 0.5, 2.0, 4.0, 0.0, None, 0.25).admit
     assert shed("batch", 23, 32, 0.5, 2.0, 4.0, 0.0, None, 0.25).admit
+
+
+def _filled(window: Window, in_flight: int = 0, now: float = 0.0, pacer: Pacer | None = None) -> int:
+    """How many lines may start at ``now`` with ``in_flight`` running (each start recorded)."""
+    n = 0
+    while pacer.may_start(now, in_flight + n):
+        pacer.started(now)
+        n += 1
+    return n
+
+
+def test_batch_fills_an_idle_pool_up_to_its_window():
+    pacer = Pacer(Window(24.0, 64), quiet_s=1.0, trickle_s=1.0)
+    pacer.observe(0.0, Signal())  # nobody interactive, ever
+    assert _filled(pacer.window, pacer=pacer) == 24
+    pacer.observe(5.0, Signal(interactive=0, waiting=0, idle_s=3.0))  # the last one left 3 s ago
+    assert _filled(pacer.window, in_flight=20, now=5.0, pacer=pacer) == 4
+
+
+def test_batch_yields_to_interactive_traffic_down_to_a_trickle_and_fills_again_once_it_is_gone():
+    pacer = Pacer(Window(24.0, 64), quiet_s=1.0, trickle_s=1.0)
+    pacer.observe(10.0, Signal(interactive=2))
+    assert pacer.busy(10.0)
+    assert _filled(pacer.window, in_flight=23, now=10.0, pacer=pacer) == 0  # drain first
+    assert _filled(pacer.window, in_flight=0, now=10.5, pacer=pacer) == 1  # then one line
+    pacer.observe(10.9, Signal(interactive=1))  # it finished; interactive requests still run
+    assert _filled(pacer.window, in_flight=0, now=10.9, pacer=pacer) == 0  # not before trickle_s
+    pacer.observe(11.0, Signal(interactive=1))
+    assert pacer.next_start_s(11.0) == 0.5
+    assert _filled(pacer.window, in_flight=1, now=11.5, pacer=pacer) == 0  # one at a time
+    assert _filled(pacer.window, in_flight=0, now=11.5, pacer=pacer) == 1
+    # The last interactive request ended 0.4 s before this report: quiet from 12.6 on.
+    pacer.observe(12.0, Signal(interactive=0, idle_s=0.4))
+    assert pacer.busy(12.5) and not pacer.busy(12.6)
+    assert _filled(pacer.window, in_flight=0, now=12.6, pacer=pacer) == 24  # the window is kept
+    assert pacer.next_start_s(12.6) == 0.0
+
+
+def test_an_interactive_queue_also_halves_the_window():
+    pacer = Pacer(Window(24.0, 64), quiet_s=1.0, trickle_s=1.0)
+    pacer.observe(0.0, Signal(waiting=3))
+    assert pacer.window.limit == 12 and pacer.busy(0.5)
+    assert Signal.from_dict(None) == Signal() and Signal.from_dict({"interactive": 2}).interactive == 2
+
+
+def test_the_window_starts_at_the_capacity_the_gate_reports_and_never_grows_past_it():
+    pacer = Pacer(Window(2.0, 64), quiet_s=1.0, trickle_s=1.0)
+    pacer.observe(0.0, Signal(capacity=32))
+    assert _filled(pacer.window, pacer=pacer) == 32  # no slow start to probe for it
+    for _ in range(100):
+        pacer.window.on_success(0)
+        pacer.observe(0.0, Signal(capacity=32))
+    assert pacer.window.limit == 32
+    pacer.window.on_busy()  # a rate limit refused a line: halve, then creep back
+    pacer.observe(0.0, Signal(capacity=32))
+    assert pacer.window.limit == 16
+    pacer.observe(0.0, Signal(capacity=8))  # a replica left
+    assert pacer.window.limit == 8
+    assert Signal.from_dict({"capacity": 24}).capacity == 24 and Signal.from_dict({}).capacity is None

@@ -231,3 +231,47 @@ def test_waiters_of_many_accounts_given_up_at_random_never_leak_slots():
         assert gate.in_flight == 0 and gate.waiting() == 0
 
     asyncio.run(scenario())
+
+
+def test_the_interactive_signal_counts_interactive_slots_not_batch_ones():
+    async def scenario():
+        gate = _gate(priority=False)
+        assert gate.interactive_signal()["interactive"] == 0 and gate.interactive_signal()["idle_s"] > 1e6
+        await gate.acquire("batch", "m")
+        await gate.acquire("standard", "m")
+        sig = gate.interactive_signal()
+        assert sig["interactive"] == 1 and sig["idle_s"] == 0.0 and gate.in_flight == 2
+        gate.release("standard")
+        sig = gate.interactive_signal()
+        assert sig["interactive"] == 0 and 0.0 <= sig["idle_s"] < 60
+        gate.release("batch")
+        assert gate.interactive_signal()["interactive"] == 0 and gate.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_an_interactive_request_takes_a_slot_back_from_the_batch_line_that_started_last():
+    async def scenario():
+        gate = _gate(priority=False)  # 8 slots, batch may use them all (no headroom by default)
+        stopped: list[int] = []
+
+        def preemptor(i: int):
+            def preempt() -> bool:
+                stopped.append(i)
+                gate.release("batch", holder=i)  # the line's task ends and gives its slot back
+                return True
+            return preempt
+
+        for i in range(8):
+            await gate.acquire("batch", "m")
+            gate.hold_batch(i, preemptor(i))
+        assert gate.in_flight == 8
+        await asyncio.wait_for(gate.acquire("standard", "m"), 1)  # not shed, not left waiting
+        assert stopped == [7] and gate.in_flight == 8 and gate.interactive_signal()["interactive"] == 1
+        gate.release("batch", holder=6)  # a line that ends by itself is no longer preemptible
+        await gate.acquire("standard", "m")  # the free slot: nobody is stopped
+        assert stopped == [7]
+        await asyncio.wait_for(gate.acquire("standard", "m"), 1)
+        assert stopped == [7, 5] and gate.state()["batch_preempted"] == 2
+
+    asyncio.run(scenario())
