@@ -735,8 +735,6 @@ class BatchStore(Protocol):
 
     Exactly-once lines:
 
-    - ``claim_line`` counts attempts at a line in the store (the runner no longer uses it: it
-      numbers attempts itself, by its epoch, which saves a round trip per line);
     - ``complete_line`` stores a line's result only if it has none yet and the batch's results
       are not sealed, and bumps the batch's completed or failed count in the same atomic step. A
       second completion of the same line (a retry whose first attempt was still running) is
@@ -773,7 +771,6 @@ class BatchStore(Protocol):
 
     async def active_batches(self) -> list[str]: ...
 
-    async def claim_line(self, batch_id: str, index: int) -> int: ...  # the attempt number, from 1
 
     async def complete_line(self, batch_id: str, index: int, result: dict, failed: bool) -> bool: ...
 
@@ -801,7 +798,6 @@ class MemoryBatchStore:
     def __init__(self) -> None:
         self._files: dict[str, dict] = {}
         self._batches: dict[str, dict] = {}
-        self._claims: dict[str, dict[int, int]] = {}
         self._results: dict[str, dict[int, dict]] = {}
         self._counts: dict[str, list[int]] = {}
         self._sealed: set[str] = set()
@@ -846,10 +842,6 @@ class MemoryBatchStore:
     async def active_batches(self) -> list[str]:
         return [b for b, r in self._batches.items() if r["status"] not in TERMINAL_BATCH_STATES]
 
-    async def claim_line(self, batch_id: str, index: int) -> int:
-        claims = self._claims.setdefault(batch_id, {})
-        claims[index] = claims.get(index, 0) + 1
-        return claims[index]
 
     async def complete_line(self, batch_id, index, result, failed):
         results = self._results.setdefault(batch_id, {})
@@ -876,7 +868,7 @@ class RedisBatchStore:
     - ``files:<id>`` / ``batches:<id>``: the record (JSON);
     - ``files:acct:<account>`` / ``batches:acct:<account>``: sorted set of ids by creation time;
     - ``batches:active``: set of batch ids not in a terminal state;
-    - ``batch:<id>:claims``: hash line → attempts; ``batch:<id>:results``: hash line → result
+    - ``batch:<id>:results``: hash line → result
       (JSON); ``batch:<id>:counts``: hash with ``completed`` and ``failed``, and ``sealed`` once
       the results are sealed.
     """
@@ -977,8 +969,6 @@ class RedisBatchStore:
     async def active_batches(self) -> list[str]:
         return sorted(await _redis_call(self._r.smembers(self._k("batches", "active"))))
 
-    async def claim_line(self, batch_id: str, index: int) -> int:
-        return int(await _redis_call(self._r.hincrby(self._k("batch", batch_id, "claims"), str(index), 1)))
 
     async def complete_line(self, batch_id, index, result, failed):
         return bool(await _redis_call(self._complete(

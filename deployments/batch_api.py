@@ -21,8 +21,8 @@ For the runner (``deployments.batch_runner``), called through the ingress's hand
 from __future__ import annotations
 
 import asyncio
-import logging
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -385,10 +385,8 @@ class BatchApi:
         if not answered:
             return 0
         missing = set(answered) - await self.rt.billing.stores.ledger.recorded(list(answered))
-        model = next((m for m in self.config.models if m.id == rec.get("model")), None)
-        if model is None:
-            model = next(m for m in self.config.models
-                         if m.id == next(iter(answered.values()))["response"]["body"].get("model"))
+        model = (self.config.model(rec.get("model") or "")
+                 or self.config.model(next(iter(answered.values()))["response"]["body"].get("model", "")))
         for op_id in sorted(missing):
             u = answered[op_id]["response"]["body"].get("usage") or {}
             cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
