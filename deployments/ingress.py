@@ -153,6 +153,7 @@ class Ingress:
         return actor
 
     async def __del__(self):
+        self.rt.telemetry.flush()
         if self.rt.limiter is not None:
             await self.rt.limiter.close()
         await self.rt.billing.close()

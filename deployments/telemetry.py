@@ -10,6 +10,12 @@ strips the ``ray_`` prefix at scrape time, and the dashboard queries the ``ember
 ``NodeAddress``...): sum over them. Accounts appear in labels only as the top N by traffic
 (``policies/cardinality.py``); every other account is ``other``.
 
+Nothing of this is on a request's path: the ingress takes a settled request's numbers and records
+them, with its log line and its spans, in batches about ``RECORD_DELAY_S`` later (and at replica
+shutdown); counters are summed in the process and handed to Ray about once a second
+(``_Counts``). A replica that is killed loses at most that much of its telemetry, never a
+request or its bill.
+
 Why not OpenTelemetry metrics with a Prometheus reader: each replica process would need its own
 HTTP port, and a scrape would need every replica's address. Ray already aggregates per node and
 is what a Ray cluster's Prometheus scrapes.
@@ -111,6 +117,8 @@ class _Series:
         self.autoscale_load = Gauge("ember_autoscaling_load_replicas",
                                     "Replicas' worth of load the policy sees", tag_keys=("deployment",))
 
+        self.counts = _Counts()
+
     @classmethod
     def get(cls) -> "_Series":
         if cls._instance is None:
@@ -120,9 +128,40 @@ class _Series:
         return cls._instance
 
 
+class _Counts:
+    """Counter increments of one process, summed locally and handed to Ray at most once a
+    ``FLUSH_S`` per series and label set (Ray exports every few seconds anyway): a request adds to
+    a dict instead of calling into the core worker for each counter. Thread-safe: the routers of
+    the ingress's handles run on their own event loop thread."""
+
+    FLUSH_S = 1.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._sums: dict[tuple[Any, tuple], float] = {}
+        self._lock = threading.Lock()
+        self._flushed = clock()
+
+    def add(self, counter: Any, tags: tuple, value: float) -> None:
+        """``tags``: the label values in the counter's ``tag_keys`` order."""
+        key = (counter, tags)
+        with self._lock:
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        if self.clock() - self._flushed >= self.FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            sums, self._sums = self._sums, {}
+            self._flushed = self.clock()
+        for (counter, tags), value in sums.items():
+            counter.inc(value, tags=dict(zip(counter._tag_keys, tags)))
+
+
 def record_routing(pool: str, outcome: str, waited: bool) -> None:
     """One router placement (``deployments.affinity_router``)."""
-    _Series.get().routing.inc(1.0, tags={"pool": pool, "outcome": outcome, "waited": "true" if waited else "false"})
+    s = _Series.get()
+    s.counts.add(s.routing, (pool, outcome, "true" if waited else "false"), 1.0)
 
 
 def record_autoscaling(deployment: str, target: int, load: float) -> None:
@@ -310,6 +349,7 @@ class IngressTelemetry:
         self.tracer = tracer(obs.tracing)
         self.capture_content = obs.capture_content
         self.request_log = obs.request_log
+        self._pending: list[tuple[Any, float, Any]] = []  # settled, not yet recorded
 
     # At dispatch: the trace's root span and what happened before it; the carrier for the hop.
     def dispatched(self, life) -> dict[str, str] | None:
@@ -347,16 +387,55 @@ class IngressTelemetry:
     # At settlement, once per request.
     def finished(self, life) -> None:
         """Called once at settlement, which for a non-streamed request is before its response
-        leaves: take the request's numbers now, record them on the next turn of the event loop,
-        off the response's path."""
+        leaves: take the request's numbers now and record them later, in a batch, off the
+        response's path (``RECORD_DELAY_S``; at once past ``RECORD_BACKLOG`` requests)."""
         now = time.perf_counter()
         m = life.server_metrics() if life.final is not None and life.final.metrics is not None else None
+        self._pending.append((life, now, m))
         try:
-            asyncio.get_running_loop().call_soon(self._emit, life, now, m)
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a synchronous caller): record at once
-            self._emit(life, now, m)
+            self.flush()
+            return
+        if len(self._pending) == self.RECORD_BACKLOG:
+            loop.call_soon(self._record_some)
+        elif len(self._pending) == 1:
+            loop.call_later(self.RECORD_DELAY_S, self._record_some)
 
-    def _emit(self, life, now: float, m) -> None:
+    RECORD_DELAY_S = 0.5
+    RECORD_BACKLOG = 1024
+    RECORD_SLICE = 32  # requests recorded per turn of the event loop
+
+    def _record_some(self) -> None:
+        """Record up to ``RECORD_SLICE`` settled requests; the rest on the next turn of the loop, so
+        that responses in flight are not held behind a long batch."""
+        batch, self._pending[:self.RECORD_SLICE] = self._pending[:self.RECORD_SLICE], []
+        self._record_batch(batch)
+        if self._pending:
+            try:
+                asyncio.get_running_loop().call_soon(self._record_some)
+            except RuntimeError:
+                self.flush()
+        elif self.metrics is not None:
+            self.metrics.counts.flush()
+
+    def flush(self) -> None:
+        """Record every settled request now (at shutdown; tests)."""
+        batch, self._pending = self._pending, []
+        self._record_batch(batch)
+        if self.metrics is not None:
+            self.metrics.counts.flush()
+
+    def _record_batch(self, batch: list) -> None:
+        lines = []
+        for life, now, m in batch:
+            record = self._emit(life, now, m)
+            if record is not None:
+                lines.append(json.dumps(record, separators=(",", ":")))
+        if lines:  # one write for the batch: one JSON object per line
+            request_log.info("\n".join(lines))
+
+    def _emit(self, life, now: float, m) -> dict | None:
         status, reason = _status_of(life.outcome, life)
         job = life.job
         usage = life.usage
@@ -369,18 +448,18 @@ class IngressTelemetry:
             record = self._record(life, job, model, tier, status, reason, usage, now, m) if self.request_log else None
             if self.tracer is not None and (life.span is not None or job is not None):
                 self._end_trace(life, job, status, reason, usage, now, record)
-            if record is not None:
-                request_log.info(json.dumps(record, separators=(",", ":")))
+            return record
         except Exception:  # telemetry never fails a request
             log.exception("recording telemetry of a request failed")
+            return None
 
     def _metrics(self, life, job, model, tier, status, reason, usage, now, m) -> None:
         s = self.metrics
+        add = s.counts.add
         account = self.accounts.label(life.account, self.clock())
-        s.requests.inc(1.0, tags={"model": model, "tier": tier, "status": str(status), "reason": reason,
-                                  "account": account})
+        add(s.requests, (model, tier, str(status), reason, account), 1.0)
         if status == 429 and reason in ("prompt", "uncached", "generated", "requests"):
-            s.refusals.inc(1.0, tags={"model": model, "budget": reason, "account": account})
+            add(s.refusals, (model, reason, account), 1.0)
         if job is None:
             return
         mt = {"model": model, "tier": tier}
@@ -388,12 +467,12 @@ class IngressTelemetry:
         if life.slotted_at:
             s.gate_wait.observe(life.slotted_at - life.queued_at, tags=mt)
         if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
-            at = {**mt, "account": account}
-            s.prompt_tokens.inc(float(usage.prompt_tokens), tags=at)
+            at = (model, tier, account)
+            add(s.prompt_tokens, at, float(usage.prompt_tokens))
             if usage.cached_tokens:
-                s.cached_tokens.inc(float(usage.cached_tokens), tags=at)
+                add(s.cached_tokens, at, float(usage.cached_tokens))
             if usage.completion_tokens:
-                s.generated_tokens.inc(float(usage.completion_tokens), tags=at)
+                add(s.generated_tokens, at, float(usage.completion_tokens))
             if usage.prompt_tokens:
                 s.cache_hit_ratio.observe(usage.cached_tokens / usage.prompt_tokens, tags={"model": model})
         if m is not None:
@@ -487,6 +566,7 @@ class IngressTelemetry:
                     s.gate_in_flight.set(float(gate.in_flight), tags={"model": model_id})
                     s.gate_slots.set(float(gate.slots), tags={"model": model_id})
                 s.ledger_backlog.set(float(billing.backlog()))
+                s.counts.flush()  # the routers' counts, when no request has come for a while
             except Exception:
                 log.debug("sampling gauges failed", exc_info=True)
             await asyncio.sleep(self.sample_interval_s)
