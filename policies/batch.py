@@ -185,17 +185,22 @@ class Window:
     max: int
     min: int = 1
     slow_start: bool = True  # until the first back-off: one more line per success
+    ceiling: float | None = None  # slots the gate says batch may hold (None: not known)
+
+    @property
+    def top(self) -> float:
+        return float(self.max) if self.ceiling is None else min(float(self.max), self.ceiling)
 
     @property
     def limit(self) -> int:
-        return max(self.min, min(self.max, int(self.size)))
+        return max(self.min, min(int(self.top), int(self.size)))
 
     def on_success(self, interactive_waiting: int) -> None:
         if interactive_waiting > 0:
             self.on_busy()
             return
         step = 1.0 if self.slow_start else 1.0 / max(1.0, self.size)
-        self.size = min(float(self.max), self.size + step)
+        self.size = min(self.top, self.size + step)
 
     def on_busy(self) -> None:
         self.slow_start = False
@@ -235,6 +240,7 @@ class Pacer:
             # The gate says how many slots batch may hold: no need to probe for them (a refusal
             # would halve the window), so the window starts there and never grows past it.
             cap = float(max(self.window.min, signal.capacity))
+            self.window.ceiling = cap
             self.window.size = cap if self.window.slow_start else min(self.window.size, cap)
         if signal.waiting > 0:
             self.window.on_busy()

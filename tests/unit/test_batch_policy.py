@@ -153,3 +153,20 @@ def test_the_window_starts_at_the_capacity_the_gate_reports_and_never_grows_past
     pacer.observe(0.0, Signal(capacity=8))  # a replica left
     assert pacer.window.limit == 8
     assert Signal.from_dict({"capacity": 24}).capacity == 24 and Signal.from_dict({}).capacity is None
+
+
+def test_a_success_reported_after_the_capacity_does_not_take_the_window_past_it():
+    # The runner observes the gate's signal, then counts the line's success: the window must stay
+    # at the capacity, or the next line is refused at the gate and the window halves.
+    pacer = Pacer(Window(2.0, 64), quiet_s=1.0, trickle_s=1.0)
+    pacer.observe(0.0, Signal(capacity=32))
+    for _ in range(5):
+        pacer.window.on_success(0)
+    assert pacer.window.limit == 32 and pacer.window.slow_start
+    pacer.observe(0.0, Signal(capacity=40))  # a replica joined: room to grow again
+    pacer.window.on_busy()  # 20, then one line per window of successes
+    limits = []
+    for _ in range(2000):
+        pacer.window.on_success(0)
+        limits.append(pacer.window.limit)
+    assert max(limits) == limits[-1] == 40
