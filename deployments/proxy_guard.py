@@ -18,13 +18,20 @@ cross the Ray hop to the ingress:
   trickling body through a Ray call, so slow senders cost the ingress (and every tenant on it)
   work per byte. Multipart uploads (files) pass through as a stream.
 - **Requests per key** in flight through this proxy are capped (``EMBER_PROXY_MAX_PER_KEY``, 128;
-  the key is the ``Authorization`` header's hash, or the client address without one): past it,
-  429 at once.
+  the key is the ``Authorization`` header's hash, or the client address without one): past it, a
+  request waits for a slot of its key (first come, first served) for up to
+  ``EMBER_PROXY_REFUSAL_DELAY_S`` (1 s), then gets a 429; at most
+  ``EMBER_PROXY_MAX_WAITING_PER_KEY`` (512) wait, past that the 429 is at once.
 - **Refusals that hold for a while are repeated here** (the hold headers of ``deployments.wire``
   on a 429): an account refused as a whole (too many large bodies that failed validation) is
   answered here without its bodies being read; a key refused by a model's rate limit is answered
   here for that model (its body read, not forwarded) for as long as the limiter remembers the
   refusal. The headers never reach the caller.
+- **Refusals are slow**: a held request is answered when its hold ends or after
+  ``EMBER_PROXY_REFUSAL_DELAY_S``, whichever is first, holding its key's slot meanwhile. A client that
+  retries a 429 at once (or keeps more connections open than its key may use) then makes one
+  request a second per connection instead of hundreds, so its refusals cost the proxy, and the
+  tenants beside it on these cores, little. The ``Retry-After`` a client may ignore is enforced.
 
 Serve loads it in the proxy process when ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` is
 ``deployments.proxy_guard:middlewares`` in the environment of the Ray nodes (``make run`` and the
@@ -39,7 +46,7 @@ import json
 import math
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from starlette.middleware import Middleware
 
@@ -98,7 +105,10 @@ class ProxyGuard:
         self.body_timeout_s = _env_number("EMBER_PROXY_BODY_TIMEOUT_S", 10.0)
         self.max_body_bytes = int(_env_number("EMBER_PROXY_MAX_BODY_BYTES", 4 * 1024 * 1024))
         self.max_per_key = int(_env_number("EMBER_PROXY_MAX_PER_KEY", 128))
+        self.refusal_delay_s = _env_number("EMBER_PROXY_REFUSAL_DELAY_S", 1.0)
+        self.max_waiting_per_key = int(_env_number("EMBER_PROXY_MAX_WAITING_PER_KEY", 512))
         self.in_flight: dict[bytes, int] = {}
+        self.waiting: dict[bytes, deque[asyncio.Future]] = {}  # key -> requests waiting for its slot
         # (key, model id or None for every model) -> (until, the 429's body)
         self.holds: OrderedDict[tuple[bytes, str | None], tuple[float, bytes]] = OrderedDict()
         self.model_holds: dict[bytes, int] = {}  # key -> how many of its holds are per model
@@ -149,16 +159,14 @@ class ProxyGuard:
         scope = dict(scope)
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() not in STRIPPED]
         key = self._key(scope)
-        hold = self._held(key, None)
-        if hold is not None:
-            return await self._repeat(send, hold)
-        held = self.in_flight.get(key, 0)
-        if held >= self.max_per_key:
+        if not await self._acquire(key):
             return await _respond(send, 429, f"too many concurrent requests with this key: at most "
                                              f"{self.max_per_key} at a time", "concurrency_limit_exceeded",
                                   "rate_limit_error", {"Retry-After": "1"})
-        self.in_flight[key] = held + 1
         try:
+            hold = self._held(key, None)
+            if hold is not None:
+                return await self._refuse_held(send, hold)
             if scope["method"] in BODY_METHODS and not _multipart(scope):
                 body = await self._buffered(scope, receive, send)
                 if body is None:
@@ -166,15 +174,59 @@ class ProxyGuard:
                 if key in self.model_holds:
                     hold = self._held(key, wire.peek_model(body))
                     if hold is not None:
-                        return await self._repeat(send, hold)
+                        return await self._refuse_held(send, hold)
                 receive = _replay(body, receive)
             await self._forward(scope, receive, send, key)
         finally:
-            left = self.in_flight.get(key, 1) - 1
-            if left > 0:
-                self.in_flight[key] = left
-            else:
-                self.in_flight.pop(key, None)
+            self._release(key)
+
+    async def _acquire(self, key: bytes) -> bool:
+        """A slot of ``key``'s: at once if it has one free, else the first one released within the
+        refusal delay (waiters served in order); False if none came."""
+        held = self.in_flight.get(key, 0)
+        if held < self.max_per_key:
+            self.in_flight[key] = held + 1
+            return True
+        queue = self.waiting.setdefault(key, deque())
+        if len(queue) >= self.max_waiting_per_key:
+            return False
+        slot = asyncio.get_running_loop().create_future()
+        queue.append(slot)
+        try:
+            await asyncio.wait_for(asyncio.shield(slot), self.refusal_delay_s)
+        except TimeoutError:
+            pass
+        except BaseException:  # cancelled while waiting: a slot handed over meanwhile goes on
+            if slot.done() and not slot.cancelled():
+                self._release(key)
+            raise
+        finally:
+            if not slot.done():
+                slot.cancel()
+                queue.remove(slot)
+                if not queue:
+                    self.waiting.pop(key, None)
+        return not slot.cancelled()
+
+    def _release(self, key: bytes) -> None:
+        queue = self.waiting.get(key)
+        while queue:
+            slot = queue.popleft()
+            if not queue:
+                self.waiting.pop(key, None)
+            if not slot.done():
+                slot.set_result(None)  # the slot passes to the first waiter: in_flight is unchanged
+                return
+        left = self.in_flight.get(key, 1) - 1
+        if left > 0:
+            self.in_flight[key] = left
+        else:
+            self.in_flight.pop(key, None)
+
+    async def _refuse_held(self, send, hold: tuple[float, bytes]) -> None:
+        """The held 429, once the hold ends or the refusal delay passes, whichever is first."""
+        await asyncio.sleep(min(self.refusal_delay_s, max(0.0, hold[0] - self.clock())))
+        await self._repeat(send, hold)
 
     async def _buffered(self, scope, receive, send) -> bytes | None:
         """The whole body, read within the deadline and cap; None if answered (or the client left)."""

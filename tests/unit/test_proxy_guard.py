@@ -1,5 +1,6 @@
 """The proxy middleware on its own, driven as an ASGI app: bodies read whole within a deadline and
-a cap, requests per key capped, account-wide refusals repeated without the app."""
+a cap, requests per key capped (a request past the cap waits for a slot, briefly), refusals that
+hold repeated without the app, and answered only after the refusal delay."""
 
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def env(monkeypatch):
     monkeypatch.setenv("EMBER_PROXY_BODY_TIMEOUT_S", "0.2")
     monkeypatch.setenv("EMBER_PROXY_MAX_BODY_BYTES", "100")
     monkeypatch.setenv("EMBER_PROXY_MAX_PER_KEY", "2")
+    monkeypatch.setenv("EMBER_PROXY_REFUSAL_DELAY_S", "0.05")
 
 
 def test_a_body_in_pieces_reaches_the_app_whole_in_one_message(env):
@@ -107,7 +109,10 @@ def test_requests_per_key_are_capped_and_other_keys_pass(env):
         held = [asyncio.create_task(call(guard, scope(), receiver(b"{}"))) for _ in range(2)]
         while len(app.calls) < 2:
             await asyncio.sleep(0)
+        t0 = asyncio.get_running_loop().time()
         third = await call(guard, scope(), receiver(b"{}"))
+        assert asyncio.get_running_loop().time() - t0 >= 0.045  # refused after waiting for a slot
+        assert guard.waiting == {}
         gate.set()
         other = await call(guard, scope(key=b"Bearer k2"), receiver(b"{}"))
         done = [await t for t in held]
@@ -119,6 +124,75 @@ def test_requests_per_key_are_capped_and_other_keys_pass(env):
     assert third[1]["retry-after"] == "1"
     assert other[0] == 200 and [d[0] for d in done] == [200, 200] and after[0] == 200
     assert guard.in_flight == {}  # every place given back
+
+
+def test_a_request_past_the_cap_takes_the_first_slot_released_within_the_delay(env, monkeypatch):
+    monkeypatch.setenv("EMBER_PROXY_REFUSAL_DELAY_S", "5")
+    monkeypatch.setenv("EMBER_PROXY_MAX_WAITING_PER_KEY", "2")
+
+    async def run():
+        gate = asyncio.Event()
+        app = App(gate=gate)
+        guard = ProxyGuard(app)
+        held = [asyncio.create_task(call(guard, scope(), receiver(b'{"n":%d}' % i))) for i in range(2)]
+        while len(app.calls) < 2:
+            await asyncio.sleep(0)
+        waiting = [asyncio.create_task(call(guard, scope(), receiver(b'{"n":%d}' % i))) for i in (2, 3)]
+        while sum(len(q) for q in guard.waiting.values()) < 2:
+            await asyncio.sleep(0)
+        t0 = asyncio.get_running_loop().time()
+        refused = await call(guard, scope(), receiver(b"{}"))  # past the waiting bound: at once
+        refused_s = asyncio.get_running_loop().time() - t0
+        gate.set()
+        done = [await t for t in held + waiting]
+        return refused, refused_s, done, app, guard
+
+    refused, refused_s, done, app, guard = asyncio.run(run())
+    assert refused[0] == 429 and refused[2]["error"]["code"] == "concurrency_limit_exceeded" and refused_s < 1
+    assert [d[0] for d in done] == [200] * 4
+    assert [c[0]["body"] for c in app.calls] == [b'{"n":0}', b'{"n":1}', b'{"n":2}', b'{"n":3}']  # in order
+    assert guard.in_flight == {} and guard.waiting == {}
+
+
+def test_a_request_that_leaves_while_waiting_gives_back_its_place(env, monkeypatch):
+    monkeypatch.setenv("EMBER_PROXY_REFUSAL_DELAY_S", "5")
+
+    async def run():
+        gate = asyncio.Event()
+        app = App(gate=gate)
+        guard = ProxyGuard(app)
+        held = [asyncio.create_task(call(guard, scope(), receiver(b"{}"))) for _ in range(2)]
+        while len(app.calls) < 2:
+            await asyncio.sleep(0)
+        waiter = asyncio.create_task(call(guard, scope(), receiver(b"{}")))
+        while not guard.waiting:
+            await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        gate.set()
+        return [await t for t in held], guard
+
+    done, guard = asyncio.run(run())
+    assert [d[0] for d in done] == [200, 200] and guard.in_flight == {} and guard.waiting == {}
+
+
+def test_a_held_request_is_answered_when_its_hold_ends_or_after_the_refusal_delay(env):
+    refusal = json.dumps({"error": {"message": "rate limit exceeded", "type": "rate_limit_error",
+                                    "param": None, "code": "rate_limit_exceeded"}}).encode()
+
+    async def timed(guard):
+        t0 = asyncio.get_running_loop().time()
+        out = await call(guard, scope(), receiver(b"{}"))
+        return out, asyncio.get_running_loop().time() - t0
+
+    for hold_s, at_least_s in (("0.02", 0.015), ("30", 0.045)):  # the refusal delay is 0.05 s (env)
+        app = App(status=429, body=refusal, headers=[(b"retry-after", b"1"), (b"x-ember-hold-key-s", hold_s.encode())])
+        guard = ProxyGuard(app, clock=lambda: 0.0)  # time stands still: only the wait passes
+        asyncio.run(call(guard, scope(), receiver(b"{}")))
+        (status, _, body), took_s = asyncio.run(timed(guard))
+        assert (status, body["error"]["code"]) == (429, "rate_limit_exceeded") and len(app.calls) == 1
+        assert at_least_s <= took_s < 1.0
 
 
 def test_an_account_wide_refusal_is_repeated_by_the_proxy_until_it_expires(env):
