@@ -363,9 +363,11 @@ class IngressConfig(_Strict):
     max_concurrent_per_account: int = Field(64, ge=1)
     # Large bodies (64 KiB and more) that an account sent and that failed validation: at this many
     # within the window the account is refused (429) until the oldest leaves it, and Serve's proxy
-    # refuses it too, before reading its bodies (deployments/proxy_guard.py).
-    failed_large_limit: int = Field(8, ge=1)
-    failed_large_window_s: float = Field(10.0, gt=0)
+    # refuses it too, before reading its bodies (deployments/proxy_guard.py). Each such body costs
+    # the replica's event loop ~20-40 ms (a 2 MiB one): 4 a minute keep a flood's cost to other
+    # tenants below their p99 (abuse benchmark).
+    failed_large_limit: int = Field(4, ge=1)
+    failed_large_window_s: float = Field(60.0, gt=0)
     # Reads of /v1/usage per account and minute (they hit the store).
     usage_requests_per_minute: int = Field(60, ge=1)
     # Upper bound on max_tokens a caller may ask for, whatever the context allows.

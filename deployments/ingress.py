@@ -27,7 +27,15 @@ from deployments.auth import FailureThrottle, KeyAuth
 from deployments.batch_api import BatchApi
 from deployments.billing import Billing, outbox_path
 from deployments.embeddings import EmbeddingServing
-from deployments.errors import ApiError, bad_request, error_response, error_sse_event, not_found, to_error
+from deployments.errors import (
+    ApiError,
+    bad_request,
+    error_response,
+    error_sse_event,
+    not_found,
+    to_error,
+    too_many_failed_large,
+)
 from deployments.engines.protocol import EngineOutput
 from deployments.lifecycle import LifeStream, RequestLife, Runtime
 from deployments.openai_api import perf_headers, perf_metrics
@@ -342,7 +350,11 @@ class Ingress:
         lock = self._heavy.setdefault(account, asyncio.Lock())
         try:
             async with lock:
-                return await asyncio.to_thread(serving.prepare, rid, account, body, headers)
+                # Bodies queued behind this lock while the account's earlier ones failed are
+                # refused here, not parsed.
+                wait = self.rt.failed_large.retry_after(account)
+                if wait is None:
+                    return await asyncio.to_thread(serving.prepare, rid, account, body, headers)
         except Exception as exc:
             # A large body that fails validation cost this replica its parse: an account that
             # keeps sending them is refused for a while (and by the proxy, before their bodies).
@@ -352,6 +364,7 @@ class Ingress:
         finally:
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 self._heavy.pop(account, None)
+        raise too_many_failed_large(wait, self.config.ingress.failed_large_window_s)
 
     def _whole(self, life: RequestLife, outs, headers: dict[str, str]) -> Response:
         job, usage, final = life.job, life.usage, life.final

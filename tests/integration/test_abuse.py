@@ -4,6 +4,7 @@ control headers and errors."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import json
 import select
@@ -156,6 +157,25 @@ def test_an_account_whose_large_bodies_keep_failing_is_refused_then_held_in_the_
     assert _client(app).chat.completions.create(model=MODEL, messages=MSG, max_tokens=1).choices
 
 
+def test_large_bodies_sent_at_once_are_parsed_only_until_the_account_is_refused(app):
+    # Large bodies of one account are parsed one at a time; those queued behind the ones that
+    # failed are refused (429) once the account reaches failed_large_limit (3), not parsed.
+    key = _account(app, "burster")
+    bad = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "x"}] * 9000}
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=app + "/v1", headers={"Authorization": f"Bearer {key}"},
+                                     timeout=30) as c:
+            # 4: the account's concurrent-request cap in this ingress (max_concurrent_per_account)
+            return await asyncio.gather(*(c.post("/chat/completions", json=bad) for _ in range(4)))
+
+    answers = asyncio.run(send_all())
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [400, 400, 400, 429], [r.text[:120] for r in answers]
+    assert {r.json()["error"]["code"] for r in answers if r.status_code == 400} == {"context_length_exceeded"}
+    assert {r.json()["error"]["code"] for r in answers if r.status_code == 429} == {"too_many_failed_requests"}
+
+
 def test_generated_tokens_are_reserved_in_full_so_a_burst_cannot_pass_the_limit(app):
     client = _client(app, _account(app, "bursty"))
     # n x max_tokens = 32,000 > the 20,000 a minute limit: it can never fit, refused at once.
@@ -178,7 +198,9 @@ def test_generated_tokens_are_reserved_in_full_so_a_burst_cannot_pass_the_limit(
 def test_a_limited_account_is_refused_before_its_body_is_parsed(app):
     key = _account(app, "limited")
     client = _client(app, key)
-    long = [{"role": "user", "content": "word " * 4000}]  # ~4,000 of the 20,000 prompt tokens a minute
+    # ~7,000 of the 20,000 prompt tokens a minute: the third is short by thousands, so its refusal
+    # stands for seconds (the proxy holds it for at most 1 s), not the few ms a near miss would
+    long = [{"role": "user", "content": "word " * 7000}]
     with pytest.raises(openai.RateLimitError):
         for _ in range(10):
             client.chat.completions.create(model=MODEL, messages=long, max_tokens=1)
