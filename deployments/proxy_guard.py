@@ -140,11 +140,7 @@ class ProxyGuard:
         del self.holds[hk]
         key, model = hk
         if model is not None:
-            left = self.model_holds.get(key, 1) - 1
-            if left > 0:
-                self.model_holds[key] = left
-            else:
-                self.model_holds.pop(key, None)
+            _decrement(self.model_holds, key)
 
     async def _repeat(self, send, hold: tuple[float, bytes]) -> None:
         wait = str(max(1, math.ceil(hold[0] - self.clock())))
@@ -217,11 +213,7 @@ class ProxyGuard:
             if not slot.done():
                 slot.set_result(None)  # the slot passes to the first waiter: in_flight is unchanged
                 return
-        left = self.in_flight.get(key, 1) - 1
-        if left > 0:
-            self.in_flight[key] = left
-        else:
-            self.in_flight.pop(key, None)
+        _decrement(self.in_flight, key)
 
     async def _refuse_held(self, send, hold: tuple[float, bytes]) -> None:
         """The held 429, once the hold ends or the refusal delay passes, whichever is first."""
@@ -302,6 +294,14 @@ class ProxyGuard:
             return await send(message)
 
         await self.app(scope, receive, guarded_send)
+
+
+def _decrement(counts: dict[bytes, int], key: bytes) -> None:
+    left = counts.get(key, 1) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _replay(body: bytes, receive):

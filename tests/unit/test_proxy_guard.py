@@ -64,6 +64,17 @@ async def call(guard, sc, receive) -> tuple[int, dict, dict]:
     return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, json.loads(body)
 
 
+async def _key_full(body=lambda i: b"{}"):
+    """A guard whose key k1 holds both its places (EMBER_PROXY_MAX_PER_KEY=2) until ``gate`` is set."""
+    gate = asyncio.Event()
+    app = App(gate=gate)
+    guard = ProxyGuard(app)
+    held = [asyncio.create_task(call(guard, scope(), receiver(body(i)))) for i in range(2)]
+    while len(app.calls) < 2:
+        await asyncio.sleep(0)
+    return gate, app, guard, held
+
+
 @pytest.fixture
 def env(monkeypatch):
     monkeypatch.setenv("EMBER_PROXY_BODY_TIMEOUT_S", "0.2")
@@ -103,12 +114,7 @@ def test_multipart_uploads_and_gets_pass_through_unbuffered(env):
 
 def test_requests_per_key_are_capped_and_other_keys_pass(env):
     async def run():
-        gate = asyncio.Event()
-        app = App(gate=gate)
-        guard = ProxyGuard(app)
-        held = [asyncio.create_task(call(guard, scope(), receiver(b"{}"))) for _ in range(2)]
-        while len(app.calls) < 2:
-            await asyncio.sleep(0)
+        gate, app, guard, held = await _key_full()
         t0 = asyncio.get_running_loop().time()
         third = await call(guard, scope(), receiver(b"{}"))
         assert asyncio.get_running_loop().time() - t0 >= 0.045  # refused after waiting for a slot
@@ -131,12 +137,7 @@ def test_a_request_past_the_cap_takes_the_first_slot_released_within_the_delay(e
     monkeypatch.setenv("EMBER_PROXY_MAX_WAITING_PER_KEY", "2")
 
     async def run():
-        gate = asyncio.Event()
-        app = App(gate=gate)
-        guard = ProxyGuard(app)
-        held = [asyncio.create_task(call(guard, scope(), receiver(b'{"n":%d}' % i))) for i in range(2)]
-        while len(app.calls) < 2:
-            await asyncio.sleep(0)
+        gate, app, guard, held = await _key_full(lambda i: b'{"n":%d}' % i)
         waiting = [asyncio.create_task(call(guard, scope(), receiver(b'{"n":%d}' % i))) for i in (2, 3)]
         while sum(len(q) for q in guard.waiting.values()) < 2:
             await asyncio.sleep(0)
@@ -158,12 +159,7 @@ def test_a_request_that_leaves_while_waiting_gives_back_its_place(env, monkeypat
     monkeypatch.setenv("EMBER_PROXY_REFUSAL_DELAY_S", "5")
 
     async def run():
-        gate = asyncio.Event()
-        app = App(gate=gate)
-        guard = ProxyGuard(app)
-        held = [asyncio.create_task(call(guard, scope(), receiver(b"{}"))) for _ in range(2)]
-        while len(app.calls) < 2:
-            await asyncio.sleep(0)
+        gate, app, guard, held = await _key_full()
         waiter = asyncio.create_task(call(guard, scope(), receiver(b"{}")))
         while not guard.waiting:
             await asyncio.sleep(0)
