@@ -36,9 +36,9 @@ def _router(ttl: float = 1.0, account_replicas: int | None = None, owner_wait_s:
     return router
 
 
-def _request(rid: str, session: str) -> PendingRequest:
-    return PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(request_id=rid, internal_request_id=rid,
-                                                                       session_id=session))
+def _request(rid: str, session: str, args: list | None = None) -> PendingRequest:
+    return PendingRequest(args=args or [], kwargs={}, metadata=RequestMetadata(request_id=rid, internal_request_id=rid,
+                                                                               session_id=session))
 
 
 def _key_owned_by(owner: str, nodes: list[str]) -> str:
@@ -50,8 +50,9 @@ def _key_owned_by(owner: str, nodes: list[str]) -> str:
     raise AssertionError("no key found")
 
 
-async def _choose(router: AffinityRouter, replicas: list[Replica], rid: str, session: str) -> ReplicaID:
-    ranks = await router.choose_replicas(replicas, _request(rid, session))
+async def _choose(router: AffinityRouter, replicas: list[Replica], rid: str, session: str,
+                  args: list | None = None) -> ReplicaID:
+    ranks = await router.choose_replicas(replicas, _request(rid, session, args))
     assert len(ranks) == 1 and len(ranks[0]) == 1
     return ranks[0][0].replica_id
 
@@ -224,5 +225,30 @@ def test_a_request_takes_an_alternate_when_its_owner_stays_full():
         router._owner_wait_s = 5.0
         assert (await _choose(router, replicas, "w3", "")).unique_id == "b"
         assert loop.time() - t0 < 0.1
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_line_takes_an_alternate_at_once_and_an_interactive_request_still_waits():
+    from deployments.engines.protocol import EngineRequest, SamplingParams
+    from policies.tiers import ENGINE_PRIORITY
+
+    def engine_request(tier: str) -> EngineRequest:
+        return EngineRequest(request_id=tier, prompt_token_ids=[1, 2], sampling=SamplingParams(max_tokens=1),
+                             priority=ENGINE_PRIORITY[tier])
+
+    async def scenario():
+        router = _router(owner_wait_s=5.0)
+        replicas, a, key = await _full_owner(router)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert (await _choose(router, replicas, "b1", key, [engine_request("batch"), None])).unique_id == "b"
+        assert loop.time() - t0 < 1.0  # not the 5 s owner wait
+        _complete(router, ReplicaID("b", DEP), "b1")
+        waiting = asyncio.ensure_future(_choose(router, replicas, "s1", key, [engine_request("standard"), None]))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # a standard request waits for its owner
+        _complete(router, a, "r0")
+        assert await waiting == a
 
     asyncio.run(scenario())
