@@ -61,7 +61,7 @@ bench-gateway: model
 	HF_HUB_OFFLINE=1 $(PY) tests/benchmarks/gateway_overhead.py
 
 bench-observability: model
-	HF_HUB_OFFLINE=1 $(PY) tests/benchmarks/observability.py
+	HF_HUB_OFFLINE=1 $(PY) tests/benchmarks/observability.py --crossover 600
 
 bench-engine: model
 	HF_HUB_OFFLINE=1 $(PY) tests/benchmarks/engine_path.py --serve-preset haproxy+throughput --engine-threads 2
