@@ -257,7 +257,7 @@ class ChatServing(_Serving):
         ``json.loads`` takes ~20 ms. Anything odd is left to the validation to report."""
         try:
             obj = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep: validation says so
             return
         if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) \
                 or not isinstance(obj.get("model"), str):
