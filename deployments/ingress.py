@@ -43,7 +43,7 @@ from deployments.pool_gate import PoolGate
 from deployments.prompts import PromptBuilder
 from deployments.responses import ResponsesApi, ResponsesServing
 from deployments.rate_limiter import ACTOR_NAMESPACE, LimiterClient, RateLimiter
-from deployments.serving import SSE_DONE, ChatServing, CompletionServing, Job, dumps
+from deployments.serving import LARGE_BODY_BYTES, SSE_DONE, ChatServing, CompletionServing, Job, dumps
 from deployments.wire import peek_model
 from deployments.telemetry import IngressTelemetry, configure_request_log
 from policies.consistent_hash import stable_hash
@@ -54,7 +54,6 @@ log = logging.getLogger("ember.ingress")
 API_PREFIXES = ("/v1/", "/inference/v1/")
 REPLICA_HEADER = "x-ember-replica"  # which pool replica served a request: for operators and benchmarks
 REPLICA_SPAN_HEADER = "x-ember-replica-span"  # "start,end": when that replica held it (Unix seconds)
-INLINE_PREPARE_BYTES = 64 * 1024  # bodies below this are parsed on the event loop (a thread costs more)
 
 
 def _usage_row(row: dict) -> dict:
@@ -345,7 +344,7 @@ class Ingress:
     async def _prepare(self, serving, rid: str, account: str, body: bytes, headers) -> Job:
         """Parse, render and tokenize: on a worker thread for large bodies, so the event loop
         keeps serving other tenants, and one such body at a time per account."""
-        if len(body) < INLINE_PREPARE_BYTES:
+        if len(body) < LARGE_BODY_BYTES:  # parsed on the event loop: a thread costs more
             return serving.prepare(rid, account, body, headers)
         lock = self._heavy.setdefault(account, asyncio.Lock())
         try:

@@ -241,7 +241,10 @@ class _Serving:
         )
 
 
-LARGE_BODY_BYTES = 64 * 1024  # chat bodies from this size have their messages counted first
+# Bodies from this size are large: the ingress parses them on a worker thread, one at a time per
+# account, counts their failures (ingress.failed_large_limit), and a chat body's messages are
+# counted before it is validated.
+LARGE_BODY_BYTES = 64 * 1024
 
 
 class ChatServing(_Serving):
