@@ -21,6 +21,13 @@ replica ever holds more than the cap. Batch lines (the engine request's batch pr
 wait: a batch sends a prefix group's lines together, so they keep their owner full and each
 would wait the whole ``owner_wait_s`` (on an idle pool of 2 replicas this cut batch throughput by
 nearly half); at an alternate a line misses its prefix once, and that replica has it after.
+Nor does a key this router has not placed recently (not among its last ``_SEEN_MAX`` keys): a
+new conversation has nothing cached at its owner to wait for, and under a saturated gate every
+such wait holds a gate slot while another replica's engine slot stands idle (at a 4x load step
+on 4 replicas of 4 sequences, waits for owners of fresh keys cost about a tenth of the pool's
+throughput). A session's later turns are seen keys and wait as before. With several ingress
+replicas, each knows the keys it placed itself; a turn that reaches an ingress that has not seen
+its key takes an alternate at once if its owner is full.
 
 Serve hands the chosen replica to exactly the request it was chosen for (the base class's
 matching by request id, not ``FIFOMixin``'s oldest-first order): another request's owner is
@@ -55,6 +62,7 @@ from policies.tiers import ENGINE_PRIORITY
 _DONE_EARLY_MAX = 4096
 _PLACING_TTL_S = 5.0
 _WAIT_SLICE_S = 0.02  # a waiting request looks again at least this often
+_SEEN_MAX = 65_536  # keys remembered as placed (their hashes; about 6 MB at most)
 
 
 def _is_batch(pending_request: Optional[PendingRequest]) -> bool:
@@ -103,6 +111,7 @@ class AffinityRouter(PublishesCapacity, RequestRouter):
         self._ring = HashRing([], self._vnodes)
         self._ring_ids: frozenset[str] = frozenset()
         self._metrics = metrics
+        self._seen: OrderedDict[int, None] = OrderedDict()  # hashes of recently placed keys, oldest first
 
     def _ring_for(self, ids: frozenset[str]) -> HashRing:
         if ids != self._ring_ids:
@@ -121,7 +130,7 @@ class AffinityRouter(PublishesCapacity, RequestRouter):
         ring = self._ring_for(frozenset(by_id))
         key = (pending_request.metadata.session_id if pending_request is not None else "") or None
         group = key_group(key) if key else None
-        wait_s = 0.0 if _is_batch(pending_request) else self._owner_wait_s
+        wait_s = self._owner_wait_s if key and self._seen_before(key) and not _is_batch(pending_request) else 0.0
         deadline = time.monotonic() + wait_s
         waited = False
         while True:
@@ -145,6 +154,18 @@ class AffinityRouter(PublishesCapacity, RequestRouter):
         # asks again, and the placement (which already steers around full replicas) decides anew.
         # Offering "all the others" as a second rank would break affinity on every slow probe.
         return [[chosen]]
+
+    def _seen_before(self, key: str) -> bool:
+        """Whether this router placed ``key`` recently; remembers it as placed now either way."""
+        h = hash(key)
+        seen = h in self._seen
+        if seen:
+            self._seen.move_to_end(h)
+        else:
+            self._seen[h] = None
+            if len(self._seen) > _SEEN_MAX:
+                self._seen.popitem(last=False)
+        return seen
 
     async def _wait_for_lower_loads(self, timeout: float) -> None:
         if self._loads_changed is None:

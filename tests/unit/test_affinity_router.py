@@ -41,10 +41,10 @@ def _request(rid: str, session: str, args: list | None = None) -> PendingRequest
                                                                                session_id=session))
 
 
-def _key_owned_by(owner: str, nodes: list[str]) -> str:
+def _key_owned_by(owner: str, nodes: list[str], prefix: str = "s") -> str:
     ring = HashRing(nodes, 100)
     for i in range(10_000):
-        key = session_key("acct", header=f"s{i}")
+        key = session_key("acct", header=f"{prefix}{i}")
         if ring.owner(stable_hash(key)) == owner:
             return key
     raise AssertionError("no key found")
@@ -248,6 +248,26 @@ def test_a_batch_line_takes_an_alternate_at_once_and_an_interactive_request_stil
         waiting = asyncio.ensure_future(_choose(router, replicas, "s1", key, [engine_request("standard"), None]))
         await asyncio.sleep(0.2)
         assert not waiting.done()  # a standard request waits for its owner
+        _complete(router, a, "r0")
+        assert await waiting == a
+
+    asyncio.run(scenario())
+
+
+def test_a_key_the_router_has_not_placed_takes_an_alternate_at_once_and_waits_once_seen():
+    async def scenario():
+        router = _router(owner_wait_s=5.0)
+        replicas, a, _ = await _full_owner(router)
+        fresh = _key_owned_by("a", ["a", "b"], prefix="fresh")  # owned by the full replica, never placed
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert (await _choose(router, replicas, "n1", fresh)).unique_id == "b"  # nothing cached at a
+        assert loop.time() - t0 < 1.0  # not the 5 s owner wait
+        _complete(router, ReplicaID("b", DEP), "n1")
+        # The same key again (the conversation's next turn): it waits for its owner.
+        waiting = asyncio.ensure_future(_choose(router, replicas, "n2", fresh))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
         _complete(router, a, "r0")
         assert await waiting == a
 
