@@ -21,13 +21,14 @@ replica ever holds more than the cap. Batch lines (the engine request's batch pr
 wait: a batch sends a prefix group's lines together, so they keep their owner full and each
 would wait the whole ``owner_wait_s`` (on an idle pool of 2 replicas this cut batch throughput by
 nearly half); at an alternate a line misses its prefix once, and that replica has it after.
-Nor does a key this router has not placed recently (not among its last ``_SEEN_MAX`` keys): a
-new conversation has nothing cached at its owner to wait for, and under a saturated gate every
-such wait holds a gate slot while another replica's engine slot stands idle (at a 4x load step
-on 4 replicas of 4 sequences, waits for owners of fresh keys cost about a tenth of the pool's
-throughput). A session's later turns are seen keys and wait as before. With several ingress
-replicas, each knows the keys it placed itself; a turn that reaches an ingress that has not seen
-its key takes an alternate at once if its owner is full.
+Nor does a new session: only a request the ingress marked as continuing one
+(``EngineRequest.returning``: a named session, or a chat with turns after its first user message)
+or whose key this router placed recently (among its last ``_SEEN_MAX`` keys) waits. A new
+conversation has nothing cached at its owner to wait for, and under a saturated gate every such
+wait holds a gate slot while another replica's engine slot stands idle (at a 4x load step on 4
+replicas of 4 sequences, waits for owners of fresh keys cost about a tenth of the pool's
+throughput). The mark does not depend on which ingress replica a turn reaches; the router's own
+memory covers keys the mark cannot see (plain completions sharing a derived prefix).
 
 Serve hands the chosen replica to exactly the request it was chosen for (the base class's
 matching by request id, not ``FIFOMixin``'s oldest-first order): another request's owner is
@@ -65,10 +66,20 @@ _WAIT_SLICE_S = 0.02  # a waiting request looks again at least this often
 _SEEN_MAX = 65_536  # keys remembered as placed (their hashes; about 6 MB at most)
 
 
-def _is_batch(pending_request: Optional[PendingRequest]) -> bool:
-    """Whether the request is a batch line: its first argument is the engine request."""
+def _engine_request(pending_request: Optional[PendingRequest]) -> object:
+    """The pool call's first argument, the engine request (None when there is none)."""
     args = pending_request.args if pending_request is not None else None
-    return bool(args) and getattr(args[0], "priority", None) == ENGINE_PRIORITY["batch"]
+    return args[0] if args else None
+
+
+def _is_batch(pending_request: Optional[PendingRequest]) -> bool:
+    """Whether the request is a batch line."""
+    return getattr(_engine_request(pending_request), "priority", None) == ENGINE_PRIORITY["batch"]
+
+
+def _returning(pending_request: Optional[PendingRequest]) -> bool:
+    """Whether the ingress marked the request as continuing a session (``EngineRequest.returning``)."""
+    return bool(getattr(_engine_request(pending_request), "returning", False))
 
 
 class PublishesCapacity:
@@ -130,7 +141,9 @@ class AffinityRouter(PublishesCapacity, RequestRouter):
         ring = self._ring_for(frozenset(by_id))
         key = (pending_request.metadata.session_id if pending_request is not None else "") or None
         group = key_group(key) if key else None
-        wait_s = self._owner_wait_s if key and self._seen_before(key) and not _is_batch(pending_request) else 0.0
+        seen = key is not None and self._seen_before(key)
+        returning = seen or _returning(pending_request)
+        wait_s = self._owner_wait_s if returning and not _is_batch(pending_request) else 0.0
         deadline = time.monotonic() + wait_s
         waited = False
         while True:

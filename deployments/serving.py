@@ -33,7 +33,7 @@ from deployments.openai_api import (
 )
 from deployments.prompts import PromptBuilder
 from deployments.tool_calls import TOOL_CALL_PARSERS, ToolCalling, ToolStream, tool_call_dicts, tool_constraint
-from policies.affinity import session_key
+from policies.affinity import continues_session, session_key
 from policies.tiers import ENGINE_PRIORITY
 
 AFFINITY_HEADER = "x-session-affinity"
@@ -210,7 +210,7 @@ class _Serving:
         return requested
 
     def _job(self, rid: str, account: str, model: ModelConfig, req, prompt_ids: list[int], max_tokens: int,
-             session: str, billed_tier: str, renderer: Renderer, structured=None) -> Job:
+             session: str, billed_tier: str, renderer: Renderer, structured=None, returning: bool = False) -> Job:
         if req.n > self.config.ingress.max_n:
             raise bad_request(f"n is {req.n}; at most {self.config.ingress.max_n} choices per request",
                               param="n")
@@ -231,6 +231,7 @@ class _Serving:
                 cache_salt=account,  # one prefix cache per account: no cross-account timing leaks
                 use_cache=req.use_cache,
                 priority=ENGINE_PRIORITY[billed_tier],
+                returning=returning,
             ),
             session=session,
             stream=req.stream,
@@ -286,13 +287,16 @@ class ChatServing(_Serving):
             raise bad_request(str(exc), param=param) from exc
         max_param = max_param or ("max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         max_tokens = self._max_tokens(model, len(prompt_ids), req.requested_max_tokens, max_param)
-        session = session_key(account, header=headers.get(AFFINITY_HEADER),
-                              prompt_cache_key=req.prompt_cache_key, user=req.user,
+        header = headers.get(AFFINITY_HEADER)
+        session = session_key(account, header=header, prompt_cache_key=req.prompt_cache_key, user=req.user,
                               messages=((m.role, m.text) for m in req.messages))
+        returning = continues_session(bool(header or req.prompt_cache_key or req.user),
+                                      [m.role for m in req.messages])
         rid = prefix + rid
         made = (renderer(rid, model, tier, tools) if renderer is not None
                 else ChatRenderer(rid, model.id, tier, tools))
-        return self._job(rid, account, model, req, prompt_ids, max_tokens, session, billed_tier, made, structured)
+        return self._job(rid, account, model, req, prompt_ids, max_tokens, session, billed_tier, made, structured,
+                         returning)
 
 
 def _check_message_count(count: int, model: ModelConfig, param: str) -> None:
@@ -350,12 +354,14 @@ class CompletionServing(_Serving):
         if not prompt_ids:
             raise bad_request("prompt must not be empty", param="prompt")
         max_tokens = self._max_tokens(model, len(prompt_ids), req.requested_max_tokens, "max_tokens")
-        session = session_key(account, header=headers.get(AFFINITY_HEADER),
-                              prompt_cache_key=req.prompt_cache_key, user=req.user, prompt_ids=prompt_ids)
+        header = headers.get(AFFINITY_HEADER)
+        session = session_key(account, header=header, prompt_cache_key=req.prompt_cache_key, user=req.user,
+                              prompt_ids=prompt_ids)
         rid = "cmpl-" + rid
         echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else builder.decode(prompt_ids)
         return self._job(rid, account, model, req, prompt_ids, max_tokens, session, "standard",
-                         CompletionRenderer(rid, model.id, echo))
+                         CompletionRenderer(rid, model.id, echo),
+                         returning=continues_session(bool(header or req.prompt_cache_key or req.user)))
 
 
 def _tier(service_tier: str | None, model: ModelConfig) -> tuple[str | None, str]:

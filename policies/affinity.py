@@ -62,6 +62,19 @@ def session_key(
     return _SEP.join((account, "derived", derived))
 
 
+def continues_session(named: bool, roles: Sequence[str] | None = None) -> bool:
+    """Whether a request's prefix may already be cached where its key lives, so that waiting for
+    its key's owner is worth it: the client named its session (``named``: the header,
+    ``prompt_cache_key`` or ``user``), or a chat (its messages' ``roles``) has turns after the
+    head its derived key hashes. A new conversation's first turn has nothing cached anywhere."""
+    if named:
+        return True
+    for i, role in enumerate(roles or ()):
+        if role == "user":
+            return i + 1 < len(roles)
+    return False
+
+
 def key_group(key: str) -> str:
     """The account a ``session_key`` belongs to (a key from elsewhere is its own group)."""
     return key.split(_SEP, 1)[0]

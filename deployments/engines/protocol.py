@@ -94,6 +94,9 @@ class EngineRequest:
     cache_salt: str | None = None
     use_cache: bool = True
     priority: int = 0  # lower is served first (vLLM's convention)
+    # Continues a session (policies.affinity.continues_session): the router waits a moment for the
+    # session's owner when it is full, rather than losing the cached prefix at another replica.
+    returning: bool = False
     # The request's trace context as a W3C carrier ({"traceparent": ...}), for the router's and the
     # replica's spans; None when the request is not traced (deployments/telemetry.py).
     trace_context: dict[str, str] | None = None

@@ -254,7 +254,7 @@ def test_a_batch_line_takes_an_alternate_at_once_and_an_interactive_request_stil
     asyncio.run(scenario())
 
 
-def test_a_key_the_router_has_not_placed_takes_an_alternate_at_once_and_waits_once_seen():
+def test_a_new_session_takes_an_alternate_at_once_and_a_seen_or_marked_one_waits():
     async def scenario():
         router = _router(owner_wait_s=5.0)
         replicas, a, _ = await _full_owner(router)
@@ -269,6 +269,17 @@ def test_a_key_the_router_has_not_placed_takes_an_alternate_at_once_and_waits_on
         await asyncio.sleep(0.2)
         assert not waiting.done()
         _complete(router, a, "r0")
+        assert await waiting == a
+        # A fresh key that the ingress marked as continuing a session waits too.
+        from deployments.engines.protocol import EngineRequest, SamplingParams
+
+        marked = EngineRequest(request_id="m", prompt_token_ids=[1], sampling=SamplingParams(max_tokens=1),
+                               returning=True)
+        other = _key_owned_by("a", ["a", "b"], prefix="turn")
+        waiting = asyncio.ensure_future(_choose(router, replicas, "m1", other, [marked, None]))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        _complete(router, a, "r1")
         assert await waiting == a
 
     asyncio.run(scenario())

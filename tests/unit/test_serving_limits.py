@@ -1,5 +1,6 @@
 """A large chat body's messages are counted before pydantic validates them; whatever that count
-cannot read is left to the validation, which says what is wrong (never a 500)."""
+cannot read is left to the validation, which says what is wrong (never a 500). Also: which chats
+are marked as continuing a session (the router waits for their owner)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,21 @@ def test_large_bodies_the_count_cannot_read_get_the_validation_error(serving, bo
     with pytest.raises(ValidationError) as e:
         serving.prepare("r", "acct", body, {})
     assert to_error(e.value).status == 400
+
+
+@pytest.mark.parametrize("messages, headers, extra, returning", [
+    ([{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}], {}, {}, False),  # a new chat
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "x"}],
+     {}, {}, True),  # its next turn
+    ([{"role": "user", "content": "hi"}], {"x-session-affinity": "s1"}, {}, True),  # a named session
+    ([{"role": "user", "content": "hi"}], {}, {"user": "u1"}, True),
+])
+def test_a_chat_is_marked_returning_when_it_continues_a_session(demo_model_dir, messages, headers, extra, returning):
+    from deployments.prompts import PromptBuilder
+
+    config = EmberConfig.model_validate(sim_config())
+    model = config.model(SIM_MODEL)
+    chat = ChatServing(config, {SIM_MODEL: PromptBuilder(demo_model_dir)}, lambda model_id, account: model)
+    body = json.dumps({"model": SIM_MODEL, "messages": messages, "max_tokens": 4, **extra}).encode()
+    job = chat.prepare("r", "acct", body, headers)
+    assert job.engine_request.returning is returning
