@@ -26,7 +26,11 @@ waiting accounts, so handing over a slot costs O(log accounts), with no scan of 
 
 While the pool runs fewer replicas than it may (``autoscaling.max_replicas``), requests wait for
 the replicas on their way up to ``replica_start_s`` rather than ``max_queue_wait_s``
-(``policies.tiers.shed``): load is shed early only at the maximum size. A pool with no running
+(``policies.tiers.shed``): load is shed early only at the maximum size, or once no replica has
+come for ``replica_start_s`` since the pool filled up or last grew (``_scale_up_wait_s``). Then
+none is on its way: a replica budget shared with other models, or a cluster out of room, holds
+the pool where it is, and the tier and shedding rules decide who waits. The wait a scale-up
+allows shrinks as that time passes, so no request is told to wait for a replica that is late. A pool with no running
 replica (scaled to zero) lets one request through, which wakes it (Serve's cold start sees it in
 the handle), and holds the rest up to ``cold_start_hold_s``; then 503 with a Retry-After of the
 start time still expected.
@@ -158,6 +162,8 @@ class PoolGate:
         # Batch lines holding a slot that may be taken back (``hold_batch``): holder -> preempt().
         self._preemptible: dict[object, Callable[[], bool]] = {}
         self._cold_since: float | None = time.monotonic() if self.replicas == 0 else None
+        self._grew_at = time.monotonic()  # the last time the pool gained a replica (or the gate began)
+        self._full_since: float | None = None  # since when every slot has been taken (None: one is free)
         self._subscriber: Subscriber | None = None
         self._unsubscribe = None
         if registry is _DEFAULT:
@@ -179,6 +185,8 @@ class PoolGate:
             self._cold_since = time.monotonic()
         elif replicas > 0:
             self._cold_since = None
+        if replicas > self.replicas:
+            self._grew_at = time.monotonic()
         old = self.slots
         self.replicas = replicas
         self.slots = self._slots_for(replicas)
@@ -254,6 +262,16 @@ class PoolGate:
             self.priority_peak()
             self._peak_now = max(self._peak_now, self.priority_in_flight)
 
+    def _scale_up_wait_s(self, now: float) -> float | None:
+        """How much longer requests may wait for replicas on their way: what is left of
+        ``replica_start_s`` since the pool filled up or last grew, whichever is later. None at the
+        maximum size, or once that time has passed with no new replica."""
+        if self.replicas >= self.max_replicas:
+            return None
+        full_since = self._full_since if self._full_since is not None else now
+        left = self.replica_start_s - (now - max(self._grew_at, full_since))
+        return left if left > 0 else None
+
     def _cold_retry_after(self) -> int:
         since = self._cold_since if self._cold_since is not None else time.monotonic()
         return max(1, math.ceil(self.replica_start_s - (time.monotonic() - since)))
@@ -279,7 +297,10 @@ class PoolGate:
             held = self.in_flight - (len(self._preemptible) if tier != "batch" else 0)
             ahead = held + (queue.ahead(account) if tier == "priority" else
                             waiting_priority + queue.ahead(account))
-            growing = self.replica_start_s if self.replicas < self.max_replicas else None
+            now = time.monotonic()
+            if self._full_since is None and not self._free_for(tier):
+                self._full_since = now
+            growing = self._scale_up_wait_s(now)
             d = shed(tier, ahead, self.slots, self.service_time_s, ing.max_queue_wait_s,  # type: ignore[arg-type]
                      ing.priority_headroom, self._standard_reserve(), growing, self.batch_headroom)
             if not d.admit:
@@ -357,6 +378,8 @@ class PoolGate:
         if tier == "priority":
             self.priority_in_flight = max(0, self.priority_in_flight - 1)
         self._hand_over()
+        if self.in_flight < self.slots and not self.waiting():
+            self._full_since = None  # a slot stands free and nobody waits: the pool is not full now
 
     def _hand_over(self) -> None:
         for tier in ("priority", "standard"):

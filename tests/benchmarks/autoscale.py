@@ -81,13 +81,13 @@ def replica_capacity_rps() -> float:
 
 
 async def open_loop(http, url: str, key: str, rate: float, duration_s: float, seed: int,
-                    t_origin: float, phase: str, stream: bool = False) -> list[dict]:
+                    t_origin: float, phase: str, stream: bool = False, model: str = MODEL) -> list[dict]:
     rng = random.Random(seed)
     results: list[dict] = []
     tasks = []
 
     async def one(i: int) -> None:
-        body = {"model": MODEL, "max_tokens": MAX_TOKENS, "seed": i, "stream": stream,
+        body = {"model": model, "max_tokens": MAX_TOKENS, "seed": i, "stream": stream,
                 "messages": [{"role": "user", "content": f"Request {i} of {phase}."}]}
         rec: dict = {"phase": phase, "sent_at": time.perf_counter() - t_origin}
         sent = time.perf_counter()
@@ -122,23 +122,31 @@ async def open_loop(http, url: str, key: str, rate: float, duration_s: float, se
     return results
 
 
-async def watch_replicas(app: str, t_origin: float, stop: asyncio.Event, out: list, gates: list) -> None:
+async def watch_replicas(app: str, t_origin: float, stop: asyncio.Event, out: list, gates: list,
+                         pools: dict[str, str] | None = None) -> None:
     """Running replicas (Serve's status) and the gate's slots and queue (the ingress's gate_state),
-    four times a second."""
+    four times a second. ``pools`` maps model id to deployment name (default: the one model);
+    with several, ``out`` and ``gates`` get the model id after the time."""
     from ray import serve
 
     ingress = serve.get_app_handle(app)
+    several = pools is not None
+    pools = pools or {MODEL: DEPLOYMENT}
     while not stop.is_set():
+        now = time.perf_counter() - t_origin
         try:
             st = await asyncio.to_thread(serve.status)
-            dep = st.applications[app].deployments[DEPLOYMENT]
-            running = dep.replica_states.get("RUNNING", 0)
-            out.append((time.perf_counter() - t_origin, int(running)))
+            for model, deployment in pools.items():
+                running = int(st.applications[app].deployments[deployment].replica_states.get("RUNNING", 0))
+                out.append((now, model, running) if several else (now, running))
         except Exception:
             pass
         try:
-            g = (await ingress.gate_state.remote())[MODEL]
-            gates.append((time.perf_counter() - t_origin, g["slots"], g["in_flight"], g["waiting"]))
+            state = await ingress.gate_state.remote()
+            for model in pools:
+                g = state[model]
+                row = (g["slots"], g["in_flight"], g["waiting"])
+                gates.append((now, model, *row) if several else (now, *row))
         except Exception:
             pass
         await asyncio.sleep(0.25)
@@ -211,8 +219,9 @@ def analyse_fall(results: list[dict], timeline: list[tuple[float, int]], step_en
     }
 
 
-def deploy_with_app_policy(app: str, args: dict) -> None:
-    """Deploy from a config, as ``serve deploy`` does: only that path takes an app-level policy."""
+def deploy_with_app_policy(app: str, args: dict, **policy_kwargs) -> None:
+    """Deploy from a config, as ``serve deploy`` does: only that path takes an app-level policy.
+    ``policy_kwargs`` (``max_total_replicas``) go to the policy beside the first model's knobs."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
@@ -222,7 +231,7 @@ def deploy_with_app_policy(app: str, args: dict) -> None:
     knobs = AutoscalingConfig.model_validate(args["models"][0]["autoscaling"]).knobs()
     schema = ServeDeploySchema.model_validate({"applications": [{
         "name": app, "route_prefix": f"/{app}", "import_path": "cluster.builder:build_app", "args": args,
-        "autoscaling_policy": {"policy_function": POLICY_APP, "policy_kwargs": knobs},
+        "autoscaling_policy": {"policy_function": POLICY_APP, "policy_kwargs": {**knobs, **policy_kwargs}},
     }]})
     _get_global_client().deploy_apps(schema, _blocking=True)
 

@@ -247,6 +247,52 @@ def test_the_gate_sheds_early_only_at_the_maximum_size():
     asyncio.run(scenario())
 
 
+def test_a_pool_that_stops_growing_below_its_maximum_sheds_at_the_normal_bound(monkeypatch):
+    """A replica budget (or a full cluster) can hold a pool below max_replicas: once no replica
+    has come for replica_start_s since it filled up or last grew, requests are not held for one."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr("deployments.pool_gate.time", SimpleNamespace(monotonic=lambda: clock.now))
+
+    async def waits(gate: PoolGate) -> bool:
+        """Whether a request that finds the pool full is admitted to wait (cancelled after)."""
+        task = asyncio.create_task(gate.acquire("standard", MODEL_ID))
+        await asyncio.sleep(0)
+        if task.done():
+            with pytest.raises(ApiError) as err:
+                task.result()
+            assert err.value.status == 503 and err.value.code == "overloaded"
+            return False
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return True
+
+    async def scenario():
+        reg = CapacityRegistry()
+        gate = _gate(reg, autoscaling={"min_replicas": 1, "max_replicas": 3, "replica_start_s": 10})
+        gate.service_time_s = 2.0  # the next request waits 0.25-0.5 s: over the 0.2 s bound, within 10 s
+        for _ in range(4):
+            await gate.acquire("standard", MODEL_ID)
+        assert await waits(gate)  # full at t=0: replicas may be on their way
+        clock.now += 9
+        assert await waits(gate)
+        clock.now += 2  # 11 s full, no replica came
+        assert not await waits(gate)
+        reg.publish("app", DEPLOYMENT, 2)  # one came after all: expect the next for 10 s more
+        await asyncio.sleep(0)
+        for _ in range(4):
+            await gate.acquire("standard", MODEL_ID)
+        clock.now += 5
+        assert await waits(gate)
+        clock.now += 6
+        assert not await waits(gate)
+        # A free slot ends the full spell; filling up again starts a new one.
+        gate.release()
+        await gate.acquire("standard", MODEL_ID)
+        assert await waits(gate)
+
+    asyncio.run(scenario())
+
+
 def test_a_pool_at_zero_wakes_with_one_request_and_holds_the_rest():
     async def scenario():
         reg = CapacityRegistry()
