@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import sys
@@ -48,6 +49,7 @@ DEPLOYMENT = "pool-ember-models-autoscale"
 ADMIN = "bench-admin-token"
 MAX_TOKENS = 32
 SEQS = 4
+TARGET_UTILIZATION = 0.8  # the policy's default (policies.autoscale.Knobs)
 MAX_REPLICAS = 4
 LATENCY = {"step_base_s": 0.03, "decode_s_per_seq": 0.0005, "prefill_base_s": 0.002,
            "prefill_s_per_token": 0.00001}
@@ -197,13 +199,20 @@ def analyse(variant: str, results: list[dict], timeline: list[tuple[float, int]]
         "oracle_replica_seconds": oracle,
         "replica_seconds_ratio": rs / oracle,
         "timeline": timeline,
-        **(analyse_fall(results, timeline, step_end, cool_s) if cool_s > 0 else {}),
+        **(analyse_fall(results, timeline, step_end, cool_s, thr) if cool_s > 0 else {}),
     }
 
 
 def analyse_fall(results: list[dict], timeline: list[tuple[float, int]], step_end: float,
-                 cool_s: float) -> dict:
+                 cool_s: float, thr_at_max: float | None = None) -> dict:
+    """The fall. Two oracles for it: the strict one runs 1 replica (the load is 0.8x one
+    replica's nominal capacity); the other plans as the policy does, for the load at
+    ``target_utilization`` (0.8) of the capacity a replica really had in the step
+    (``thr_at_max`` / 4), which at 0.8x nominal is usually 2 replicas."""
     cool = [r for r in results if r["phase"] == "cool"]
+    real_rps = thr_at_max / MAX_REPLICAS if thr_at_max else None
+    at_target = (max(1, math.ceil(0.8 * replica_capacity_rps() / (real_rps * TARGET_UTILIZATION) - 1e-9))
+                 if real_rps else None)
     down = next((t for t, n in timeline if t >= step_end and n <= 1), None)
     whole = replica_seconds(timeline, step_end, step_end + cool_s)
     return {
@@ -216,6 +225,8 @@ def analyse_fall(results: list[dict], timeline: list[tuple[float, int]], step_en
         "reversals": reversals(timeline),
         "cool_replica_seconds": whole,
         "cool_oracle_replica_seconds": 1.0 * cool_s,
+        "cool_oracle_at_target_replicas": at_target,
+        "cool_oracle_at_target_replica_seconds": None if at_target is None else at_target * cool_s,
     }
 
 
@@ -315,14 +326,23 @@ def main() -> None:
     if args.cool_s > 0:
         print(f"\nthen 0.8x for {args.cool_s:.0f} s, streamed; downscale_delay_s {args.downscale_delay_s:.0f}\n")
         print_table(["variant", "t to 1 replica s", "replicas at end", "streams", "failed/cut", "refused",
-                     "reversals", "replica-s step+fall", "oracle", "ratio"],
+                     "reversals", "replica-s step+fall", "oracle", "ratio", "oracle at target", "ratio"],
                     [[r["variant"], f(r["time_to_one_replica_s"], "{:.1f}"), r["replicas_at_end"], r["cool_sent"],
                       r["cool_failed_streams"], r["cool_refused"], r["reversals"],
                       f(r["replica_seconds"] + r["cool_replica_seconds"], "{:.0f}"),
                       f(r["oracle_replica_seconds"] + r["cool_oracle_replica_seconds"], "{:.0f}"),
                       f((r["replica_seconds"] + r["cool_replica_seconds"])
-                        / (r["oracle_replica_seconds"] + r["cool_oracle_replica_seconds"]))] for r in res])
+                        / (r["oracle_replica_seconds"] + r["cool_oracle_replica_seconds"])),
+                      _at_target(r, lambda v: f(v, "{:.0f}")),
+                      _at_target(r, lambda v: f((r["replica_seconds"] + r["cool_replica_seconds"]) / v))]
+                     for r in res])
     print("wrote", write_json(args.out, {"args": vars(args), "results": res}))
+
+
+def _at_target(r: dict, fmt) -> str:
+    """Formats the step's oracle plus the fall's oracle at target utilization ("-" if unknown)."""
+    fall = r.get("cool_oracle_at_target_replica_seconds")
+    return "-" if fall is None else fmt(r["oracle_replica_seconds"] + fall)
 
 
 if __name__ == "__main__":
