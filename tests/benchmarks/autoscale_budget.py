@@ -1,9 +1,10 @@
 """Autoscaling goals the step benchmark does not cover: two models on one replica budget, and a
 long steady load.
 
-``budget``: models A and B (SimEngine, 4 sequences a replica, 1..6 replicas each) under the
-application-level policy (``EmberAppPolicy``) with ``max_total_replicas`` 6, deployed as
-``serve deploy`` does. B gets 0.5x one replica's capacity throughout. A gets the same for
+``budget``: models A and B (SimEngine, 1..6 replicas each; A 4 sequences a replica, B 16) under
+the application-level policy (``EmberAppPolicy``) with ``max_total_replicas`` 6, deployed as
+``serve deploy`` does. B gets 2 requests/s throughout, from its own account (about 14% of its
+sequences busy, so its TTFT is not its own queueing). A gets 0.5x one replica's capacity for
 ``--quiet-s`` (B's unloaded reference), then surges to ``--surge`` x one replica for
 ``--surge-s``. Goals: A scales to the budget less B's minimum (5); B keeps its replica and its
 p99 TTFT in the surge stays within 1.5x of its own in the quiet phase. Also reported: A's
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -40,14 +42,16 @@ POOLS = {MODEL_A: "pool-ember-models-budget-a", MODEL_B: "pool-ember-models-budg
 STEADY_MODEL = "accounts/ember/models/steady"
 STEADY_POOLS = {STEADY_MODEL: "pool-ember-models-steady"}
 BUDGET = 6
+B_SEQS = 16
+B_RPS = 2.0
 ADMIN = "bench-admin-token"
 
 
-def _model(model_id: str, max_replicas: int, downscale_delay_s: float) -> dict:
+def _model(model_id: str, max_replicas: int, downscale_delay_s: float, seqs: int = SEQS) -> dict:
     return {"id": model_id, "context_length": 1024, "resources": {"num_cpus": 0.1},
             "autoscaling": {"min_replicas": 1, "max_replicas": max_replicas, "policy": "ember",
                             "downscale_delay_s": downscale_delay_s, "replica_start_s": 30},
-            "engine": {"kind": "sim", "block_size": 32, "max_num_seqs": SEQS, "latency": LATENCY}}
+            "engine": {"kind": "sim", "block_size": 32, "max_num_seqs": seqs, "latency": LATENCY}}
 
 
 def config(models: list[dict]) -> dict:
@@ -68,11 +72,30 @@ def _ttfts(results: list[dict], phase: str) -> list[float]:
     return [r["ttft_s"] for r in results if r["phase"] == phase and r["status"] == 200 and r.get("ttft_s") is not None]
 
 
-async def run_budget(http, base: str, key: str, args) -> dict:
+@contextlib.asynccontextmanager
+async def watched(app: str, pools: dict[str, str]):
+    """Replicas and gates of ``app`` watched while the block runs (``watch_replicas``); the app is
+    deleted after. Yields (t0, replica timeline, gate timeline)."""
     from ray import serve
 
+    t0 = time.perf_counter()
+    stop = asyncio.Event()
+    timeline: list = []
+    gates: list = []
+    watcher = asyncio.create_task(watch_replicas(app, t0, stop, timeline, gates, pools))
+    try:
+        yield t0, timeline, gates
+    finally:
+        stop.set()
+        await watcher
+        serve.delete(app)
+
+
+async def run_budget(http, base: str, key: str, args) -> dict:
     app = "autoscale-budget"
-    deploy_with_app_policy(app, config([_model(MODEL_A, BUDGET, 30), _model(MODEL_B, BUDGET, 30)]),
+    # B runs 16 sequences a replica at B_RPS, about 14% of them busy: its TTFT is not its own
+    # queueing (which would swamp a p99 over a minute's requests) but what A's surge does to it.
+    deploy_with_app_policy(app, config([_model(MODEL_A, BUDGET, 30), _model(MODEL_B, BUDGET, 30, B_SEQS)]),
                            max_total_replicas=BUDGET)
     url = f"{base}/{app}/v1/chat/completions"
     cap = replica_capacity_rps()
@@ -81,17 +104,12 @@ async def run_budget(http, base: str, key: str, args) -> dict:
     await http.post(f"{base}/{app}/admin/accounts", json={"id": "budget-b"}, headers=admin)
     b_key = (await http.post(f"{base}/{app}/admin/accounts/budget-b/keys", headers=admin)).json()["key"]
     # Warm both pools (first requests of a new app are slow), then measure.
-    await asyncio.gather(*(open_loop(http, url, k, 0.5 * cap, 5, 1, time.perf_counter(), "warm", model=m)
-                           for k, m in ((key, MODEL_A), (b_key, MODEL_B))))
-    t0 = time.perf_counter()
-    stop = asyncio.Event()
-    timeline: list = []
-    gates: list = []
-    watcher = asyncio.create_task(watch_replicas(app, t0, stop, timeline, gates, POOLS))
-    try:
+    await asyncio.gather(open_loop(http, url, key, 0.5 * cap, 5, 1, time.perf_counter(), "warm", model=MODEL_A),
+                         open_loop(http, url, b_key, B_RPS, 5, 2, time.perf_counter(), "warm", model=MODEL_B))
+    async with watched(app, POOLS) as (t0, timeline, gates):
         async def b_load() -> list[dict]:
-            quiet = await open_loop(http, url, b_key, 0.5 * cap, args.quiet_s, 11, t0, "quiet", model=MODEL_B)
-            return quiet + await open_loop(http, url, b_key, 0.5 * cap, args.surge_s, 12, t0, "surge", model=MODEL_B)
+            quiet = await open_loop(http, url, b_key, B_RPS, args.quiet_s, 11, t0, "quiet", model=MODEL_B)
+            return quiet + await open_loop(http, url, b_key, B_RPS, args.surge_s, 12, t0, "surge", model=MODEL_B)
 
         async def a_load() -> list[dict]:
             quiet = await open_loop(http, url, key, 0.5 * cap, args.quiet_s, 21, t0, "quiet", model=MODEL_A)
@@ -99,10 +117,6 @@ async def run_budget(http, base: str, key: str, args) -> dict:
                                            model=MODEL_A)
 
         b, a = await asyncio.gather(b_load(), a_load())
-    finally:
-        stop.set()
-        await watcher
-        serve.delete(app)
     surge_start = args.quiet_s
     a_reps = [(t, n) for t, m, n in timeline if m == MODEL_A]
     b_reps = [(t, n) for t, m, n in timeline if m == MODEL_B]
@@ -124,6 +138,9 @@ async def run_budget(http, base: str, key: str, args) -> dict:
         "b_ttft_p99_quiet_ms": None if p99_quiet is None else 1000 * p99_quiet,
         "b_ttft_p99_surge_ms": None if p99_surge is None else 1000 * p99_surge,
         "b_ttft_p99_ratio": None if not (p99_quiet and p99_surge) else p99_surge / p99_quiet,
+        "b_ttft_ms": {phase: {f"p{q}": None if _pct(v, q / 100) is None else 1000 * _pct(v, q / 100)
+                              for q in (50, 90, 99)} | {"n": len(v)}
+                      for phase, v in (("quiet", b_quiet), ("surge", b_surge))},
         "b_statuses": statuses(b), "a_surge_statuses": statuses(a_surge),
         "a_surge_refused_share": sum(1 for r in a_surge if r["status"] == 503) / max(1, len(a_surge)),
         "a_surge_latency_p50_s": _pct(a_latency, 0.5), "a_surge_latency_p99_s": _pct(a_latency, 0.99),
@@ -136,20 +153,9 @@ async def run_steady(http, base: str, key: str, args) -> dict:
     app = "autoscale-steady"
     deploy_with_app_policy(app, config([_model(STEADY_MODEL, 4, 30)]))
     url = f"{base}/{app}/v1/chat/completions"
-    t0 = time.perf_counter()
-    stop = asyncio.Event()
-    timeline: list = []
-    gates: list = []
-    watcher = asyncio.create_task(watch_replicas(app, t0, stop, timeline, gates, STEADY_POOLS))
-    from ray import serve
-
-    try:
+    async with watched(app, STEADY_POOLS) as (t0, timeline, _):
         rs = await open_loop(http, url, key, args.steady_load * replica_capacity_rps(), args.steady_s, 31, t0,
                              "steady", model=STEADY_MODEL)
-    finally:
-        stop.set()
-        await watcher
-        serve.delete(app)
     reps = [(t, n) for t, _, n in timeline]
     changes = [(round(t, 1), n) for (t, n), (_, prev) in zip(reps[1:], reps) if n != prev]
     return {
@@ -182,7 +188,7 @@ async def run(args) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=["budget", "steady"], default=["budget", "steady"])
-    ap.add_argument("--quiet-s", type=float, default=20)
+    ap.add_argument("--quiet-s", type=float, default=30)
     ap.add_argument("--surge-s", type=float, default=60)
     ap.add_argument("--surge", type=float, default=6.0, help="A's surge, x one replica's capacity")
     ap.add_argument("--steady-s", type=float, default=600)
@@ -199,7 +205,8 @@ def main() -> None:
     rows = []
     for r in results:
         if r["scenario"] == "budget":
-            print(f"\nbudget {r['budget']} replicas; B at 0.5x one replica throughout, A at 0.5x then {r['surge_x']}x\n")
+            print(f"\nbudget {r['budget']} replicas; B at {B_RPS} req/s on {B_SEQS} sequences throughout, "
+                  f"A at 0.5x one replica then {r['surge_x']}x\nB's TTFT ms: {r['b_ttft_ms']}\n")
             print_table(["A max replicas", "goal", "A to goal s", "B min replicas", "B p99 quiet ms",
                          "B p99 surge ms", "ratio", "B statuses", "A refused %", "A latency p50/p99 s", "A served/s"],
                         [[r["a_max_replicas"], r["a_goal_replicas"], f(r["a_time_to_goal_s"], "{:.1f}"),
