@@ -7,7 +7,9 @@ than a token, so this keeps a replica's message rate flat however fast it genera
 interval grows with the streams the replica runs, so that their messages share a budget
 (``policies.streaming``). The ingress
 uses it for non-streamed requests too, with a longer interval: the progress it sees is what a
-request abandoned half-way is billed for. ``generate`` (the whole result in one message) is the
+request abandoned half-way is billed for. There the first output waits up to
+``FIRST_GATHER_S`` for the request to end, since no client is waiting for it: a short request
+then crosses as one message, not two. ``generate`` (the whole result in one message) is the
 bare passthrough the gateway benchmark compares against.
 
 An ``EmbedRequest`` takes the same way: its one final output (``Engine.embed``) is the stream.
@@ -29,6 +31,9 @@ from deployments.engines.protocol import EmbedRequest, EngineOutput, EngineReque
 from policies.streaming import stream_interval
 
 _DONE = object()
+# A non-streamed request's first output waits this long for the rest (its final output leaves at
+# once whenever the request ends; the wait only delays the first progress report).
+FIRST_GATHER_S = 0.02
 
 
 class ModelPool:
@@ -77,14 +82,18 @@ class ModelPool:
                 batch = [await queue.get()]
                 interval = (stream_interval(self.streams, eng.stream_interval_s, eng.stream_max_interval_s,
                                             eng.stream_messages_per_s) if shared else interval_s)
-                if last_sent is not None and interval > 0 and not ended.is_set():
+                if last_sent is None and not shared and not ended.is_set():
+                    wait = min(interval, FIRST_GATHER_S)  # nobody reads a non-streamed first token
+                elif last_sent is not None and interval > 0 and not ended.is_set():
                     # Gather what comes within the interval, but leave as soon as the stream ends.
                     wait = last_sent + interval - loop.time()
-                    if wait > 0:
-                        try:
-                            await asyncio.wait_for(ended.wait(), wait)
-                        except asyncio.TimeoutError:
-                            pass
+                else:
+                    wait = 0.0
+                if wait > 0:
+                    try:
+                        await asyncio.wait_for(ended.wait(), wait)
+                    except asyncio.TimeoutError:
+                        pass
                 while not queue.empty():
                     batch.append(queue.get_nowait())
                 outs = [b for b in batch if isinstance(b, EngineOutput)]

@@ -84,3 +84,31 @@ def test_the_stream_count_is_given_back_on_every_exit() -> None:
         await gen.aclose()
 
     asyncio.run(run())
+
+
+def test_a_short_non_streamed_request_crosses_as_one_message_and_a_long_one_still_reports_early() -> None:
+    from deployments.model_pool import FIRST_GATHER_S
+
+    async def outputs(pool: ModelPool, max_tokens: int) -> list:
+        req = EngineRequest(request_id=f"n{max_tokens}", prompt_token_ids=[10, 11, 12],
+                            sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        return [out async for out in pool.generate_stream(req, 0.5)]
+
+    async def run() -> None:
+        fast = ModelPool(ModelConfig(id="accounts/ember/models/f", engine={"kind": "sim", "latency": {}}))
+        await fast.start()
+        short = await outputs(fast, 8)  # ends well within the gather window
+        assert len(short) == 1 and short[0].final and short[0].usage.completion_tokens == 8
+        slow = _pool()  # 10 ms a token: 40 tokens take 0.4 s
+        await slow.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        gen = slow.generate_stream(_request(0), 0.5)
+        first = await gen.__anext__()
+        assert not first.final and loop.time() - t0 < 0.4  # progress before the end, not at it
+        rest = [out async for out in gen]
+        tokens = sum(len(d.token_ids) for o in [first, *rest] for d in o.deltas)
+        assert rest[-1].final and tokens == rest[-1].usage.completion_tokens == 40
+        assert FIRST_GATHER_S < 0.5
+
+    asyncio.run(run())
