@@ -287,11 +287,10 @@ class ChatServing(_Serving):
             raise bad_request(str(exc), param=param) from exc
         max_param = max_param or ("max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         max_tokens = self._max_tokens(model, len(prompt_ids), req.requested_max_tokens, max_param)
-        header = headers.get(AFFINITY_HEADER)
-        session = session_key(account, header=header, prompt_cache_key=req.prompt_cache_key, user=req.user,
+        session = session_key(account, header=headers.get(AFFINITY_HEADER),
+                              prompt_cache_key=req.prompt_cache_key, user=req.user,
                               messages=((m.role, m.text) for m in req.messages))
-        returning = continues_session(bool(header or req.prompt_cache_key or req.user),
-                                      [m.role for m in req.messages])
+        returning = continues_session(session, [m.role for m in req.messages])
         rid = prefix + rid
         made = (renderer(rid, model, tier, tools) if renderer is not None
                 else ChatRenderer(rid, model.id, tier, tools))
@@ -354,14 +353,13 @@ class CompletionServing(_Serving):
         if not prompt_ids:
             raise bad_request("prompt must not be empty", param="prompt")
         max_tokens = self._max_tokens(model, len(prompt_ids), req.requested_max_tokens, "max_tokens")
-        header = headers.get(AFFINITY_HEADER)
-        session = session_key(account, header=header, prompt_cache_key=req.prompt_cache_key, user=req.user,
-                              prompt_ids=prompt_ids)
+        session = session_key(account, header=headers.get(AFFINITY_HEADER),
+                              prompt_cache_key=req.prompt_cache_key, user=req.user, prompt_ids=prompt_ids)
         rid = "cmpl-" + rid
         echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else builder.decode(prompt_ids)
         return self._job(rid, account, model, req, prompt_ids, max_tokens, session, "standard",
                          CompletionRenderer(rid, model.id, echo),
-                         returning=continues_session(bool(header or req.prompt_cache_key or req.user)))
+                         returning=continues_session(session))
 
 
 def _tier(service_tier: str | None, model: ModelConfig) -> tuple[str | None, str]:

@@ -62,12 +62,12 @@ def session_key(
     return _SEP.join((account, "derived", derived))
 
 
-def continues_session(named: bool, roles: Sequence[str] | None = None) -> bool:
-    """Whether a request's prefix may already be cached where its key lives, so that waiting for
-    its key's owner is worth it: the client named its session (``named``: the header,
+def continues_session(key: str, roles: Sequence[str] | None = None) -> bool:
+    """Whether a request's prefix may already be cached where its ``session_key`` lives, so that
+    waiting for its key's owner is worth it: the client named its session (the header,
     ``prompt_cache_key`` or ``user``), or a chat (its messages' ``roles``) has turns after the
     head its derived key hashes. A new conversation's first turn has nothing cached anywhere."""
-    if named:
+    if key.split(_SEP, 2)[1:2] != ["derived"]:
         return True
     for i, role in enumerate(roles or ()):
         if role == "user":

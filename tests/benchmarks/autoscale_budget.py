@@ -32,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.benchmarks._common import print_table, start_ray_serve, stop_ray_serve, write_json  # noqa: E402
+from tests.benchmarks._common import (  # noqa: E402
+    latency_summary_ms, percentile, print_table, start_ray_serve, stop_ray_serve, write_json)
 from tests.benchmarks.autoscale import (  # noqa: E402
     LATENCY, SEQS, deploy_with_app_policy, open_loop, replica_capacity_rps, reversals, watch_replicas)
 
@@ -59,13 +60,6 @@ def config(models: list[dict]) -> dict:
             "ingress": {"num_cpus": 0.2, "access_log": False, "max_queue_wait_s": 2.0,
                         "max_concurrent_per_account": 4096},
             "rate_limit": {"enabled": False}}
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def _ttfts(results: list[dict], phase: str) -> list[float]:
@@ -123,10 +117,11 @@ async def run_budget(http, base: str, key: str, args) -> dict:
     a_max = max((n for _, n in a_reps), default=0)
     reach = next((t - surge_start for t, n in a_reps if t >= surge_start and n >= BUDGET - 1), None)
     b_quiet, b_surge = _ttfts(b, "quiet"), _ttfts(b, "surge")
-    p99_quiet, p99_surge = _pct(b_quiet, 0.99), _pct(b_surge, 0.99)
+    b_ttft = {"quiet": latency_summary_ms(b_quiet), "surge": latency_summary_ms(b_surge)}
+    p99_quiet, p99_surge = b_ttft["quiet"].get("p99"), b_ttft["surge"].get("p99")
     a_surge = [r for r in a if r["phase"] == "surge"]
     a_ok = [r for r in a_surge if r["status"] == 200]
-    a_latency = [r["done_at"] - r["sent_at"] for r in a_ok]
+    a_latency = sorted(r["done_at"] - r["sent_at"] for r in a_ok)
 
     def statuses(rs: list[dict]) -> dict[str, int]:
         return {str(k): sum(1 for r in rs if r["status"] == k) for k in {r["status"] for r in rs}}
@@ -135,15 +130,13 @@ async def run_budget(http, base: str, key: str, args) -> dict:
         "scenario": "budget", "budget": BUDGET, "surge_x": args.surge,
         "a_max_replicas": a_max, "a_goal_replicas": BUDGET - 1, "a_time_to_goal_s": reach,
         "b_min_replicas_in_surge": min((n for t, n in b_reps if t >= surge_start), default=None),
-        "b_ttft_p99_quiet_ms": None if p99_quiet is None else 1000 * p99_quiet,
-        "b_ttft_p99_surge_ms": None if p99_surge is None else 1000 * p99_surge,
+        "b_ttft_p99_quiet_ms": p99_quiet, "b_ttft_p99_surge_ms": p99_surge,
         "b_ttft_p99_ratio": None if not (p99_quiet and p99_surge) else p99_surge / p99_quiet,
-        "b_ttft_ms": {phase: {f"p{q}": None if _pct(v, q / 100) is None else 1000 * _pct(v, q / 100)
-                              for q in (50, 90, 99)} | {"n": len(v)}
-                      for phase, v in (("quiet", b_quiet), ("surge", b_surge))},
+        "b_ttft_ms": b_ttft,
         "b_statuses": statuses(b), "a_surge_statuses": statuses(a_surge),
         "a_surge_refused_share": sum(1 for r in a_surge if r["status"] == 503) / max(1, len(a_surge)),
-        "a_surge_latency_p50_s": _pct(a_latency, 0.5), "a_surge_latency_p99_s": _pct(a_latency, 0.99),
+        "a_surge_latency_p50_s": percentile(a_latency, 50) if a_latency else None,
+        "a_surge_latency_p99_s": percentile(a_latency, 99) if a_latency else None,
         "a_surge_served_per_s": len(a_ok) / args.surge_s,  # of those sent in the surge, however late
         "timeline": timeline, "gates": gates,
     }

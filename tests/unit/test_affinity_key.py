@@ -47,10 +47,11 @@ def test_a_keys_group_is_its_account_whatever_its_source():
 def test_a_request_continues_a_session_when_it_names_one_or_has_turns_after_its_head():
     from policies.affinity import continues_session
 
-    assert not continues_session(False, ["system", "user"])  # a new conversation: nothing cached
-    assert not continues_session(False, ["user"])
-    assert not continues_session(False)  # a plain completion with a derived key
-    assert continues_session(False, ["system", "user", "assistant", "user"])  # its second turn
-    assert continues_session(False, ["user", "assistant"])
-    assert continues_session(True, ["user"])  # a named session (header, prompt_cache_key, user)
-    assert not continues_session(False, ["system", "assistant"])  # no user message: the whole is the head
+    derived, named = session_key("acct", messages=[("user", "hi")]), session_key("acct", user="u1")
+    assert not continues_session(derived, ["system", "user"])  # a new conversation: nothing cached
+    assert not continues_session(derived, ["user"])
+    assert not continues_session(derived)  # a plain completion with a derived key
+    assert continues_session(derived, ["system", "user", "assistant", "user"])  # its second turn
+    assert continues_session(derived, ["user", "assistant"])
+    assert continues_session(named, ["user"])  # a named session (header, prompt_cache_key, user)
+    assert not continues_session(derived, ["system", "assistant"])  # no user message: the whole is the head

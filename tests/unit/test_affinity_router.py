@@ -254,6 +254,15 @@ def test_a_batch_line_takes_an_alternate_at_once_and_an_interactive_request_stil
     asyncio.run(scenario())
 
 
+async def _parked(router: AffinityRouter) -> None:
+    """Until a request waits in the router for its owner (a waiter makes the wake-up event)."""
+    for _ in range(1000):
+        if router._loads_changed is not None:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("no request is waiting for its owner")
+
+
 def test_a_new_session_takes_an_alternate_at_once_and_a_seen_or_marked_one_waits():
     async def scenario():
         router = _router(owner_wait_s=5.0)
@@ -266,7 +275,7 @@ def test_a_new_session_takes_an_alternate_at_once_and_a_seen_or_marked_one_waits
         _complete(router, ReplicaID("b", DEP), "n1")
         # The same key again (the conversation's next turn): it waits for its owner.
         waiting = asyncio.ensure_future(_choose(router, replicas, "n2", fresh))
-        await asyncio.sleep(0.2)
+        await _parked(router)
         assert not waiting.done()
         _complete(router, a, "r0")
         assert await waiting == a
@@ -277,7 +286,7 @@ def test_a_new_session_takes_an_alternate_at_once_and_a_seen_or_marked_one_waits
                                returning=True)
         other = _key_owned_by("a", ["a", "b"], prefix="turn")
         waiting = asyncio.ensure_future(_choose(router, replicas, "m1", other, [marked, None]))
-        await asyncio.sleep(0.2)
+        await _parked(router)
         assert not waiting.done()
         _complete(router, a, "r1")
         assert await waiting == a
