@@ -199,7 +199,7 @@ def test_a_request_waits_for_its_full_owner_and_takes_it_when_it_frees_up():
         router = _router(owner_wait_s=2.0)
         replicas, a, key = await _full_owner(router)
         waiting = asyncio.ensure_future(_choose(router, replicas, "w", key))
-        await asyncio.sleep(0.1)
+        await _parked(router)
         assert not waiting.done()  # a is full, and b is not where the session's cache is
         t0 = asyncio.get_running_loop().time()
         _complete(router, a, "r0")
@@ -246,7 +246,7 @@ def test_a_batch_line_takes_an_alternate_at_once_and_an_interactive_request_stil
         assert loop.time() - t0 < 1.0  # not the 5 s owner wait
         _complete(router, ReplicaID("b", DEP), "b1")
         waiting = asyncio.ensure_future(_choose(router, replicas, "s1", key, [engine_request("standard"), None]))
-        await asyncio.sleep(0.2)
+        await _parked(router)
         assert not waiting.done()  # a standard request waits for its owner
         _complete(router, a, "r0")
         assert await waiting == a
