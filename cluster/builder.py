@@ -208,7 +208,9 @@ def pool_deployment(model: ModelConfig, config: EmberConfig):
         # Scale-down drains: the replica serves its streams to the end (see the module doc).
         graceful_shutdown_timeout_s=pool_shutdown_timeout_s(model, config),
         logging_config=_logging(config),
-        **_router(model.routing, model.engine.max_num_seqs, config.observability.metrics.enabled),
+        # What each engine really runs (its fair-share headroom included), so the router never
+        # queues a request in one engine while another has room.
+        **_router(model.routing, model.engine.engine_max_num_seqs, config.observability.metrics.enabled),
         **_scaling(model.num_replicas, model.autoscaling),
     ).bind(model, config.observability)
 

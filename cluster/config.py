@@ -7,6 +7,7 @@ starts, not here, so a config can be checked on a machine that does not hold the
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 from pathlib import Path
@@ -42,6 +43,12 @@ class EngineConfig(_Strict):
     kind: Literal["vllm", "sim"] = "sim"
     block_size: int = Field(32, ge=1, le=1024)
     max_num_seqs: int = Field(16, ge=1, le=4096)
+    # Sequences the engine may run beyond max_num_seqs, as a share of it (rounded up). When every
+    # slot is taken, the ingress hands them only to an account that wants no more than another
+    # holds (its max-min fair share), so a quiet account is not left waiting for a noisy one's
+    # requests to end (ingress.queue_order vtc; policies/fair_share.py). max_num_seqs stays the
+    # pool's capacity for everything else (slots, autoscaling, batch). 0: none.
+    fair_share_headroom: float = Field(0.25, ge=0, le=1)
     # SimEngine: prefix-cache capacity in tokens. vLLM sizes its cache from memory instead.
     cache_capacity_tokens: int = Field(1 << 16, ge=1)
     latency: SimLatencyConfig = SimLatencyConfig()
@@ -70,6 +77,16 @@ class EngineConfig(_Strict):
     # forbids (6% of the structured benchmark's answers did not parse). With guidance, an object
     # without "additionalProperties" takes no properties beyond its own, as with xgrammar.
     structured_output_backend: Literal["xgrammar", "guidance"] = "guidance"
+
+    @property
+    def fair_share_seqs(self) -> int:
+        """Sequences a replica runs beyond ``max_num_seqs`` for accounts under their fair share."""
+        return math.ceil(self.max_num_seqs * self.fair_share_headroom - 1e-9)
+
+    @property
+    def engine_max_num_seqs(self) -> int:
+        """What the engine itself is told: ``max_num_seqs`` plus the fair-share headroom."""
+        return self.max_num_seqs + self.fair_share_seqs
 
     @model_validator(mode="after")
     def _vllm_cpu_block_size(self) -> "EngineConfig":

@@ -331,7 +331,7 @@ class RequestLife:
         if self.gate is not None:
             _quietly(self.gate.correct, self.job.billed_tier, self.account, self.charged, u.prompt_tokens,
                      u.completion_tokens)
-            _quietly(self.gate.release, self.job.billed_tier, self)
+            _quietly(self.gate.release, self.job.billed_tier, self, self.account)
         if self.admission is not None and self.rt.limiter is not None:
             _quietly(self.rt.limiter.settle, self.admission, u.prompt_tokens, u.cached_tokens,
                      u.completion_tokens)

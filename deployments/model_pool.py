@@ -145,7 +145,7 @@ class ModelPool:
         if running is not None and waiting is not None:
             return int(running), int(waiting)
         held = int(getattr(self.engine, "num_unfinished_requests", 0) or 0)
-        cap = self.model.engine.max_num_seqs
+        cap = self.model.engine.engine_max_num_seqs
         return min(held, cap), max(0, held - cap)
 
     def record_autoscaling_stats(self) -> dict[str, float]:

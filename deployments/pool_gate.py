@@ -24,6 +24,18 @@ estimate (prompt + ``max_tokens × n``) when it gets a slot, and ``correct`` set
 with its real usage when it ends. ``fcfs`` orders by arrival alone. Each tier keeps a heap of
 waiting accounts, so handing over a slot costs O(log accounts), with no scan of the queue.
 
+Under fair share the order alone leaves a quiet account waiting for the next slot to end, which
+behind a noisy account's requests of equal length can take most of a request's duration. So the
+engines run a little more than ``max_num_seqs`` (``engine.fair_share_headroom``, a quarter by
+default), and when every slot is taken, an interactive request of an account whose demand (slots
+held plus requests waiting) is no more than another account holds (its max-min fair share,
+``policies.fair_share.under_fair_share``) runs in that headroom at once, Priority's waiters first,
+the least served first. An account with a backlog never does (it is served in VTC order in the
+slots), nor does batch. A slot that frees while the headroom is in use is not refilled until
+``in_flight`` is back under the slots, so the headroom drains as requests end, and the pool's
+capacity for everyone else is unchanged. The pool's router is told each engine's real limit
+(``max_num_seqs`` plus the headroom), so a request in the headroom goes to an engine with room.
+
 While the pool runs fewer replicas than it may (``autoscaling.max_replicas``), requests wait for
 the replicas on their way up to ``replica_start_s`` rather than ``max_queue_wait_s``
 (``policies.tiers.shed``): load is shed early only at the maximum size, or once no replica has
@@ -48,7 +60,7 @@ from collections.abc import Callable
 from cluster.config import EmberConfig, ModelConfig
 from deployments.capacity import REGISTRY, CapacityRegistry, Subscriber, current_app_name
 from deployments.errors import overloaded
-from policies.fair_share import TokenWeights, VirtualTokenCounter
+from policies.fair_share import TokenWeights, VirtualTokenCounter, under_fair_share
 from policies.tiers import PRIORITY_WINDOW_S, priority_reserve_slots, shed, usable_slots
 
 _DEFAULT = object()
@@ -97,18 +109,42 @@ class TierQueue:
         if not self.vtc.waiting(key):
             self._waiters.pop(key, None)
 
-    def pop(self) -> asyncio.Future | None:
-        """The next waiter, charged its estimate; None when nobody waits."""
+    def peek(self) -> tuple[str, asyncio.Future] | None:
+        """The next waiter's key and future, without taking it; None when nobody waits."""
         key = self.vtc.next_account()
         if key is None:
             return None
         q = self._waiters[key]
         while q[0][0].done():
             q.popleft()  # gave up; already counted out
-        fut, input_tokens, output_tokens = q.popleft()
+        return key, q[0][0]
+
+    def pop(self, key: str | None = None) -> tuple[str, asyncio.Future] | None:
+        """The next waiter's key and future (``key``: that account's first waiter), charged its
+        estimate; None when nobody waits."""
+        head = self.peek() if key is None else (key, self._first(key))
+        if head is None:
+            return None
+        key = head[0]
+        _, input_tokens, output_tokens = self._waiters[key].popleft()
         self._left(key)
         self.vtc.charge(key, input_tokens, output_tokens)
-        return fut
+        return head
+
+    def _first(self, key: str) -> asyncio.Future:
+        q = self._waiters[key]
+        while q[0][0].done():
+            q.popleft()  # gave up; already counted out
+        return q[0][0]
+
+    def least_served(self, eligible: Callable[[str, asyncio.Future], bool]) -> str | None:
+        """The waiting account with the smallest counter among those whose first waiter is
+        ``eligible``; None if there is none. O(waiting accounts): for the headroom only."""
+        best: tuple[float, str] | None = None
+        for key in self._waiters:
+            if eligible(key, self._first(key)) and (best is None or self.vtc.counter(key) < best[0]):
+                best = (self.vtc.counter(key), key)
+        return None if best is None else best[1]
 
 
 class PoolGate:
@@ -139,6 +175,11 @@ class PoolGate:
         self.replicas = model.num_replicas or (auto.starting_replicas if auto else 1)
         self.reported = False  # whether the pool's router has said how many replicas run
         self.slots = self._slots_for(self.replicas)
+        # The engines' fair-share headroom (sequences past max_num_seqs), fair-share order only.
+        self.headroom_per_replica = model.engine.fair_share_seqs if ing.queue_order == "vtc" else 0
+        self.headroom = self._headroom_for(self.replicas)
+        # Interactive slots held per account (queue key), for who is under a fair share.
+        self._held: collections.Counter[str] = collections.Counter()
         # Slots held back for Priority; a model that offers no Priority tier keeps none idle.
         self.reserve = ing.priority_reserve if model.pricing.priority is not None else 0.0
         self.offers_priority = model.pricing.priority is not None
@@ -176,6 +217,9 @@ class PoolGate:
     def _slots_for(self, replicas: int) -> int:
         return max(1, replicas * self.seqs_per_replica // self.ingresses)
 
+    def _headroom_for(self, replicas: int) -> int:
+        return replicas * self.headroom_per_replica // self.ingresses
+
     def set_replicas(self, replicas: int) -> None:
         """The pool now runs ``replicas``: resize, and hand any new slots to waiters at once.
         Call it on the gate's event loop (``deployments.capacity.Subscriber`` does)."""
@@ -190,6 +234,7 @@ class PoolGate:
         old = self.slots
         self.replicas = replicas
         self.slots = self._slots_for(replicas)
+        self.headroom = self._headroom_for(replicas)
         if self.slots > old:
             self._hand_over()
 
@@ -220,7 +265,7 @@ class PoolGate:
                 "capacity": self._usable("batch") * self.ingresses}
 
     def state(self) -> dict:
-        return {"slots": self.slots, "in_flight": self.in_flight, "waiting": self.waiting(),
+        return {"slots": self.slots, "headroom": self.headroom, "in_flight": self.in_flight, "waiting": self.waiting(),
                 "waiting_priority": self.waiting("priority"), "replicas": self.replicas,
                 "max_replicas": self.max_replicas, "reported": self.reported, "batch_preempted": self.preempted}
 
@@ -252,9 +297,10 @@ class PoolGate:
             self._peak_since = now
         return max(self._peak_now, self._peak_before)
 
-    def _took(self, tier: str) -> None:
+    def _took(self, tier: str, key: str) -> None:
         self.in_flight += 1
         if tier != "batch":
+            self._held[key] += 1
             self.interactive_in_flight += 1
             self._interactive_at = time.monotonic()
         if tier == "priority":
@@ -303,15 +349,19 @@ class PoolGate:
             growing = self._scale_up_wait_s(now)
             d = shed(tier, ahead, self.slots, self.service_time_s, ing.max_queue_wait_s,  # type: ignore[arg-type]
                      ing.priority_headroom, self._standard_reserve(), growing, self.batch_headroom)
-            if not d.admit:
+            if not d.admit and not self._headroom_for_new(tier, queue.key(account), queue):
                 raise overloaded(model_id, d.expected_wait_s)
             bound_s = 2 * d.bound_s  # the estimate said it fits the bound; twice it is the hard stop
         # An interactive request that finds no free slot stops a batch line to get one (its slot
         # comes back as that line's task ends, to this request waiting below; at once if the
         # line gave it back while being stopped).
-        if self._free_for(tier) or (tier != "batch" and self._preempt_one() and self._free_for(tier)):
-            self._took(tier)
-            return queue.vtc.charge(queue.key(account), input_tokens, output_tokens)
+        # An account under its fair share that finds none runs in the engines' headroom.
+        key = queue.key(account)
+        preempted = False
+        if (self._free_for(tier) or (tier != "batch" and (preempted := self._preempt_one()) and self._free_for(tier))
+                or (not preempted and self._headroom_for_new(tier, key, queue))):
+            self._took(tier, key)
+            return queue.vtc.charge(key, input_tokens, output_tokens)
         if cold and bound_s <= 0:
             raise self._cold_error(model_id)
         fut = asyncio.get_running_loop().create_future()
@@ -324,8 +374,8 @@ class PoolGate:
         except BaseException as exc:
             if fut.done() and not fut.cancelled():
                 # Handed a slot just as it gave up: pass it on, and take back the charge.
-                queue.vtc.correct(queue.key(account), queue.vtc.weights.cost(input_tokens, output_tokens), 0, 0)
-                self.release(tier)
+                queue.vtc.correct(key, queue.vtc.weights.cost(input_tokens, output_tokens), 0, 0)
+                self.release(tier, account=account)
             else:
                 queue.give_up(account, fut)
             if isinstance(exc, TimeoutError):
@@ -367,12 +417,17 @@ class PoolGate:
                 return True
         return False
 
-    def release(self, tier: str = "standard", holder: object = None) -> None:
-        """A request of ``tier`` gives its slot back (``holder``: as given to ``hold_batch``)."""
+    def release(self, tier: str = "standard", holder: object = None, account: str = "") -> None:
+        """A request of ``tier`` and ``account`` gives its slot back (``holder``: as given to
+        ``hold_batch``)."""
         if holder is not None:
             self._preemptible.pop(holder, None)
         self.in_flight -= 1
         if tier != "batch":
+            key = self._queue(tier).key(account)
+            self._held[key] -= 1
+            if self._held[key] <= 0:
+                del self._held[key]
             self.interactive_in_flight = max(0, self.interactive_in_flight - 1)
             self._interactive_at = time.monotonic()
         if tier == "priority":
@@ -381,12 +436,51 @@ class PoolGate:
         if self.in_flight < self.slots and not self.waiting():
             self._full_since = None  # a slot stands free and nobody waits: the pool is not full now
 
+    def _under_share(self, key: str, new: bool) -> bool:
+        """Whether ``key``'s demand (slots held, requests waiting, and the ``new`` one) is within
+        what the account holding the most slots among the others holds (max-min fair share).
+        O(accounts holding slots): asked only when every slot is taken."""
+        demand = (self._held[key] if key in self._held else 0) + new + sum(
+            q.vtc.waiting(key) for q in self._queues.values())
+        largest_other = max((n for k, n in self._held.items() if k != key), default=0)
+        return under_fair_share(demand, largest_other)
+
+    def _in_headroom(self, tier: str, key: str, new: bool = False) -> bool:
+        """Whether an interactive request of ``key`` may run in the headroom now: every slot it
+        may use is taken, the headroom is not, its account is under a fair share, and (for
+        Standard) no Priority request waits."""
+        return (self.headroom > 0 and tier != "batch" and self.in_flight < self._usable(tier) + self.headroom
+                and (tier == "priority" or not self._queues["priority"].count) and self._under_share(key, new))
+
+    def _headroom_waiter(self, tier: str, queue: TierQueue) -> str | None:
+        """The least-served waiting account of ``tier`` that may run in the headroom now."""
+        return queue.least_served(lambda key, fut: fut not in self._batch and self._in_headroom(tier, key))
+
+    def _headroom_for_new(self, tier: str, key: str, queue: TierQueue) -> bool:
+        """A new request may run in the headroom if it would, and nobody who may waits (they go
+        first), nor any earlier request of its own account."""
+        if not self.headroom or queue.vtc.waiting(key) or not self._in_headroom(tier, key, new=True):
+            return False
+        return self._headroom_waiter(tier, queue) is None
+
     def _hand_over(self) -> None:
         for tier in ("priority", "standard"):
             queue = self._queues[tier]
             while queue.count and self.in_flight < self._usable(tier):
-                fut = queue.pop()
-                if fut is None:
+                head = queue.pop()
+                if head is None:
                     break
-                self._took("batch" if fut in self._batch else tier)
+                key, fut = head
+                self._took("batch" if fut in self._batch else tier, key)
+                fut.set_result(None)
+        if not self.headroom:
+            return
+        for tier in ("priority", "standard"):
+            queue = self._queues[tier]
+            while queue.count and self.in_flight < self._usable(tier) + self.headroom:
+                key = self._headroom_waiter(tier, queue)
+                if key is None:
+                    break
+                _, fut = queue.pop(key)  # type: ignore[misc]
+                self._took(tier, key)
                 fut.set_result(None)

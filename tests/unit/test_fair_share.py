@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.fair_share import TokenWeights, VirtualTokenCounter, vtc_bound
+from policies.fair_share import TokenWeights, VirtualTokenCounter, under_fair_share, vtc_bound
 
 
 def test_a_generated_token_weighs_twice_a_prompt_token_by_default():
@@ -148,3 +148,10 @@ def test_counters_end_at_the_real_usage_after_corrections(reqs):
     for acct in "abc":
         assert vtc.counter(acct) == pytest.approx(used[acct])
     assert vtc.counter(vtc.next_account()) == pytest.approx(min(used.values()))
+
+
+def test_under_a_fair_share_means_wanting_no_more_than_another_account_holds():
+    assert under_fair_share(1, 12) and under_fair_share(4, 12)  # a quiet burst beside a noisy holder
+    assert under_fair_share(8, 8) and not under_fair_share(9, 8)  # two backlogged accounts at 8 each
+    assert not under_fair_share(9, 0)  # an account alone
+    assert not under_fair_share(0, 5)  # nothing wanted

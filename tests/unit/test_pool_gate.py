@@ -146,8 +146,9 @@ async def _turns() -> None:
         await asyncio.sleep(0)
 
 
-def _fair_gate(order: str = "vtc") -> PoolGate:
-    model = {"id": "accounts/t/models/m", "num_replicas": 1, "engine": {"kind": "sim", "max_num_seqs": 1}}
+def _fair_gate(order: str = "vtc", seqs: int = 1, headroom: float = 0.0) -> PoolGate:
+    model = {"id": "accounts/t/models/m", "num_replicas": 1,
+             "engine": {"kind": "sim", "max_num_seqs": seqs, "fair_share_headroom": headroom}}
     cfg = EmberConfig.model_validate({"models": [model], "ingress": {"max_queue_wait_s": 30,
                                                                      "queue_order": order}})
     return PoolGate(cfg.models[0], cfg)
@@ -273,5 +274,75 @@ def test_an_interactive_request_takes_a_slot_back_from_the_batch_line_that_start
         assert stopped == [7]
         await asyncio.wait_for(gate.acquire("standard", "m"), 1)
         assert stopped == [7, 5] and gate.state()["batch_preempted"] == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_quiet_account_runs_in_the_headroom_while_a_noisy_one_holds_every_slot():
+    async def scenario():
+        gate = _fair_gate(seqs=8, headroom=0.125)  # 8 slots, and 1 more for accounts under a share
+        assert gate.headroom == 1
+        noisy = await _queue_up(gate, "noisy", 11)
+        assert sum(t.done() for t in noisy) == 8 and gate.in_flight == 8
+        quiet = await _queue_up(gate, "quiet", 1)  # holds none of 8 slots among 2 accounts: at once
+        assert quiet[0].done() and gate.in_flight == 9
+        other = await _queue_up(gate, "other", 1)  # the headroom is taken: it waits, first in line
+        assert not other[0].done()
+        gate.release(account="noisy")  # 8 in flight, all slots taken: the headroom is free again
+        await _turns()
+        assert other[0].done() and gate.in_flight == 9 and sum(t.done() for t in noisy) == 8
+        gate.release(account="noisy")  # the noisy backlog gets nothing until a slot is really free
+        await _turns()
+        assert sum(t.done() for t in noisy) == 8 and gate.in_flight == 8
+        gate.release(account="quiet")
+        await _turns()
+        assert sum(t.done() for t in noisy) == 9 and gate.in_flight == 8
+
+    asyncio.run(scenario())
+
+
+def test_an_account_alone_or_over_its_share_never_runs_in_the_headroom():
+    async def scenario():
+        gate = _fair_gate(seqs=8, headroom=0.125)
+        alone = await _queue_up(gate, "a", 10)
+        assert sum(t.done() for t in alone) == 8 and gate.in_flight == 8  # alone: its share is all 8
+        b = await _queue_up(gate, "b", 2)  # b holds none: one runs in the headroom, one waits
+        assert [t.done() for t in b] == [True, False] and gate.in_flight == 9
+        for t in alone + b:
+            t.cancel()
+        await asyncio.gather(*alone, *b, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("order", ["fcfs", "vtc"])
+def test_fcfs_or_no_headroom_keeps_the_pool_at_its_slots(order):
+    async def scenario():
+        gate = _fair_gate(order, seqs=8, headroom=0.125 if order == "fcfs" else 0.0)
+        noisy = await _queue_up(gate, "noisy", 9)
+        quiet = await _queue_up(gate, "quiet", 1)
+        assert gate.headroom == 0 and gate.in_flight == 8 and not quiet[0].done()
+        for t in noisy + quiet:
+            t.cancel()
+        await asyncio.gather(*noisy, *quiet, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_the_headroom_goes_to_a_quiet_waiter_even_when_fair_order_puts_the_noisy_backlog_first():
+    async def scenario():
+        gate = _fair_gate(seqs=8, headroom=0.125)
+        await gate.acquire("standard", "m", "quiet", 10, 5000)  # a big estimate: quiet's counter is high
+        noisy = await _queue_up(gate, "noisy", 10)
+        assert sum(t.done() for t in noisy) == 7 and gate.in_flight == 8
+        await gate.acquire("standard", "m", "x", 10, 20)  # into the headroom
+        quiet = await _queue_up(gate, "quiet", 1)  # the headroom is taken: it waits, behind noisy in VTC order
+        assert not quiet[0].done() and gate.in_flight == 9
+        gate.release(account="noisy")
+        await _turns()
+        assert quiet[0].done() and sum(t.done() for t in noisy) == 7 and gate.in_flight == 9
+        for t in noisy:
+            t.cancel()
+        await asyncio.gather(*noisy, return_exceptions=True)
 
     asyncio.run(scenario())
