@@ -2,7 +2,11 @@
 default autoscaling with the gate fixed at the config's minimum (the behaviour before live capacity).
 
 One SimEngine model autoscaling 1..4 replicas gets Poisson arrivals at 0.8x one replica's capacity
-(warm-up), then a step to 4x for ``--step-s``. Each variant is deployed, driven and deleted in
+(warm-up), then a step to 4x for ``--step-s``. A replica's capacity is what a fixed one-replica pool
+of the same engine really serves on this machine, measured first in the same run
+(``--step-capacity measured``, the default), or the engine's nominal ``max_num_seqs`` over its
+service time (``nominal``: a step to 4x nominal offers 4 replicas more than they really serve on a
+busy 2-core box, so some refusals are the rule working, not the scale-up). Each variant is deployed, driven and deleted in
 turn, in one Ray session:
 
 - ``ember-app``: the same pool under the application-level ``EmberAppPolicy``, deployed from a
@@ -19,7 +23,9 @@ Then the load falls back to 0.8x for ``--cool-s`` (streamed requests, each read 
 ``[DONE]``), with the pools' ``downscale_delay_s`` at ``--downscale-delay-s``.
 
 Reported per variant: seconds from the step until 4 replicas run, throughput once 4 run against
-4x one replica's capacity, the share of requests refused (503) during the step, and
+4x one replica's capacity, the share of requests refused (503) during the step (and, beside it,
+the shortfall: the share of the 4x load that 4 running replicas did not serve, which no policy
+at the maximum size can admit within the bound, and the refusals beyond it), and
 replica-seconds during the step against an oracle that runs 4 replicas from the step's start;
 for the fall: seconds until one replica runs again, streams that failed or were cut (goal 0),
 scale reversals over the whole run (a rise after a fall or a fall after a rise), and
@@ -56,7 +62,9 @@ LATENCY = {"step_base_s": 0.03, "decode_s_per_seq": 0.0005, "prefill_base_s": 0.
 
 
 def config(variant: str, downscale_delay_s: float = 60) -> dict:
-    if variant in ("ember", "ember-app"):
+    if variant == "fixed":  # one replica, for measuring what a replica really serves
+        auto = None
+    elif variant in ("ember", "ember-app"):
         auto = {"min_replicas": 1, "max_replicas": MAX_REPLICAS, "policy": "ember",
                 "downscale_delay_s": downscale_delay_s, "replica_start_s": 30}
     else:
@@ -65,7 +73,8 @@ def config(variant: str, downscale_delay_s: float = 60) -> dict:
                 "downscale_delay_s": downscale_delay_s, "gate_follows_replicas": False}
     return {
         "models": [{
-            "id": MODEL, "context_length": 1024, "autoscaling": auto, "resources": {"num_cpus": 0.1},
+            "id": MODEL, "context_length": 1024, "resources": {"num_cpus": 0.1},
+            **({"autoscaling": auto} if auto else {"num_replicas": 1}),
             "engine": {"kind": "sim", "block_size": 32, "max_num_seqs": SEQS, "latency": LATENCY},
         }],
         "ingress": {"num_cpus": 0.2, "access_log": False, "max_queue_wait_s": 2.0,
@@ -80,6 +89,37 @@ def service_time_s() -> float:
 
 def replica_capacity_rps() -> float:
     return SEQS / service_time_s()
+
+
+async def measure_replica_rps(http, base: str, key: str, duration_s: float = 12.0, settle_s: float = 3.0) -> float:
+    """What one replica really serves on this machine: a fixed one-replica pool of the same engine,
+    kept full by twice its sequences in closed loop (so a request always waits at the gate),
+    completions per second after ``settle_s``."""
+    from ray import serve
+
+    from cluster.builder import build_app
+
+    app = "autoscale-capacity"
+    serve.run(build_app(config("fixed")), name=app, route_prefix=f"/{app}")
+    url = f"{base}/{app}/v1/chat/completions"
+    done: list[float] = []
+    t0 = time.perf_counter()
+
+    async def client(c: int) -> None:
+        i = 0
+        while time.perf_counter() - t0 < duration_s:
+            body = {"model": MODEL, "max_tokens": MAX_TOKENS, "seed": c * 100_000 + i,
+                    "messages": [{"role": "user", "content": f"Capacity {c}-{i}."}]}
+            r = await http.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
+            if r.status_code == 200:
+                done.append(time.perf_counter() - t0)
+            i += 1
+
+    try:
+        await asyncio.gather(*(client(c) for c in range(2 * SEQS)))
+    finally:
+        serve.delete(app)
+    return sum(1 for t in done if settle_s <= t <= duration_s) / (duration_s - settle_s)
 
 
 async def open_loop(http, url: str, key: str, rate: float, duration_s: float, seed: int,
@@ -171,7 +211,9 @@ def reversals(timeline: list[tuple[float, int]]) -> int:
 
 
 def analyse(variant: str, results: list[dict], timeline: list[tuple[float, int]], warm_s: float,
-            step_s: float, cool_s: float = 0.0) -> dict:
+            step_s: float, cool_s: float = 0.0, cap: float | None = None) -> dict:
+    """``cap``: one replica's capacity the load was drawn from (default: nominal)."""
+    cap = cap or replica_capacity_rps()
     step_start, step_end = warm_s, warm_s + step_s
     step = [r for r in results if r["phase"] == "step"]
     reach = next((t for t, n in timeline if t >= step_start and n >= MAX_REPLICAS), None)
@@ -183,7 +225,7 @@ def analyse(variant: str, results: list[dict], timeline: list[tuple[float, int]]
         thr = None
     rs = replica_seconds(timeline, step_start, step_end)
     oracle = MAX_REPLICAS * step_s
-    target = MAX_REPLICAS * replica_capacity_rps()
+    target = MAX_REPLICAS * cap
     return {
         "variant": variant,
         "time_to_target_s": None if reach is None else reach - step_start,
@@ -193,25 +235,29 @@ def analyse(variant: str, results: list[dict], timeline: list[tuple[float, int]]
         "throughput_ratio": None if thr is None else thr / target,
         "step_sent": len(step),
         "step_refused_share": sum(1 for r in step if r["status"] == 503) / max(1, len(step)),
+        # What 4 replicas could not serve of the 4x load even once all ran (on a shared 2-core box
+        # they serve less than 4x one replica alone): refusals up to this share are the shedding
+        # rule working at the maximum size, not the scale-up.
+        "step_shortfall_share": None if thr is None else max(0.0, 1 - thr / target),
         "step_other_errors": sum(1 for r in step if r["status"] not in (200, 503)),
         "step_statuses": {str(k): sum(1 for r in step if r["status"] == k) for k in {r["status"] for r in step}},
         "replica_seconds": rs,
         "oracle_replica_seconds": oracle,
         "replica_seconds_ratio": rs / oracle,
         "timeline": timeline,
-        **(analyse_fall(results, timeline, step_end, cool_s, thr) if cool_s > 0 else {}),
+        **(analyse_fall(results, timeline, step_end, cool_s, thr, cap) if cool_s > 0 else {}),
     }
 
 
 def analyse_fall(results: list[dict], timeline: list[tuple[float, int]], step_end: float,
-                 cool_s: float, thr_at_max: float | None = None) -> dict:
+                 cool_s: float, thr_at_max: float | None = None, cap: float | None = None) -> dict:
     """The fall. Two oracles for it: the strict one runs 1 replica (the load is 0.8x one
     replica's nominal capacity); the other plans as the policy does, for the load at
     ``target_utilization`` (0.8) of the capacity a replica really had in the step
     (``thr_at_max`` / 4), which at 0.8x nominal is usually 2 replicas."""
     cool = [r for r in results if r["phase"] == "cool"]
     real_rps = thr_at_max / MAX_REPLICAS if thr_at_max else None
-    at_target = (max(1, math.ceil(0.8 * replica_capacity_rps() / (real_rps * TARGET_UTILIZATION) - 1e-9))
+    at_target = (max(1, math.ceil(0.8 * (cap or replica_capacity_rps()) / (real_rps * TARGET_UTILIZATION) - 1e-9))
                  if real_rps else None)
     down = next((t for t, n in timeline if t >= step_end and n <= 1), None)
     whole = replica_seconds(timeline, step_end, step_end + cool_s)
@@ -253,13 +299,13 @@ async def run_variant(http, base: str, key: str, variant: str, args) -> dict:
     from cluster.builder import build_app
 
     app = f"autoscale-{variant}"
+    cap = args.cap
     if variant == "ember-app":
         deploy_with_app_policy(app, config(variant, args.downscale_delay_s))
     else:
         serve.run(build_app(config(variant, args.downscale_delay_s)), name=app, route_prefix=f"/{app}")
     url = f"{base}/{app}/v1/chat/completions"
     try:
-        cap = replica_capacity_rps()
         t0 = time.perf_counter()
         stop = asyncio.Event()
         timeline: list[tuple[float, int]] = []
@@ -271,7 +317,7 @@ async def run_variant(http, base: str, key: str, variant: str, args) -> dict:
                 if args.cool_s > 0 else [])
         stop.set()
         await watcher
-        out = analyse(variant, warm + step + cool, timeline, args.warm_s, args.step_s, args.cool_s)
+        out = analyse(variant, warm + step + cool, timeline, args.warm_s, args.step_s, args.cool_s, cap)
         # For notebooks/autoscale_step.ipynb: the gate over time and every request.
         out["gate_timeline"] = gates
         out["requests"] = [[r["sent_at"], r["done_at"], r["status"], r.get("ttft_s")] for r in warm + step + cool]
@@ -290,7 +336,11 @@ async def run(args) -> list[dict]:
         limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
         async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as http:
             # Each app has its own memory:// store; the demo key is seeded in every one of them.
-            return [await run_variant(http, base, os.environ["EMBER_DEMO_KEY"], v, args) for v in args.variants]
+            key = os.environ["EMBER_DEMO_KEY"]
+            args.cap = replica_capacity_rps()
+            if args.step_capacity == "measured":
+                args.cap = await measure_replica_rps(http, base, key)
+            return [await run_variant(http, base, key, v, args) for v in args.variants]
     finally:
         stop_ray_serve()
 
@@ -305,6 +355,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=120)
     ap.add_argument("--variants", nargs="+", default=["ember-app", "ember", "serve"],
                     choices=["ember-app", "ember", "serve"])
+    ap.add_argument("--step-capacity", choices=["measured", "nominal"], default="measured",
+                    help="one replica's capacity the 0.8x and 4x loads are drawn from: what a fixed "
+                         "one-replica pool really serves on this machine, measured first, or the "
+                         "engine's nominal max_num_seqs / service time")
     ap.add_argument("--out", default="bench_results/autoscale.json")
     args = ap.parse_args()
     if args.small:
@@ -312,16 +366,21 @@ def main() -> None:
     os.environ.setdefault("EMBER_DEMO_KEY", "bench-demo-key-0001")
     res = asyncio.run(run(args))
 
-    print(f"\none replica ~{replica_capacity_rps():.1f} req/s; step 0.8x -> 4x of it; pool 1..{MAX_REPLICAS}\n")
+    print(f"\none replica ~{args.cap:.2f} req/s ({args.step_capacity}; nominal {replica_capacity_rps():.2f}); "
+          f"step 0.8x -> 4x of it; pool 1..{MAX_REPLICAS}\n")
 
     def f(v, fmt="{:.2f}"):
         return "-" if v is None else fmt.format(v)
 
     print_table(["variant", "t to 4 replicas s", "max replicas", "rps at 4", "rps target", "ratio",
-                 "step sent", "refused %", "other err", "replica-s", "oracle", "ratio"],
+                 "step sent", "refused %", "shortfall %", "refused beyond %", "other err", "replica-s", "oracle",
+                 "ratio"],
                 [[r["variant"], f(r["time_to_target_s"]), r["max_replicas_seen"], f(r["throughput_at_target_rps"]),
                   f(r["target_throughput_rps"]), f(r["throughput_ratio"]), r["step_sent"],
-                  f(100 * r["step_refused_share"], "{:.1f}"), r["step_other_errors"], f(r["replica_seconds"], "{:.0f}"),
+                  f(100 * r["step_refused_share"], "{:.1f}"), f(_pct(r["step_shortfall_share"]), "{:.1f}"),
+                  f(_pct(None if r["step_shortfall_share"] is None
+                         else r["step_refused_share"] - r["step_shortfall_share"]), "{:.1f}"),
+                  r["step_other_errors"], f(r["replica_seconds"], "{:.0f}"),
                   f(r["oracle_replica_seconds"], "{:.0f}"), f(r["replica_seconds_ratio"])] for r in res])
     if args.cool_s > 0:
         print(f"\nthen 0.8x for {args.cool_s:.0f} s, streamed; downscale_delay_s {args.downscale_delay_s:.0f}\n")
@@ -337,6 +396,10 @@ def main() -> None:
                       _at_target(r, lambda v: f((r["replica_seconds"] + r["cool_replica_seconds"]) / v))]
                      for r in res])
     print("wrote", write_json(args.out, {"args": vars(args), "results": res}))
+
+
+def _pct(v: float | None) -> float | None:
+    return None if v is None else 100 * v
 
 
 def _at_target(r: dict, fmt) -> str:
