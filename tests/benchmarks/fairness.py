@@ -58,14 +58,15 @@ ORDERS = ("vtc", "fcfs")
 SHAPES = {"heavy-in": (150, 8), "heavy-out": (10, 64)}
 
 
-def config(order: str, max_queue_wait_s: float | None = None) -> dict:
+def config(order: str, max_queue_wait_s: float | None = None, headroom: float | None = None) -> dict:
     ingress: dict = {"num_cpus": 0.2, "access_log": False, "queue_order": order}
     if max_queue_wait_s is not None:
         ingress["max_queue_wait_s"] = max_queue_wait_s
     return {
         "models": [{
             "id": MODEL, "context_length": 1024, "num_replicas": REPLICAS, "resources": {"num_cpus": 0.1},
-            "engine": {"kind": "sim", "block_size": 32, "max_num_seqs": SEQS, "latency": LATENCY},
+            "engine": {"kind": "sim", "block_size": 32, "max_num_seqs": SEQS, "latency": LATENCY,
+                       **({} if headroom is None else {"fair_share_headroom": headroom})},
         }],
         "ingress": ingress,
         "rate_limit": {"enabled": False},
@@ -97,8 +98,9 @@ async def one_request(http, url: str, key: str, account: str, words: int, max_to
 
 
 async def open_loop(http, url: str, keys: dict[str, str], rates: dict[str, float], duration_s: float,
-                    seed: int) -> tuple[list[dict], float]:
-    """Poisson arrivals per account; returns the records and the phase's wall time."""
+                    seed: int, spread: float = 0.0) -> tuple[list[dict], float]:
+    """Poisson arrivals per account; returns the records and the phase's wall time. ``spread``:
+    each request's max_tokens is drawn uniformly within +-spread of MAX_TOKENS (0: all equal)."""
     t0 = time.perf_counter()
     results: list[dict] = []
 
@@ -106,8 +108,9 @@ async def open_loop(http, url: str, keys: dict[str, str], rates: dict[str, float
         tasks = []
         i = 0
         while (now := time.perf_counter() - t0) < duration_s:
+            max_tokens = round(MAX_TOKENS * (1 + spread * (2 * rng.random() - 1))) if spread else MAX_TOKENS
             tasks.append(asyncio.create_task(
-                one_request(http, url, keys[account], account, 8, MAX_TOKENS, seed * 100_000 + i, t0)))
+                one_request(http, url, keys[account], account, 8, max_tokens, seed * 100_000 + i, t0)))
             i += 1
             await asyncio.sleep(max(0.0, rng.expovariate(rate) - (time.perf_counter() - t0 - now)))
         results.extend(await asyncio.gather(*tasks))
@@ -203,7 +206,7 @@ async def run(args) -> dict:
                  "mixed": {}, "backlogged": {}}
     try:
         for order in ORDERS:  # separate apps, separate memory:// stores, one deployment each
-            serve.run(build_app(config(order)), name=order, route_prefix=f"/{order}")
+            serve.run(build_app(config(order, headroom=args.headroom)), name=order, route_prefix=f"/{order}")
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
         async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as http:
             accounts = QUIET + ["noisy", *SHAPES]
@@ -212,17 +215,18 @@ async def run(args) -> dict:
             quiet_rates = dict.fromkeys(QUIET, quiet_rate)
             for o in ORDERS:  # warm both pools
                 await open_loop(http, url[o], keys[o], quiet_rates, 3, seed=1)
-            alone, wall = await open_loop(http, url["vtc"], keys["vtc"], quiet_rates, args.alone_s, seed=2)
+            alone, wall = await open_loop(http, url["vtc"], keys["vtc"], quiet_rates, args.alone_s, seed=2,
+                                          spread=args.spread)
             out["alone"] = quiet_summary(alone, wall)
             for o in ORDERS:  # the same arrival sequence (seed) for both orders
                 res, wall = await open_loop(http, url[o], keys[o], {**quiet_rates, "noisy": 10 * quiet_rate},
-                                            args.mixed_s, seed=3)
+                                            args.mixed_s, seed=3, spread=args.spread)
                 out["mixed"][o] = quiet_summary(res, wall)
                 await asyncio.sleep(2)  # let the queue drain before the next phase
             # Two backlogged accounts: more clients than slots, and a queue bound long enough that
             # neither is shed (a shed request leaves its account's queue for a moment).
             for order in ORDERS:
-                serve.run(build_app(config(order, args.backlog_queue_wait_s)), name=order, route_prefix=f"/{order}")
+                serve.run(build_app(config(order, args.backlog_queue_wait_s, args.headroom)), name=order, route_prefix=f"/{order}")
             keys = {o: await make_keys(http, base, o, list(SHAPES)) for o in ORDERS}
             for o in ORDERS:
                 res = await closed_loop(http, url[o], keys[o], args.backlog_clients, args.backlog_s)
@@ -246,6 +250,11 @@ def main() -> None:
     ap.add_argument("--quiet-share", type=float, default=0.08,
                     help="each quiet account's rate, as a share of the pool's nominal capacity")
     ap.add_argument("--timeout", type=float, default=60, help="client timeout: any hit counts as an error")
+    ap.add_argument("--spread", type=float, default=0.0,
+                    help="max_tokens of each request uniform within +-this share of the mean (0: every "
+                         "request the same length, so a saturated pool's requests end in waves)")
+    ap.add_argument("--headroom", type=float, default=None,
+                    help="engine.fair_share_headroom for both apps (default: the config's; fcfs never uses it)")
     ap.add_argument("--out", default="bench_results/fairness.json")
     args = ap.parse_args()
     if args.small:
