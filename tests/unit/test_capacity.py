@@ -20,6 +20,12 @@ MODEL_ID = "accounts/t/models/m"
 DEPLOYMENT = "pool-t-models-m"
 
 
+async def _turns() -> None:
+    """Let woken waiters run (a handed-over slot resumes its task a few loop turns later)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 def _config(autoscaling: dict | None = None, priority: bool = False, ingresses: int = 1, **ingress) -> EmberConfig:
     model: dict = {"id": MODEL_ID, "engine": {"kind": "sim", "max_num_seqs": 4}}
     if autoscaling is None:
@@ -131,16 +137,16 @@ def test_growing_slots_are_handed_to_waiters_at_once():
         reg = CapacityRegistry()
         gate = _gate(reg, autoscaling={"min_replicas": 1, "max_replicas": 3})
         tasks = [asyncio.create_task(gate.acquire("standard", MODEL_ID)) for _ in range(10)]
-        await asyncio.sleep(0.01)
+        await _turns()
         assert sum(t.done() for t in tasks) == 4 and gate.waiting() == 6
         # The router reports from its own thread, as in Serve.
         t = threading.Thread(target=reg.publish, args=("app", DEPLOYMENT, 2))
         t.start()
         t.join()
-        await asyncio.sleep(0.01)
+        await _turns()
         assert sum(t.done() for t in tasks) == 8 and gate.in_flight == 8 and gate.waiting() == 2
         reg.publish("app", DEPLOYMENT, 3)
-        await asyncio.sleep(0.01)
+        await _turns()
         assert all(t.done() and t.exception() is None for t in tasks)
         assert gate.in_flight == 10 and gate.waiting() == 0
 
@@ -156,7 +162,7 @@ def test_shrinking_never_interrupts_and_never_goes_negative():
         reg.publish("app", DEPLOYMENT, 1)  # two replicas drain: their streams keep their slots
         assert gate.slots == 4 and gate.in_flight == 12
         late = asyncio.create_task(gate.acquire("standard", MODEL_ID))
-        await asyncio.sleep(0.01)
+        await _turns()
         assert not late.done()
         for _ in range(8):
             gate.release()
@@ -183,17 +189,17 @@ def test_priority_is_still_served_first_when_slots_grow():
         pri = [asyncio.create_task(gate.acquire("priority", MODEL_ID)) for _ in range(3)]
         await asyncio.sleep(0)
         reg.publish("app", DEPLOYMENT, 2)  # 8 slots: 4 more, Standard may use 6 of them
-        await asyncio.sleep(0.01)
+        await _turns()
         assert all(p.done() for p in pri)  # Priority's queue first: 3 of the 4 new slots
         assert sum(s.done() for s in std) == 0  # 7 in flight > Standard's 6
         assert gate.in_flight == 7
         gate.release("priority")
         gate.release("priority")
-        await asyncio.sleep(0.01)
+        await _turns()
         assert sum(s.done() for s in std) == 0  # Priority ran 7 at once just now: Standard keeps to 1
         for _ in range(5):
             gate.release("priority")
-        await asyncio.sleep(0.01)
+        await _turns()
         assert sum(s.done() for s in std) == 1
 
     asyncio.run(scenario())
@@ -233,10 +239,10 @@ def test_the_gate_sheds_early_only_at_the_maximum_size():
         for _ in range(4):
             await gate.acquire("standard", MODEL_ID)
         waiters = [asyncio.create_task(gate.acquire("standard", MODEL_ID)) for _ in range(8)]
-        await asyncio.sleep(0.01)
+        await _turns()
         assert not any(w.done() for w in waiters)  # 2 s of queue: more than 0.2 s, but it grows
         reg.publish("app", DEPLOYMENT, 2)
-        await asyncio.sleep(0.01)
+        await _turns()
         assert sum(w.done() for w in waiters) == 4
         with pytest.raises(ApiError) as err:  # at the maximum: the 0.2 s bound holds again
             await gate.acquire("standard", MODEL_ID)
@@ -301,10 +307,10 @@ def test_a_pool_at_zero_wakes_with_one_request_and_holds_the_rest():
         assert gate.replicas == 0 and gate.slots == 1
         await gate.acquire("standard", MODEL_ID)  # the one that wakes the pool
         held = [asyncio.create_task(gate.acquire("standard", MODEL_ID)) for _ in range(3)]
-        await asyncio.sleep(0.01)
+        await _turns()
         assert not any(h.done() for h in held)
         reg.publish("app", DEPLOYMENT, 1)
-        await asyncio.sleep(0.01)
+        await _turns()
         assert all(h.done() for h in held) and gate.in_flight == 4
 
     asyncio.run(scenario())

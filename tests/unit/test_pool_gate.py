@@ -22,7 +22,7 @@ def _gate(priority: bool) -> PoolGate:
 
 async def _fill(gate: PoolGate, n: int) -> list[asyncio.Task]:
     tasks = [asyncio.create_task(gate.acquire("standard", "m")) for _ in range(n)]
-    await asyncio.sleep(0.01)
+    await _turns()
     return tasks
 
 
@@ -44,10 +44,10 @@ def test_with_priority_standard_leaves_the_reserve_and_priority_gets_it():
         await gate.acquire("priority", "m")  # straight into the reserve
         assert gate.in_flight == 7
         gate.release("priority")  # a slot frees, but Standard's share is still full (6 of 6)
-        await asyncio.sleep(0.01)
+        await _turns()
         assert sum(t.done() for t in tasks) == 6
         gate.release()  # one Standard request ends: the first waiter takes its slot
-        await asyncio.sleep(0.01)
+        await _turns()
         assert sum(t.done() for t in tasks) == 7
         with pytest.raises(ApiError) as err:  # the last one waits past the shedding bound
             await asyncio.wait_for(tasks[-1], 2)
