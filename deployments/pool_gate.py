@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import math
 import time
 import weakref
@@ -112,12 +113,7 @@ class TierQueue:
     def peek(self) -> tuple[str, asyncio.Future] | None:
         """The next waiter's key and future, without taking it; None when nobody waits."""
         key = self.vtc.next_account()
-        if key is None:
-            return None
-        q = self._waiters[key]
-        while q[0][0].done():
-            q.popleft()  # gave up; already counted out
-        return key, q[0][0]
+        return None if key is None else (key, self._first(key))
 
     def pop(self, key: str | None = None) -> tuple[str, asyncio.Future] | None:
         """The next waiter's key and future (``key``: that account's first waiter), charged its
@@ -265,8 +261,8 @@ class PoolGate:
                 "capacity": self._usable("batch") * self.ingresses}
 
     def state(self) -> dict:
-        return {"slots": self.slots, "headroom": self.headroom, "in_flight": self.in_flight, "waiting": self.waiting(),
-                "waiting_priority": self.waiting("priority"), "replicas": self.replicas,
+        return {"slots": self.slots, "headroom": self.headroom, "in_flight": self.in_flight,
+                "waiting": self.waiting(), "waiting_priority": self.waiting("priority"), "replicas": self.replicas,
                 "max_replicas": self.max_replicas, "reported": self.reported, "batch_preempted": self.preempted}
 
     def _queue(self, tier: str) -> TierQueue:
@@ -436,25 +432,32 @@ class PoolGate:
         if self.in_flight < self.slots and not self.waiting():
             self._full_since = None  # a slot stands free and nobody waits: the pool is not full now
 
-    def _under_share(self, key: str, new: bool) -> bool:
-        """Whether ``key``'s demand (slots held, requests waiting, and the ``new`` one) is within
-        what the account holding the most slots among the others holds (max-min fair share).
-        O(accounts holding slots): asked only when every slot is taken."""
-        demand = (self._held[key] if key in self._held else 0) + new + sum(
-            q.vtc.waiting(key) for q in self._queues.values())
-        largest_other = max((n for k, n in self._held.items() if k != key), default=0)
-        return under_fair_share(demand, largest_other)
+    def _largest_other(self) -> Callable[[str], int]:
+        """For any account, the most slots another account holds (O(accounts holding slots),
+        once per decision: asked only when every slot is taken)."""
+        top = heapq.nlargest(2, self._held.items(), key=lambda kv: kv[1])
+        first_key, first = top[0] if top else ("", 0)
+        second = top[1][1] if len(top) > 1 else 0
+        return lambda key: second if key == first_key else first
 
-    def _in_headroom(self, tier: str, key: str, new: bool = False) -> bool:
-        """Whether an interactive request of ``key`` may run in the headroom now: every slot it
-        may use is taken, the headroom is not, its account is under a fair share, and (for
-        Standard) no Priority request waits."""
-        return (self.headroom > 0 and tier != "batch" and self.in_flight < self._usable(tier) + self.headroom
-                and (tier == "priority" or not self._queues["priority"].count) and self._under_share(key, new))
+    def _in_headroom(self, tier: str, key: str, new: bool = False,
+                     largest_other: Callable[[str], int] | None = None) -> bool:
+        """Whether an interactive request of ``key`` may run in the headroom now: the headroom is
+        not full, (for Standard) no Priority request waits, and the account's demand (slots held,
+        requests waiting, and the ``new`` one) is within its max-min fair share."""
+        if not (self.headroom > 0 and tier != "batch" and self.in_flight < self._usable(tier) + self.headroom
+                and (tier == "priority" or not self._queues["priority"].count)):
+            return False
+        demand = self._held.get(key, 0) + new + sum(q.vtc.waiting(key) for q in self._queues.values())
+        return under_fair_share(demand, (largest_other or self._largest_other())(key))
 
     def _headroom_waiter(self, tier: str, queue: TierQueue) -> str | None:
         """The least-served waiting account of ``tier`` that may run in the headroom now."""
-        return queue.least_served(lambda key, fut: fut not in self._batch and self._in_headroom(tier, key))
+        if not (self.headroom > 0 and self.in_flight < self._usable(tier) + self.headroom):
+            return None
+        others = self._largest_other()
+        return queue.least_served(
+            lambda key, fut: fut not in self._batch and self._in_headroom(tier, key, False, others))
 
     def _headroom_for_new(self, tier: str, key: str, queue: TierQueue) -> bool:
         """A new request may run in the headroom if it would, and nobody who may waits (they go

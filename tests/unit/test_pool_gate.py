@@ -346,3 +346,19 @@ def test_the_headroom_goes_to_a_quiet_waiter_even_when_fair_order_puts_the_noisy
         await asyncio.gather(*noisy, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+def test_batch_lines_never_run_in_the_headroom():
+    async def scenario():
+        gate = _fair_gate(seqs=8, headroom=0.125)
+        noisy = await _queue_up(gate, "noisy", 8)
+        with pytest.raises(ApiError) as err:  # a full pool refuses a batch line; the runner retries it
+            await gate.acquire("batch", "m", "b", 10, 20)
+        assert err.value.status == 503 and gate.in_flight == 8
+        await gate.acquire("standard", "m", "b", 10, 20)  # the same account's interactive request does
+        assert gate.in_flight == 9
+        for t in noisy:
+            t.cancel()
+        await asyncio.gather(*noisy, return_exceptions=True)
+
+    asyncio.run(scenario())
