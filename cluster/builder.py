@@ -198,6 +198,8 @@ def pool_shutdown_timeout_s(model: ModelConfig, config: EmberConfig) -> float:
 
 
 def pool_deployment(model: ModelConfig, config: EmberConfig):
+    if config.ingress.queue_order != "vtc":  # only fair-share order hands out the headroom
+        model = model.model_copy(update={"engine": model.engine.model_copy(update={"fair_share_headroom": 0.0})})
     env = engine_env(model.engine)
     return serve.deployment(ServedModelPool).options(
         name=model.deployment_name,

@@ -22,7 +22,8 @@ Within a tier, waiting requests are ordered by fair share (``ingress.queue_order
 served the fewest weighted tokens, arrival order within an account. Each request is charged its
 estimate (prompt + ``max_tokens × n``) when it gets a slot, and ``correct`` settles the difference
 with its real usage when it ends. ``fcfs`` orders by arrival alone. Each tier keeps a heap of
-waiting accounts, so handing over a slot costs O(log accounts), with no scan of the queue.
+waiting accounts, so handing over a slot costs O(log accounts), with no scan of the queue (but
+see the headroom below).
 
 Under fair share the order alone leaves a quiet account waiting for the next slot to end, which
 behind a noisy account's requests of equal length can take most of a request's duration. So the
@@ -33,8 +34,13 @@ held plus requests waiting) is no more than another account holds (its max-min f
 the least served first. An account with a backlog never does (it is served in VTC order in the
 slots), nor does batch. A slot that frees while the headroom is in use is not refilled until
 ``in_flight`` is back under the slots, so the headroom drains as requests end, and the pool's
-capacity for everyone else is unchanged. The pool's router is told each engine's real limit
-(``max_num_seqs`` plus the headroom), so a request in the headroom goes to an engine with room.
+capacity for everyone else is unchanged. Standard requests in the headroom never take Priority's
+reserve: Priority's ceiling rises by as many. An account qualifies only while another holds
+strictly more than it wants, so light accounts arriving one after another cannot keep a
+backlogged account that holds as little from its turn. The pool's router is told each engine's
+real limit (``max_num_seqs`` plus the headroom), so a request in the headroom goes to an engine
+with room. Deciding who may use the headroom scans the waiting accounts and the holders: it is
+asked only while every slot is taken.
 
 While the pool runs fewer replicas than it may (``autoscaling.max_replicas``), requests wait for
 the replicas on their way up to ``replica_start_s`` rather than ``max_queue_wait_s``
@@ -270,7 +276,10 @@ class PoolGate:
 
     def _usable(self, tier: str) -> int:
         if tier == "priority":
-            return self.slots
+            # Standard requests in the headroom run beyond Standard's share, not in Priority's
+            # reserve: Priority's ceiling rises by as many.
+            std_over = self.in_flight - self.priority_in_flight - self._usable("standard")
+            return self.slots + min(self.headroom, max(0, std_over))
         if not self.offers_priority:
             standard = usable_slots("standard", self.slots, self.reserve)
         else:
@@ -329,6 +338,7 @@ class PoolGate:
         ing = self.ingress
         queue = self._queue(tier)
         cold = self.replicas == 0
+        via_headroom = False  # admitted past the shedding bound because it may run in the headroom
         if cold:
             # Scaled to zero: one request goes through and wakes the pool; the others wait for
             # its first replica, up to cold_start_hold_s.
@@ -345,7 +355,8 @@ class PoolGate:
             growing = self._scale_up_wait_s(now)
             d = shed(tier, ahead, self.slots, self.service_time_s, ing.max_queue_wait_s,  # type: ignore[arg-type]
                      ing.priority_headroom, self._standard_reserve(), growing, self.batch_headroom)
-            if not d.admit and not self._headroom_for_new(tier, queue.key(account), queue):
+            via_headroom = not d.admit and self._headroom_for_new(tier, queue.key(account), queue)
+            if not d.admit and not via_headroom:
                 raise overloaded(model_id, d.expected_wait_s)
             bound_s = 2 * d.bound_s  # the estimate said it fits the bound; twice it is the hard stop
         # An interactive request that finds no free slot stops a batch line to get one (its slot
@@ -354,7 +365,8 @@ class PoolGate:
         # An account under its fair share that finds none runs in the engines' headroom.
         key = queue.key(account)
         preempted = False
-        if (self._free_for(tier) or (tier != "batch" and (preempted := self._preempt_one()) and self._free_for(tier))
+        if (via_headroom or self._free_for(tier)
+                or (tier != "batch" and (preempted := self._preempt_one()) and self._free_for(tier))
                 or (not preempted and self._headroom_for_new(tier, key, queue))):
             self._took(tier, key)
             return queue.vtc.charge(key, input_tokens, output_tokens)
@@ -374,6 +386,8 @@ class PoolGate:
                 self.release(tier, account=account)
             else:
                 queue.give_up(account, fut)
+                if self.headroom:
+                    self._hand_over()  # a Priority waiter leaving may let Standard into the headroom
             if isinstance(exc, TimeoutError):
                 if self.replicas == 0:
                     raise self._cold_error(model_id) from None
@@ -445,15 +459,20 @@ class PoolGate:
         """Whether an interactive request of ``key`` may run in the headroom now: the headroom is
         not full, (for Standard) no Priority request waits, and the account's demand (slots held,
         requests waiting, and the ``new`` one) is within its max-min fair share."""
-        if not (self.headroom > 0 and tier != "batch" and self.in_flight < self._usable(tier) + self.headroom
+        if not (self.headroom > 0 and tier != "batch" and self.in_flight < self._headroom_ceiling(tier)
                 and (tier == "priority" or not self._queues["priority"].count)):
             return False
         demand = self._held.get(key, 0) + new + sum(q.vtc.waiting(key) for q in self._queues.values())
         return under_fair_share(demand, (largest_other or self._largest_other())(key))
 
+    def _headroom_ceiling(self, tier: str) -> int:
+        """How many may be in flight with ``tier``'s requests in the headroom: its slots plus the
+        headroom (Priority: all the slots plus the headroom, never more)."""
+        return min(self._usable(tier), self.slots) + self.headroom
+
     def _headroom_waiter(self, tier: str, queue: TierQueue) -> str | None:
         """The least-served waiting account of ``tier`` that may run in the headroom now."""
-        if not (self.headroom > 0 and self.in_flight < self._usable(tier) + self.headroom):
+        if not (self.headroom > 0 and self.in_flight < self._headroom_ceiling(tier)):
             return None
         others = self._largest_other()
         return queue.least_served(
@@ -480,7 +499,7 @@ class PoolGate:
             return
         for tier in ("priority", "standard"):
             queue = self._queues[tier]
-            while queue.count and self.in_flight < self._usable(tier) + self.headroom:
+            while queue.count:
                 key = self._headroom_waiter(tier, queue)
                 if key is None:
                     break

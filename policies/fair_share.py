@@ -60,16 +60,18 @@ def under_fair_share(demand: int, largest_other: int) -> bool:
     the most slots among the others holds ``largest_other``.
 
     Under max-min fairness every account gets its whole demand up to a common level, and the
-    accounts that want more split the rest. So if another account holds at least what this one
-    wants, this one is owed its whole demand: giving it a slot moves the pool towards the fair
-    split. It decides who may run in the engine's fair-share headroom
+    accounts that want more split the rest. So if another account holds more than this one wants,
+    this one is owed its whole demand: giving it a slot moves the pool towards the fair split.
+    Strictly more: accounts that each want what another holds (light accounts arriving one after
+    another, each holding 1) are level already, and must not keep a backlogged account that holds
+    as little from its turn. It decides who may run in the engine's fair-share headroom
     (``EngineConfig.fair_share_headroom``) when every slot is taken: VTC orders the queue, but a
     quiet account at the head of it still waits for a slot to end, and a noisy account's requests
     of equal length end in waves up to one request's duration apart. Demand, not slots held: an
     account with a backlog is served in VTC order in the slots, never in the headroom. An account
     alone has nobody to compare with (``largest_other`` 0), so it never runs there: the headroom
     serves fairness, not capacity."""
-    return 0 < demand <= largest_other
+    return 0 < demand < largest_other
 
 
 def vtc_bound(max_input_tokens: int, max_output_tokens: int, weights: TokenWeights = TokenWeights()) -> float:

@@ -110,16 +110,22 @@ async def measure_replica_rps(http, base: str, key: str, duration_s: float = 12.
         while time.perf_counter() - t0 < duration_s:
             body = {"model": MODEL, "max_tokens": MAX_TOKENS, "seed": c * 100_000 + i,
                     "messages": [{"role": "user", "content": f"Capacity {c}-{i}."}]}
-            r = await http.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
+            i += 1
+            try:
+                r = await http.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
+            except Exception:  # a timeout or a dropped connection: not a completion
+                continue
             if r.status_code == 200:
                 done.append(time.perf_counter() - t0)
-            i += 1
 
     try:
         await asyncio.gather(*(client(c) for c in range(2 * SEQS)))
     finally:
         serve.delete(app)
-    return sum(1 for t in done if settle_s <= t <= duration_s) / (duration_s - settle_s)
+    rps = sum(1 for t in done if settle_s <= t <= duration_s) / (duration_s - settle_s)
+    if rps <= 0:
+        raise RuntimeError("the one-replica pool served nothing while its capacity was measured")
+    return rps
 
 
 async def open_loop(http, url: str, key: str, rate: float, duration_s: float, seed: int,
@@ -252,7 +258,7 @@ def analyse(variant: str, results: list[dict], timeline: list[tuple[float, int]]
 def analyse_fall(results: list[dict], timeline: list[tuple[float, int]], step_end: float,
                  cool_s: float, thr_at_max: float | None = None, cap: float | None = None) -> dict:
     """The fall. Two oracles for it: the strict one runs 1 replica (the load is 0.8x one
-    replica's nominal capacity); the other plans as the policy does, for the load at
+    replica's capacity ``cap``, measured or nominal); the other plans as the policy does, for the load at
     ``target_utilization`` (0.8) of the capacity a replica really had in the step
     (``thr_at_max`` / 4), which at 0.8x nominal is usually 2 replicas."""
     cool = [r for r in results if r["phase"] == "cool"]

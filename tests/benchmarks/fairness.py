@@ -105,10 +105,11 @@ async def open_loop(http, url: str, keys: dict[str, str], rates: dict[str, float
     results: list[dict] = []
 
     async def account_loop(account: str, rate: float, rng: random.Random) -> None:
+        lengths = random.Random(f"{seed}-{account}-lengths")  # arrivals stay those of spread 0
         tasks = []
         i = 0
         while (now := time.perf_counter() - t0) < duration_s:
-            max_tokens = round(MAX_TOKENS * (1 + spread * (2 * rng.random() - 1))) if spread else MAX_TOKENS
+            max_tokens = round(MAX_TOKENS * (1 + spread * (2 * lengths.random() - 1)))
             tasks.append(asyncio.create_task(
                 one_request(http, url, keys[account], account, 8, max_tokens, seed * 100_000 + i, t0)))
             i += 1
@@ -257,6 +258,8 @@ def main() -> None:
                     help="engine.fair_share_headroom for both apps (default: the config's; fcfs never uses it)")
     ap.add_argument("--out", default="bench_results/fairness.json")
     args = ap.parse_args()
+    if not 0 <= args.spread < 1:
+        ap.error("--spread must be at least 0 and below 1")
     if args.small:
         args.alone_s, args.mixed_s, args.backlog_s = 15, 25, 20
     res = asyncio.run(run(args))

@@ -150,8 +150,9 @@ def test_counters_end_at_the_real_usage_after_corrections(reqs):
     assert vtc.counter(vtc.next_account()) == pytest.approx(min(used.values()))
 
 
-def test_under_a_fair_share_means_wanting_no_more_than_another_account_holds():
+def test_under_a_fair_share_means_wanting_less_than_another_account_holds():
     assert under_fair_share(1, 12) and under_fair_share(4, 12)  # a quiet burst beside a noisy holder
-    assert under_fair_share(8, 8) and not under_fair_share(9, 8)  # two backlogged accounts at 8 each
+    assert under_fair_share(7, 8) and not under_fair_share(8, 8)  # two accounts wanting 8 each: level
+    assert not under_fair_share(1, 1)  # light accounts of one request each: level with each other
     assert not under_fair_share(9, 0)  # an account alone
     assert not under_fair_share(0, 5)  # nothing wanted

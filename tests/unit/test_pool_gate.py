@@ -362,3 +362,67 @@ def test_batch_lines_never_run_in_the_headroom():
         await asyncio.gather(*noisy, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+async def _backlog_beside_light_accounts(headroom: float, every: int) -> int:
+    """8 slots; a backlogged account with 30 requests; the oldest request ends 40 times, and a
+    new light account sends one request after every ``every``-th end. Returns how many of the
+    backlogged account's requests got a slot."""
+    gate = _fair_gate(seqs=8, headroom=headroom)
+    noisy = await _queue_up(gate, "noisy", 30)
+    holders = [("noisy", t) for t in noisy if t.done()]  # oldest first
+    seen = {t for _, t in holders}
+    light: list[asyncio.Task] = []
+    for i in range(40):
+        account, _ = holders.pop(0)
+        gate.release(account=account)
+        if i % every == 0:
+            light.append(asyncio.create_task(gate.acquire("standard", "m", f"light{i}", 10, 20)))
+        await _turns()
+        for account, tasks in [("noisy", noisy), *((f"light{j}", [t]) for j, t in enumerate(light))]:
+            for t in tasks:
+                if t.done() and t not in seen:
+                    seen.add(t)
+                    holders.append((account, t))
+        assert gate.in_flight == len(holders) <= gate.slots + gate.headroom
+    served = sum(t.done() for t in noisy)
+    for t in noisy + light:
+        t.cancel()
+    await asyncio.gather(*noisy, *light, return_exceptions=True)
+    return served
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_the_headroom_never_serves_a_backlogged_account_less_than_fair_order_alone(every):
+    # Light accounts of one request each are level with one another: they may use the headroom
+    # only while the backlogged account holds more than one slot, so they cannot push it below
+    # what VTC order alone gives it (with a new account at every end, VTC's tie-break already
+    # gives each newcomer the slot first).
+    plain = asyncio.run(_backlog_beside_light_accounts(0.0, every))
+    with_headroom = asyncio.run(_backlog_beside_light_accounts(0.25, every))
+    assert with_headroom >= plain, (with_headroom, plain)
+
+
+def test_standard_in_the_headroom_leaves_prioritys_reserve_whole():
+    async def scenario():
+        model = {"id": "accounts/t/models/m", "num_replicas": 1, "pricing": {"priority": {"input": 0.4, "output": 0.4}},
+                 "engine": {"kind": "sim", "max_num_seqs": 8, "fair_share_headroom": 0.25}}
+        cfg = EmberConfig.model_validate({"models": [model], "ingress": {"priority_reserve": 0.25,
+                                                                         "max_queue_wait_s": 30}})
+        gate = PoolGate(cfg.models[0], cfg)  # Standard runs in 6 of 8 slots; 2 more in the headroom
+        noisy = await _queue_up(gate, "noisy", 8)
+        assert sum(t.done() for t in noisy) == 6
+        await gate.acquire("standard", "m", "q1", 10, 20)
+        await gate.acquire("standard", "m", "q2", 10, 20)
+        assert gate.in_flight == 8  # two quiet Standard requests in the headroom
+        for _ in range(2):  # Priority still finds its 2 reserved slots, even for the noisy account
+            await asyncio.wait_for(gate.acquire("priority", "m", "noisy", 10, 20), 1)
+        assert gate.in_flight == 10
+        late = asyncio.create_task(gate.acquire("priority", "m", "noisy", 10, 20))
+        await _turns()
+        assert not late.done()  # the engines are full: slots, reserve and headroom
+        for t in [*noisy, late]:
+            t.cancel()
+        await asyncio.gather(*noisy, late, return_exceptions=True)
+
+    asyncio.run(scenario())
