@@ -44,7 +44,7 @@ class EngineConfig(_Strict):
     block_size: int = Field(32, ge=1, le=1024)
     max_num_seqs: int = Field(16, ge=1, le=4096)
     # Sequences the engine may run beyond max_num_seqs, as a share of it (rounded up). When every
-    # slot is taken, the ingress hands them only to an account that wants no more than another
+    # slot is taken, the ingress hands them only to an account that wants less than another
     # holds (its max-min fair share), so a quiet account is not left waiting for a noisy one's
     # requests to end (ingress.queue_order vtc; policies/fair_share.py). max_num_seqs stays the
     # pool's capacity for everything else (slots, autoscaling, batch). 0: none.

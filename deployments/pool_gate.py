@@ -29,7 +29,7 @@ Under fair share the order alone leaves a quiet account waiting for the next slo
 behind a noisy account's requests of equal length can take most of a request's duration. So the
 engines run a little more than ``max_num_seqs`` (``engine.fair_share_headroom``, a quarter by
 default), and when every slot is taken, an interactive request of an account whose demand (slots
-held plus requests waiting) is no more than another account holds (its max-min fair share,
+held plus requests waiting) is less than another account holds (its max-min fair share,
 ``policies.fair_share.under_fair_share``) runs in that headroom at once, Priority's waiters first,
 the least served first. An account with a backlog never does (it is served in VTC order in the
 slots), nor does batch. A slot that frees while the headroom is in use is not refilled until
@@ -276,6 +276,8 @@ class PoolGate:
 
     def _usable(self, tier: str) -> int:
         if tier == "priority":
+            if not self.headroom:
+                return self.slots
             # Standard requests in the headroom run beyond Standard's share, not in Priority's
             # reserve: Priority's ceiling rises by as many.
             std_over = self.in_flight - self.priority_in_flight - self._usable("standard")
